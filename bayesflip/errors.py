@@ -1,0 +1,37 @@
+"""Error types with messages a researcher can act on (key, value, allowed values)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class BayesflipError(Exception):
+    """Base class: every error the framework raises on purpose."""
+
+
+class ConfigError(BayesflipError, ValueError):
+    """A configuration value is invalid. The message names the key and the allowed values."""
+
+    def __init__(self, key: str, message: str, allowed: Iterable[object] | None = None, source: str | None = None):
+        self.key = key
+        self.allowed = list(allowed) if allowed is not None else None
+        parts = []
+        if source:
+            parts.append(f"{source}: ")
+        parts.append(f"config key '{key}': {message}")
+        if self.allowed is not None:
+            parts.append(f" (allowed: {', '.join(map(str, self.allowed))})")
+        super().__init__("".join(parts))
+
+
+class UnknownModelError(ConfigError):
+    def __init__(self, name: str, known: Iterable[str]):
+        super().__init__("model", f"unknown model {name!r}", allowed=sorted(known))
+
+
+class ChoiceError(BayesflipError, ValueError):
+    """A set of choices cannot be scored as asked (empty, duplicate, prefix conflict, bad tokenization)."""
+
+
+class ContextLengthError(BayesflipError, ValueError):
+    """A prompt (plus choice) is longer than the model's context window; we never truncate silently."""

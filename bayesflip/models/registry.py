@@ -1,0 +1,126 @@
+"""The model registry: one YAML entry per model under ``configs/models/<set>.yaml``.
+
+Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
+``make submit MODEL_TYPE=std`` selects ``configs/models/std.yaml``. A file holds::
+
+    models:
+      <name>:
+        id: google/gemma-2-2b          # Hub id, local path, or packaged GGUF
+        source: hub | local | gguf_package | tiny_random
+        revision: main
+        kind: std | instruct
+        dtype: float32 | bfloat16 | float16
+        backend: hf | deepspeed
+        tp: 1                           # tensor-parallel degree (deepspeed)
+        template: gpu-small             # job template in job_templates/
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError, UnknownModelError
+from ..paths import CONFIG_DIR
+
+
+class ModelSpec(BaseModel):
+    """One model of the registry (validated; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    id: str
+    source: Literal["hub", "local", "gguf_package", "tiny_random"] = "hub"
+    revision: str = "main"
+    kind: Literal["std", "instruct"]
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    backend: Literal["hf", "deepspeed"] = "hf"
+    tp: int = Field(1, ge=1)
+    template: str = "gpu-small"
+    package: Optional[str] = None       # gguf_package: the Python package carrying the file
+    gguf_file: Optional[str] = None     # gguf_package: file name inside the package
+    tokenizer_from: Optional[str] = None  # tiny_random: registry name whose tokenizer to use
+    max_length: Optional[int] = Field(None, ge=8)  # override the config's context window
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    trust_remote_code: bool = False
+    model_set: str = ""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "ModelSpec":
+        if self.source == "gguf_package" and not (self.package and self.gguf_file):
+            raise ValueError("source gguf_package needs 'package' and 'gguf_file'")
+        if self.source == "tiny_random" and not self.tokenizer_from:
+            raise ValueError("source tiny_random needs 'tokenizer_from'")
+        if self.backend == "hf" and self.tp != 1:
+            raise ValueError("tp > 1 needs backend: deepspeed")
+        return self
+
+
+def _format_validation(err: ValidationError) -> tuple[str, str, list | None]:
+    e = err.errors()[0]
+    key = ".".join(str(x) for x in e["loc"]) or "<root>"
+    allowed = None
+    ctx = e.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = [ctx["expected"]]
+    return key, e["msg"], allowed
+
+
+def parse_model_file(path: Path) -> dict[str, ModelSpec]:
+    raw = yaml.safe_load(path.read_text()) or {}
+    if set(raw) - {"models"}:
+        raise ConfigError(sorted(set(raw) - {"models"})[0], "unknown top-level key", allowed=["models"], source=str(path))
+    out: dict[str, ModelSpec] = {}
+    for name, entry in (raw.get("models") or {}).items():
+        try:
+            out[name] = ModelSpec(name=name, model_set=path.stem, **(entry or {}))
+        except ValidationError as err:
+            key, msg, allowed = _format_validation(err)
+            raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=str(path)) from None
+        except TypeError as err:
+            raise ConfigError(f"models.{name}", str(err), source=str(path)) from None
+    return out
+
+
+@lru_cache(maxsize=4)
+def load_registry(config_dir: Path = CONFIG_DIR) -> dict[str, ModelSpec]:
+    """All models of all sets. A name defined in two sets is an error."""
+    reg: dict[str, ModelSpec] = {}
+    for path in sorted((Path(config_dir) / "models").glob("*.yaml")):
+        for name, spec in parse_model_file(path).items():
+            if name in reg:
+                raise ConfigError(f"models.{name}", f"defined twice ({reg[name].model_set}.yaml and {path.name})")
+            reg[name] = spec
+    return reg
+
+
+def model_sets(config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir) / "models").glob("*.yaml"))
+
+
+def get_model_spec(name: str, config_dir: Path = CONFIG_DIR) -> ModelSpec:
+    reg = load_registry(config_dir)
+    if name not in reg:
+        raise UnknownModelError(name, reg)
+    return reg[name]
+
+
+def models_of_type(model_type: str, config_dir: Path = CONFIG_DIR) -> list[ModelSpec]:
+    """Models selected by ``MODEL_TYPE``: a set name (file stem), a model name, or ``all``."""
+    reg = load_registry(config_dir)
+    sets = model_sets(config_dir)
+    if model_type == "all":
+        return list(reg.values())
+    if model_type in ("std", "instruct"):
+        # base / chat models of the cluster sets (the offline local set is separate)
+        return [m for m in reg.values() if m.kind == model_type and m.model_set != "local"]
+    if model_type in sets:
+        return [m for m in reg.values() if m.model_set == model_type]
+    if model_type in reg:
+        return [reg[model_type]]
+    raise ConfigError("MODEL_TYPE", f"unknown model type {model_type!r}", allowed=["all", "std", "instruct", *sets, "<a model name>"])

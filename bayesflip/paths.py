@@ -1,0 +1,12 @@
+"""Where things live: repository root, configs, results, caches (all overridable by env vars)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(os.environ.get("BAYESFLIP_CONFIG_DIR", REPO_ROOT / "configs"))
+RESULTS_DIR = Path(os.environ.get("BAYESFLIP_RESULTS_DIR", REPO_ROOT / "results"))
+TEMPLATE_DIR = Path(os.environ.get("BAYESFLIP_TEMPLATE_DIR", REPO_ROOT / "job_templates"))
+CACHE_DIR = Path(os.environ.get("BAYESFLIP_CACHE", Path.home() / ".cache" / "bayesflip"))
