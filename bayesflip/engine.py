@@ -418,3 +418,33 @@ def choice_distribution(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs = e / e.sum(axis=-1, keepdims=True)
     off = 1.0 - np.exp(lp).sum(axis=-1)
     return probs, np.clip(off, 0.0, 1.0)
+
+
+@dataclass
+class ChoiceResult:
+    """Scores of one prompt's choices (the `bayesflip score` payload)."""
+
+    choices: list[str]
+    logprobs: np.ndarray   # summed token log-probs, (K,)
+    probs: np.ndarray      # renormalised over the choices
+    off_choice_mass: float
+
+    def to_json(self, model: str) -> dict:
+        return {"model": model, "choices": self.choices, "logprobs": [float(x) for x in self.logprobs],
+                "probs": [float(x) for x in self.probs], "off_choice_mass": float(self.off_choice_mass)}
+
+
+def score_prompts(scorer: Scorer, prompts: Sequence, choices: Sequence[str], terminator: str = "") -> list[ChoiceResult]:
+    """Text-level ``loglikelihood``: every prompt (str or Prompt) with the same choice set."""
+    from .prompts import encode_choices, encode_text, render
+
+    results = []
+    texts = [render(p, scorer.tokenizer) for p in prompts]
+    reqs = []
+    for t in texts:
+        enc = encode_choices(scorer.tokenizer, choices, terminator=terminator, context_text=t)
+        reqs.append(ChoiceRequest(encode_text(scorer.tokenizer, t), enc.ids))
+    for lp in scorer.score_choices(reqs):
+        probs, off = choice_distribution(lp)
+        results.append(ChoiceResult(list(choices), lp, probs, float(off)))
+    return results

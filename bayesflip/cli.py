@@ -1,0 +1,114 @@
+"""The ``bayesflip`` command line: score, models, plan/run/debug/submit/status, reduce, reference, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import BayesflipError
+
+
+def _cmd_score(args) -> int:
+    from .engine import Scorer, score_prompts
+    from .models.loader import load_model
+    from .models.registry import get_model_spec
+    from .prompts import Prompt, validate_choices
+
+    spec = get_model_spec(args.model)          # unknown model -> clear error before loading
+    validate_choices(args.choice)              # empty / duplicate -> clear error before loading
+    if args.chat and spec.kind != "instruct":
+        raise BayesflipError(f"--chat needs an instruct model; {spec.name} is kind {spec.kind}")
+    lm = load_model(spec, device=args.device)
+    if args.chat:
+        user = args.user or "Please answer."
+        prompt = Prompt(text=args.prompt, messages=(("user", user),))
+    else:
+        prompt = Prompt(text=args.prompt)
+    res = score_prompts(Scorer(lm), [prompt], args.choice, terminator=args.terminator)[0]
+    if args.json:
+        print(json.dumps(res.to_json(spec.name)))
+    else:
+        print(f"model: {spec.name} ({lm.revision})")
+        for c, lp, p in zip(res.choices, res.logprobs, res.probs):
+            print(f"  {c!r:>14}  logprob {lp:9.4f}   p(renorm) {p:.4f}")
+        print(f"  off-choice mass: {res.off_choice_mass:.4f}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models.registry import load_registry, get_model_spec
+
+    if args.action == "list":
+        for name, spec in load_registry().items():
+            print(f"{name:28s} {spec.model_set:8s} {spec.kind:9s} {spec.backend:9s} tp={spec.tp} {spec.template:10s} {spec.id}")
+        return 0
+    from .models.loader import gguf_cache_dir
+
+    for name in args.names:
+        spec = get_model_spec(name)
+        if spec.source == "gguf_package":
+            print(f"{name}: {gguf_cache_dir(spec)}")
+        else:
+            print(f"{name}: nothing to prepare (source {spec.source})")
+    return 0
+
+
+def _cmd_reference(args, rest: list[str]) -> int:
+    if args.what != "il":
+        raise BayesflipError(f"unknown reference {args.what!r} (allowed: il)")
+    from .reference_chains import main as il_main
+
+    return il_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bayesflip", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("score", help="score choices after a prompt")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--choice", action="append", required=True, help="repeat for each choice (keep the leading space)")
+    s.add_argument("--chat", action="store_true", help="render the chat template; the prompt is the assistant prefill")
+    s.add_argument("--user", default=None, help="user message for --chat")
+    s.add_argument("--terminator", default="", help="appended to every choice (for choices that prefix each other)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_score)
+
+    m = sub.add_parser("models", help="list or prepare (cache) registry models")
+    m.add_argument("action", choices=["list", "prepare"])
+    m.add_argument("names", nargs="*")
+    m.set_defaults(func=_cmd_models)
+
+    r = sub.add_parser("reference", help="exact Bayesian references (il: iterated-learning chains)")
+    r.add_argument("what")
+    r.set_defaults(func=None)
+
+    from . import commands  # experiment / hpc / reduce commands
+    commands.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "reference":
+            return _cmd_reference(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return int(args.func(args) or 0)
+    except BayesflipError as e:
+        print(f"bayesflip: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from bayesflip.models.loader import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from bayesflip.models.loader import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+def plain_choice_logprob(lm, text: str, choice: str, chat_messages=None) -> float:
+    """Reference: one plain transformers forward of the joined string, no engine code."""
+    import torch
+
+    tok = lm.tokenizer
+    if chat_messages is not None:
+        text = tok.apply_chat_template([{"role": r, "content": c} for r, c in chat_messages],
+                                       tokenize=False, add_generation_prompt=True) + text
+    ids = tok(text + choice).input_ids
+    n = len(tok(choice, add_special_tokens=False).input_ids)
+    model = getattr(lm.model, "module", lm.model)
+    with torch.no_grad():
+        lsm = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return float(sum(lsm[len(ids) - n - 1 + j, ids[len(ids) - n + j]] for j in range(n)))
