@@ -1,5 +1,139 @@
-"""Sub-commands for experiments, HPC and reduce (wired as they are built)."""
+"""Sub-commands for experiments, HPC, reduce, demo and bench.
+
+Each command is a thin parser over a library function, so tests call the functions and
+users call the same code through ``make``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:
+    p.add_argument(sweep_flag, dest="sweep", required=True, help="a sweep (configs/sweeps) or an experiment name")
+    p.add_argument("--model-type", default=None, help="std | instruct | local | all | a set or model name")
+    p.add_argument("--overwrite", action="store_true", help="recompute: delete the stores first")
+    p.add_argument("--results-dir", default=None)
+
+
+def cmd_plan(args) -> int:
+    from .config import load_sweep
+    from .plan import plan_sweep, write_manifest
+
+    sweep = load_sweep(args.sweep, args.model_type)
+    units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
+    for u in units:
+        print(f"{u.experiment.name:20s} {u.model.name:28s} shards {u.n_shards:5d} pending {len(u.pending):5d}  {u.store}")
+    write_manifest(sweep, units, results_dir=args.results_dir)
+    return 0
+
+
+def cmd_debug(args) -> int:
+    """Plan, then run every pending shard in this process (local GPU or CPU): the job code path, no SLURM."""
+    from .config import load_sweep
+    from .job import run_task
+    from .plan import make_tasks, plan_sweep, write_manifest
+
+    sweep = load_sweep(args.sweep, args.model_type)
+    units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
+    write_manifest(sweep, units, {"mode": "debug"}, results_dir=args.results_dir)
+    failed = 0
+    for task in make_tasks(sweep.name, units, shards_per_task=10**9):
+        r = run_task(task.sweep, task.model, task.work, device=args.device, results_dir=args.results_dir)
+        print(f"{task.model}: {len(r.done)} shards done, {len(r.skipped)} already done, {len(r.failed)} failed "
+              f"({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
+        for exp, shard, err in r.failed:
+            print(f"  FAILED {exp}:{shard}: {err}")
+        failed += len(r.failed)
+    return 1 if failed else 0
+
+
+def cmd_submit(args) -> int:
+    from .hpc.launch import submit_cli
+
+    return submit_cli(args)
+
+
+def cmd_resubmit(args) -> int:
+    from .hpc.launch import resubmit_cli
+
+    return resubmit_cli(args)
+
+
+def cmd_status(args) -> int:
+    from .hpc.status import status_cli
+
+    return status_cli(args)
+
+
+def cmd_reduce(args) -> int:
+    from .reduce import reduce_cli
+
+    return reduce_cli(args)
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo_cli
+
+    return demo_cli(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_cli
+
+    return bench_cli(args)
+
+
+def _slurm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--time", type=int, default=None, help="minutes per task")
+    p.add_argument("--array-throttle", type=int, default=None, help="max tasks running at once (%%N)")
+    p.add_argument("--shards-per-task", type=int, default=None)
+    p.add_argument("--template", default=None, help="override the model's job template")
+    p.add_argument("--executor", default="slurm", choices=["slurm", "local"], help="submitit backend")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
+    p.add_argument("--dry-run", action="store_true", help="plan and print, submit nothing")
 
 
 def add_commands(sub) -> None:
-    pass
+    p = sub.add_parser("plan", help="validate a sweep and create its stores; prints shards")
+    _sweep_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("debug", help="run a sweep in-process (local GPU/CPU), same code as the cluster jobs")
+    _sweep_args(p)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_debug)
+
+    p = sub.add_parser("submit", help="submit a sweep as SLURM job arrays (submitit)")
+    _sweep_args(p)
+    _slurm_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("resubmit", help="submit only the shards that are not complete")
+    _sweep_args(p, "--sweep")
+    _slurm_args(p)
+    p.set_defaults(func=cmd_resubmit)
+
+    p = sub.add_parser("status", help="per model × experiment: shards done / running / pending / failed")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--results-dir", default=None)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reduce", help="merge a sweep's stores, compare with Bayesian references, write the report")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--results-dir", default=None)
+    p.add_argument("--out", default=None, help="output dir (default results/<sweep>/reduce)")
+    p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("demo", help="the demo sweep end to end on smollm2-135m-instruct, then reduce + report")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--results-dir", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks against naive baselines")
+    p.add_argument("--only", default=None, help="comma-separated benchmark names")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,93 @@
+"""The narrow interface every experiment family implements.
+
+A family turns validated params into *cells* (one condition × one sample each, in a
+deterministic order), says what arrays each cell produces, and scores a shard of cells
+with the shared :class:`~bayesflip.engine.Scorer`. Everything a family writes has a
+leading ``cell`` dimension; per-cell dimensions are named (``position``, ``choice``, ...).
+Cell coordinates (condition fields) are stored as 1-D arrays along ``cell``, so reduce can
+unstack them into condition × sample tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base for family params: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    dims: tuple[str, ...]          # per-cell dims (the leading 'cell' dim is implicit)
+    shape: tuple[int, ...]
+    dtype: str = "float32"         # float32 | float64 | int32 | int64 | bool | str
+
+    @property
+    def fill(self):
+        if self.dtype.startswith("float"):
+            return np.nan
+        if self.dtype == "bool":
+            return False
+        if self.dtype == "str":
+            return ""
+        return -1
+
+
+@dataclass
+class RunContext:
+    """What a family gets in a job: the one engine, the model facts, and the seed."""
+
+    scorer: Any                    # bayesflip.engine.Scorer
+    model_kind: str                # "std" | "instruct"
+    model_name: str
+    seed: int
+
+    @property
+    def tokenizer(self):
+        return self.scorer.tokenizer
+
+
+def cell_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed from the experiment seed and a cell's identity (order-independent of shards)."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class Family:
+    """Plug-in base class. Subclasses set ``name`` and ``Params`` and implement the methods."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+
+    def cells(self, p: Any) -> list[dict]:
+        """Condition fields + ``sample`` for every cell, deterministic order."""
+        raise NotImplementedError
+
+    def arrays(self, p: Any) -> dict[str, ArraySpec]:
+        raise NotImplementedError
+
+    def coords(self, p: Any) -> dict[str, list]:
+        """Labels for per-cell dims (e.g. ``{"choice": [" heads", " tails"]}``)."""
+        return {}
+
+    def validate(self, p: Any, tokenizer, model_kind: str) -> None:
+        """Checks that need the tokenizer (choices that tokenize badly, lengths); no model load."""
+
+    def run(self, p: Any, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+        """Arrays for these cells, each with leading dim len(cells)."""
+        raise NotImplementedError
+
+
+@dataclass
+class ChoiceSet:
+    labels: list[str]
+    terminator: str = ""
+    extra: dict = field(default_factory=dict)
