@@ -38,7 +38,11 @@ def cmd_debug(args) -> int:
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
     write_manifest(sweep, units, {"mode": "debug"}, results_dir=args.results_dir)
     failed = 0
-    for task in make_tasks(sweep.name, units, shards_per_task=10**9):
+    tasks = make_tasks(sweep.name, units, shards_per_task=10**9)
+    total = sum(u.n_shards for u in units)
+    if not tasks:
+        print(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done (--overwrite recomputes)")
+    for task in tasks:
         r = run_task(task.sweep, task.model, task.work, device=args.device, results_dir=args.results_dir)
         print(f"{task.model}: {len(r.done)} shards done, {len(r.skipped)} already done, {len(r.failed)} failed "
               f"({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
