@@ -33,7 +33,34 @@ TOP_KEYS = {"family", "seed", "shard_size", "params", "description"}
 SWEEP_KEYS = {"models", "experiments", "description", "array_throttle"}
 
 
-def pydantic_error(err: ValidationError, prefix: str, source: str | None = None) -> ConfigError:
+def _schema_range(schema: dict | None, loc: tuple) -> str | None:
+    """The full allowed range of the field at ``loc`` from a pydantic JSON schema ("[0, 1]")."""
+    if not schema:
+        return None
+    defs = schema.get("$defs", {})
+    node: dict = schema
+    for part in loc:
+        if "$ref" in node:
+            node = defs.get(node["$ref"].split("/")[-1], {})
+        if isinstance(part, int):
+            node = node.get("items", node.get("prefixItems", [{}])[0] if "prefixItems" in node else {})
+        else:
+            node = node.get("properties", {}).get(part, {})
+        for alt in node.get("anyOf", []):
+            if alt.get("type") != "null":
+                node = alt
+                break
+    lo = node.get("minimum", node.get("exclusiveMinimum"))
+    hi = node.get("maximum", node.get("exclusiveMaximum"))
+    if lo is None and hi is None:
+        return None
+    left = "[" if "minimum" in node else "("
+    right = "]" if "maximum" in node else ")"
+    return f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
+
+
+def pydantic_error(err: ValidationError, prefix: str, source: str | None = None,
+                   schema: dict | None = None) -> ConfigError:
     """First validation error → ConfigError naming the dotted key and the allowed values."""
     e = err.errors()[0]
     key = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
@@ -41,6 +68,8 @@ def pydantic_error(err: ValidationError, prefix: str, source: str | None = None)
     allowed = None
     if "expected" in ctx:
         allowed = [ctx["expected"]]
+    elif any(k in ctx for k in ("ge", "le", "gt", "lt")) and _schema_range(schema, tuple(e["loc"])):
+        allowed = [_schema_range(schema, tuple(e["loc"]))]
     elif any(k in ctx for k in ("ge", "le", "gt", "lt")):
         lo = ctx.get("ge", ctx.get("gt", "-inf"))
         hi = ctx.get("le", ctx.get("lt", "inf"))
@@ -56,7 +85,11 @@ def validate_params(model_cls: type[BaseModel], raw: dict, prefix: str, source: 
     try:
         return model_cls(**(raw or {}))
     except ValidationError as err:
-        exc = pydantic_error(err, prefix, source)
+        try:
+            schema = model_cls.model_json_schema()
+        except Exception as schema_err:  # a schema that cannot be rendered only costs the range hint
+            schema = {"error": str(schema_err)}
+        exc = pydantic_error(err, prefix, source, schema)
         if "unknown key" in str(exc):
             exc = ConfigError(exc.key, "unknown key", allowed=sorted(model_cls.model_fields), source=source)
         raise exc from None
