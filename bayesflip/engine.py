@@ -24,7 +24,6 @@ ever truncated.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -383,24 +382,27 @@ class Scorer:
         self._check_len(len(ids), "attention prompt")
         model = getattr(self.model, "module", self.model)
         prev = getattr(model.config, "_attn_implementation", "sdpa")
-        ctx = contextlib.nullcontext()
         if prev != "eager":
             model.set_attn_implementation("eager")
         try:
-            with ctx, torch.inference_mode():
+            with torch.inference_mode():
                 out = model(input_ids=torch.tensor([ids], device=self.device), output_attentions=True,
                             logits_to_keep=1)
             atts = out.attentions
             chosen = list(layers) if layers is not None else list(range(len(atts)))
-            q = torch.tensor(list(query_positions))
+            if not chosen:
+                raise ValueError("attention_mass: no layers chosen")
+            q = torch.tensor(list(query_positions), dtype=torch.long)
+            # the mean over heads and layers commutes with the sum over keys: reduce every layer
+            # to its head-averaged query rows (Q, T) once, then sum each group's columns
+            rows = torch.zeros((len(q), len(ids)), dtype=torch.float32)
+            for li in chosen:
+                rows += atts[li][0][:, q.to(atts[li].device)].float().mean(0).cpu()  # (heads, Q, T) -> (Q, T)
+            rows /= len(chosen)
             res = {}
             for g, keys in key_groups.items():
                 k = torch.tensor(list(keys), dtype=torch.long)
-                acc = torch.zeros(len(q))
-                for li in chosen:
-                    a = atts[li][0].float().cpu()  # (heads, T, T)
-                    acc += a[:, q][:, :, k].sum(-1).mean(0) if len(k) else torch.zeros(len(q))
-                res[g] = (acc / len(chosen)).numpy().astype(np.float64)
+                res[g] = (rows[:, k].sum(-1) if len(k) else torch.zeros(len(q))).numpy().astype(np.float64)
             return res
         finally:
             if prev != "eager":

@@ -1,0 +1,32 @@
+"""``bayesflip demo``: the ``demo`` sweep end to end on smollm2-135m-instruct, then reduce + report.
+
+Runs the sweep through :func:`bayesflip.commands.cmd_debug` (plan, then every pending shard
+in-process: the same code path as ``bayesflip debug`` and the cluster jobs; completed shards
+are skipped, ``--overwrite`` recomputes), then :func:`bayesflip.reduce.reduce_sweep`, and
+prints the absolute path of the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+DEMO_SWEEP = "demo"
+DEMO_MODEL = "smollm2-135m-instruct"
+
+
+def demo_cli(args) -> int:
+    from .commands import cmd_debug
+    from .reduce import reduce_sweep
+
+    t0 = time.time()
+    run_args = argparse.Namespace(sweep=DEMO_SWEEP, model_type=DEMO_MODEL, overwrite=getattr(args, "overwrite", False),
+                                  results_dir=getattr(args, "results_dir", None), device=getattr(args, "device", None))
+    rc = cmd_debug(run_args)
+    t1 = time.time()
+    report = reduce_sweep(DEMO_SWEEP, results_dir=run_args.results_dir)
+    t2 = time.time()
+    print(f"demo: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
+          + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))
+    print(report.resolve())
+    return rc

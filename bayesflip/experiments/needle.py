@@ -1,0 +1,240 @@
+"""Family A: an explicit bias statement ("needle") inside filler text ("haystack").
+
+Prompt of one cell (L = filler length in model tokens, d = relative depth):
+
+* filler of ≈ L tokens of real English prose (:mod:`bayesflip.filler`) with the needle inserted
+  between sentences at token depth ≈ d·L (d = 0: before the first sentence; d = 1: after the
+  last);  ``context = filler_with_needle``.
+* base variant: ``context + " " + query`` — the query joins the filler after one space and the
+  choice follows the query directly (``"... landed on" + " heads"``).
+* instruct variant (``variant: auto`` and an instruct model, or ``variant: instruct``): user
+  message ``context + " " + instruction``, assistant prefill = the query (no end-of-turn).
+
+Processes (query → choices; needle; stated distribution ``p_stated``):
+
+* coin: ``I tossed a coin and it landed on`` → `` heads``/`` tails``;
+  ``When I flip coins they land on heads {b}% of the time.`` → p = (b, 1 − b)/100.
+* die: ``I rolled a die and it landed on`` → `` 1``..`` 6``;
+  ``When I roll dice they land on {face} {b}% of the time.`` → p_face = b/100, other faces
+  (1 − b/100)/5 each.
+* number: ``I picked a random number between 1 and 10 and it was`` → `` 1``..`` 10`` with the
+  terminator ``"."`` (`` 1`` is a token-prefix of `` 10``, so complete answers `` 1.`` .. `` 10.``
+  are compared; :func:`bayesflip.prompts.check_prefix_free`); needles "always even"/"always odd"
+  → p uniform (1/5) on the even / odd numbers.
+
+Conditions (coordinate ``condition``): ``needle`` (the L × d × needle × sample grid),
+``no_needle`` (filler of L tokens only, per L × sample) and ``no_context`` (the query alone,
+one cell). Not-applicable coordinates: ``depth`` NaN, ``bias`` −1, ``face`` 0, ``needle`` "none".
+``p_stated`` is NaN for ``no_needle``/``no_context`` (nothing was stated; compare with uniform
+explicitly if wanted).
+
+Arrays per cell: ``logprobs`` (choice,) summed choice log-probs (float32; renormalised
+distribution and off-choice mass follow, :func:`bayesflip.engine.choice_distribution`),
+``p_stated`` (choice,), ``token_length`` (filler tokens actually used, needle excluded),
+``token_depth`` (filler tokens before the needle; −1 without needle), ``prompt_tokens``
+(the whole prompt's ids). Metrics (reduce): TVD/KL(p_model ‖ p_stated).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+from pydantic import AfterValidator, Field, field_validator
+
+from ..engine import ChoiceRequest
+from ..errors import ConfigError
+from ..filler import Filler, build_filler, check_source, load_sentences
+from ..prompts import Prompt, encode_choices, encode_prompt, render
+from . import register
+from .base import ArraySpec, Family, Params, RunContext
+
+
+
+def in_range(lo, hi=None):
+    """A validator whose error states the whole allowed range (a Field bound names only the violated end)."""
+    def check(v):
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"must lie in [{lo}, {'inf)' if hi is None else str(hi) + ']'}")
+        return v
+    return AfterValidator(check)
+
+
+Length = Annotated[int, in_range(0)]          # filler tokens; 0 = the needle alone
+Depth = Annotated[float, in_range(0.0, 1.0)]  # relative depth of the needle
+Bias = Annotated[int, in_range(0, 100)]       # stated percentage
+Face = Annotated[int, in_range(1, 6)]
+
+PROCESSES: dict[str, dict] = {
+    "coin": {"choices": [" heads", " tails"], "terminator": "",
+             "query": "I tossed a coin and it landed on",
+             "needle": "When I flip coins they land on heads {b}% of the time.",
+             "instruction": "Please toss a coin and tell me whether it landed on heads or tails."},
+    "die": {"choices": [f" {i}" for i in range(1, 7)], "terminator": "",
+            "query": "I rolled a die and it landed on",
+            "needle": "When I roll dice they land on {face} {b}% of the time.",
+            "instruction": "Please roll a die and tell me which number it landed on."},
+    "number": {"choices": [f" {i}" for i in range(1, 11)], "terminator": ".",
+               "query": "I picked a random number between 1 and 10 and it was",
+               "needle": "When I pick a random number between 1 and 10, it is always {parity}.",
+               "instruction": "Please pick a random number between 1 and 10 and tell me what it was."},
+}
+NEEDLE_KEYS = {"coin": {"b"}, "die": {"face", "b"}, "number": {"parity"}}
+
+
+def default_lengths() -> list[int]:
+    return list(range(10, 101, 10)) + [200, 400, 800, 1000]
+
+
+class NeedleParams(Params):
+    process: Literal["coin", "die", "number"] = "coin"
+    lengths: list[Length] = Field(default_factory=default_lengths, min_length=1)
+    depths: list[Depth] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], min_length=1)
+    biases: list[Bias] = Field(default_factory=lambda: list(range(0, 101, 10)), min_length=1)
+    faces: list[Face] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6], min_length=1)
+    parities: list[Literal["even", "odd"]] = Field(default_factory=lambda: ["even", "odd"], min_length=1)
+    samples: int = Field(5, ge=1)
+    no_needle: bool = True
+    no_context: bool = True
+    filler: str = "pydoc"
+    variant: Literal["auto", "base", "instruct"] = "auto"
+    query: Optional[str] = None
+    needle: Optional[str] = None
+    instruction: Optional[str] = None
+    terminator: Optional[str] = None
+
+    @field_validator("filler")
+    @classmethod
+    def _filler_source(cls, v: str) -> str:
+        return check_source(v)
+
+
+def spec(p: NeedleParams) -> dict:
+    """The process's strings with the params' overrides applied."""
+    s = dict(PROCESSES[p.process])
+    for k in ("query", "needle", "instruction", "terminator"):
+        if getattr(p, k) is not None:
+            s[k] = getattr(p, k)
+    return s
+
+
+def is_chat(p, model_kind: str) -> bool:
+    return p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+
+
+def stated_distribution(process: str, cell: dict) -> np.ndarray:
+    """The distribution the needle states (NaN without a needle)."""
+    k = len(PROCESSES[process]["choices"])
+    if cell["condition"] != "needle":
+        return np.full(k, np.nan)
+    if process == "coin":
+        b = cell["bias"] / 100.0
+        return np.array([b, 1.0 - b])
+    if process == "die":
+        b = cell["bias"] / 100.0
+        q = np.full(6, (1.0 - b) / 5.0)
+        q[cell["face"] - 1] = b
+        return q
+    parity = cell["needle"]
+    q = np.array([1.0 if (n % 2 == 0) == (parity == "even") else 0.0 for n in range(1, 11)])
+    return q / q.sum()
+
+
+def needle_sentence(p: NeedleParams, cell: dict) -> str:
+    tpl = spec(p)["needle"]
+    if p.process == "number":
+        return tpl.format(parity=cell["needle"])
+    return tpl.format(b=cell["bias"], face=cell["face"])
+
+
+def _needle_cells(p: NeedleParams) -> list[dict]:
+    if p.process == "coin":
+        return [{"needle": f"heads {b}%", "bias": b, "face": 0} for b in p.biases]
+    if p.process == "die":
+        return [{"needle": f"face {f} {b}%", "bias": b, "face": f} for f, b in itertools.product(p.faces, p.biases)]
+    return [{"needle": par, "bias": -1, "face": 0} for par in p.parities]
+
+
+def build_prompt(p: NeedleParams, cell: dict, tokenizer, model_kind: str, seed: int) -> tuple[Prompt, Optional[Filler]]:
+    """The prompt of one cell (and its filler, None for no_context)."""
+    s = spec(p)
+    fill = None
+    context = ""
+    if cell["condition"] != "no_context":
+        needle = needle_sentence(p, cell) if cell["condition"] == "needle" else ""
+        depth = cell["depth"] if cell["condition"] == "needle" else 0.0
+        fill = build_filler(tokenizer, cell["length"], depth, needle, seed, cell["sample"], p.filler)
+        context = fill.text
+    if is_chat(p, model_kind):
+        user = (context + " " if context else "") + s["instruction"]
+        return Prompt(text=s["query"], messages=(("user", user),)), fill
+    return Prompt(text=(context + " " if context else "") + s["query"]), fill
+
+
+@register
+class NeedleFamily(Family):
+    name = "needle"
+    Params = NeedleParams
+
+    def cells(self, p: NeedleParams) -> list[dict]:
+        base = {"process": p.process}
+        out = []
+        if p.no_context:
+            out.append({**base, "condition": "no_context", "length": 0, "depth": math.nan, "needle": "none",
+                        "bias": -1, "face": 0, "sample": 0})
+        if p.no_needle:
+            for L, s in itertools.product(p.lengths, range(p.samples)):
+                out.append({**base, "condition": "no_needle", "length": L, "depth": math.nan, "needle": "none",
+                            "bias": -1, "face": 0, "sample": s})
+        for L, d, nd, s in itertools.product(p.lengths, p.depths, _needle_cells(p), range(p.samples)):
+            out.append({**base, "condition": "needle", "length": L, "depth": d, **nd, "sample": s})
+        return out
+
+    def arrays(self, p: NeedleParams) -> dict[str, ArraySpec]:
+        k = len(PROCESSES[p.process]["choices"])
+        return {"logprobs": ArraySpec(("choice",), (k,)),
+                "p_stated": ArraySpec(("choice",), (k,)),
+                "token_length": ArraySpec((), (), "int32"),
+                "token_depth": ArraySpec((), (), "int32"),
+                "prompt_tokens": ArraySpec((), (), "int32")}
+
+    def coords(self, p: NeedleParams) -> dict[str, list]:
+        return {"choice": PROCESSES[p.process]["choices"]}
+
+    def validate(self, p: NeedleParams, tokenizer, model_kind: str) -> None:
+        s = spec(p)
+        keys = NEEDLE_KEYS[p.process]
+        try:
+            s["needle"].format(b=50, face=1, parity="even")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError("params.needle", f"needle template {s['needle']!r} cannot be filled ({e})",
+                              allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)]) from None
+        missing = [k for k in keys if "{" + k + "}" not in s["needle"]]
+        if missing:
+            raise ConfigError("params.needle", f"needle template {s['needle']!r} lacks {missing}",
+                              allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)])
+        load_sentences(p.filler)  # source readable and non-empty (ConfigError naming params.filler)
+        cells = self.cells(p)
+        if not cells:
+            raise ConfigError("params", "empty grid: no needle cells and no_needle/no_context off")
+        # the choices must join cleanly after the query, in the rendering this model gets
+        prompt, _ = build_prompt(p, cells[-1], tokenizer, model_kind, 0)
+        encode_choices(tokenizer, s["choices"], terminator=s["terminator"], context_text=render(prompt, tokenizer))
+
+    def run(self, p: NeedleParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+        tok = ctx.tokenizer
+        s = spec(p)
+        built = [build_prompt(p, c, tok, ctx.model_kind, ctx.seed) for c in cells]
+        enc = encode_choices(tok, s["choices"], terminator=s["terminator"], context_text=render(built[0][0], tok))
+        reqs = [ChoiceRequest(encode_prompt(tok, pr), enc.ids) for pr, _ in built]
+        lps = ctx.scorer.score_choices(reqs)
+        return {
+            "logprobs": np.stack(lps).astype(np.float32),
+            "p_stated": np.stack([stated_distribution(p.process, c) for c in cells]).astype(np.float32),
+            "token_length": np.array([f.token_length if f else 0 for _, f in built], dtype=np.int32),
+            "token_depth": np.array([f.token_depth if (f and c["condition"] == "needle") else -1
+                                     for c, (_, f) in zip(cells, built)], dtype=np.int32),
+            "prompt_tokens": np.array([len(r.context) for r in reqs], dtype=np.int32),
+        }

@@ -1,0 +1,134 @@
+"""Family B: prompt paraphrase sets → the model's prior (no evidence in context).
+
+Each paraphrase q_i of the query (``I just flipped a coin, and it came up``, …) is scored
+with no evidence:
+
+* base variant: prompt = q_i, choices follow directly (``q_i + " heads"``);
+* instruct variant (``variant: auto`` and an instruct model, or ``instruct``): user message =
+  the process's instruction (``Please toss a coin and tell me whether it landed on heads or
+  tails.``), assistant prefill = q_i.
+
+Paraphrases come from ``configs/prompts/<paraphrase_set>.txt`` (one per line, ``#`` comments;
+default ``paraphrase_<process>``) unless given inline as ``paraphrases`` (``limit`` keeps the
+first n, for demos); the texts are
+resolved into the params at validation, so the stored config (and its hash) holds them.
+
+Arrays per cell: ``logprobs`` (choice,). Coordinates: ``paraphrase`` (index), ``text``.
+Reduce: p_i = softmax(logprobs_i); the prior is reported as mean ± std over i of p_i(heads)
+(die: of each face) and its distribution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from ..engine import ChoiceRequest
+from ..errors import ConfigError
+from ..paths import CONFIG_DIR
+from ..prompts import Prompt, encode_choices, encode_prompt, render
+from . import register
+from .base import ArraySpec, Family, Params, RunContext
+from .needle import PROCESSES, is_chat
+
+
+def prompt_dir() -> Path:
+    return Path(CONFIG_DIR) / "prompts"
+
+
+def available_sets() -> list[str]:
+    return sorted(p.stem for p in prompt_dir().glob("*.txt"))
+
+
+def read_set(name: str) -> list[str]:
+    """Lines of ``configs/prompts/<name>.txt`` without blank lines, comments and trailing spaces."""
+    path = prompt_dir() / f"{name}.txt"
+    lines = [ln.rstrip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def check_paraphrases(v: list[str]) -> list[str]:
+    """Distinct, non-empty, no trailing whitespace (the choice carries the leading space)."""
+    dup = sorted({x for x in v if v.count(x) > 1})
+    if dup:
+        raise ValueError(f"duplicate paraphrases {dup}")
+    if any(not x.strip() or x != x.rstrip() for x in v):
+        raise ValueError("paraphrases must be non-empty and end without whitespace (the choice has the space)")
+    return v
+
+
+class ParaphraseParams(Params):
+    process: Literal["coin", "die"] = "coin"
+    paraphrase_set: Optional[str] = None
+    paraphrases: Optional[list[str]] = Field(None, min_length=1)
+    variant: Literal["auto", "base", "instruct"] = "auto"
+    instruction: Optional[str] = None
+    limit: Optional[int] = Field(None, ge=1)  # score only the first `limit` paraphrases (demos)
+
+    @field_validator("paraphrase_set")
+    @classmethod
+    def _set_exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not (prompt_dir() / f"{v}.txt").is_file():
+            raise ValueError(f"no paraphrase set {v!r} in {prompt_dir()} (allowed: {', '.join(available_sets())})")
+        return v
+
+    @field_validator("paraphrases")
+    @classmethod
+    def _distinct(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        return None if v is None else check_paraphrases(v)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ParaphraseParams":
+        if self.paraphrases is None:
+            name = self.paraphrase_set or f"paraphrase_{self.process}"
+            texts = read_set(name)
+            if not texts:
+                raise ValueError(f"paraphrase set {name!r} is empty")
+            self.paraphrases = check_paraphrases(texts)
+        if self.limit is not None:
+            self.paraphrases = self.paraphrases[: self.limit]
+        return self
+
+
+def build_prompt(p: ParaphraseParams, text: str, model_kind: str) -> Prompt:
+    if is_chat(p, model_kind):
+        return Prompt(text=text, messages=(("user", p.instruction or PROCESSES[p.process]["instruction"]),))
+    return Prompt(text=text)
+
+
+@register
+class ParaphraseFamily(Family):
+    name = "paraphrase"
+    Params = ParaphraseParams
+
+    def cells(self, p: ParaphraseParams) -> list[dict]:
+        return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0}
+                for i, t in enumerate(p.paraphrases or [])]
+
+    def arrays(self, p: ParaphraseParams) -> dict[str, ArraySpec]:
+        return {"logprobs": ArraySpec(("choice",), (len(PROCESSES[p.process]["choices"]),))}
+
+    def coords(self, p: ParaphraseParams) -> dict[str, list]:
+        return {"choice": PROCESSES[p.process]["choices"]}
+
+    def validate(self, p: ParaphraseParams, tokenizer, model_kind: str) -> None:
+        s = PROCESSES[p.process]
+        for i, t in enumerate(p.paraphrases or []):
+            try:
+                text = render(build_prompt(p, t, model_kind), tokenizer)
+                encode_choices(tokenizer, s["choices"], s["terminator"], context_text=text)
+            except ValueError as e:
+                raise ConfigError(f"params.paraphrases.{i}", f"{t!r}: {e}") from None
+
+    def run(self, p: ParaphraseParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+        tok = ctx.tokenizer
+        s = PROCESSES[p.process]
+        prompts = [build_prompt(p, c["text"], ctx.model_kind) for c in cells]
+        reqs = []
+        for pr in prompts:
+            enc = encode_choices(tok, s["choices"], s["terminator"], render(pr, tok))
+            reqs.append(ChoiceRequest(encode_prompt(tok, pr), enc.ids))
+        return {"logprobs": np.stack(ctx.scorer.score_choices(reqs)).astype(np.float32)}

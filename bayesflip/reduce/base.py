@@ -1,0 +1,128 @@
+"""The reducer plug-in interface: report blocks, sections, and the per-family registry.
+
+A family reducer is a function ``fn(inp: FamilyInput) -> ReducedFamily`` registered with
+``@register_reducer("<family>")`` in its own module ``bayesflip/reduce/<family>.py``; every
+module of this package that is not infrastructure (see ``_INFRA``) is imported on first use,
+so adding a reducer is adding one module. Families without a reducer are listed in the
+report as "raw data only".
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Union
+
+import pandas as pd
+
+from .load import StoreData
+
+# Modules of this package that are not family reducers.
+_INFRA = {"base", "load", "figures", "report", "pipeline", "overview"}
+
+
+# ---------------------------------------------------------------------------- report blocks
+@dataclass
+class Text:
+    """A Markdown paragraph (supported inline: `code`, **bold**; lines starting with "- " are a list)."""
+
+    md: str
+
+
+@dataclass
+class Table:
+    """A table shown in the report (the first ``max_rows`` rows; the full table belongs in ``tables``)."""
+
+    df: pd.DataFrame
+    caption: str = ""
+    max_rows: int = 60
+
+
+@dataclass
+class Figure:
+    """A figure written by :func:`bayesflip.reduce.figures.save` (``path`` is the PNG; a PDF sits beside it)."""
+
+    path: Path
+    caption: str = ""
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 3
+
+
+Block = Union[Text, Table, Figure, Heading]
+
+
+@dataclass
+class Section:
+    """One ``## title`` section of the report."""
+
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def figures(self) -> list[Path]:
+        return [b.path for b in self.blocks if isinstance(b, Figure)]
+
+
+# ---------------------------------------------------------------------------- reducer io
+@dataclass
+class FamilyInput:
+    """What a reducer gets: the stores of its family that hold at least one trusted cell."""
+
+    family: str
+    sweep: str
+    stores: list[StoreData]
+    figures_dir: Path
+    tables_dir: Path
+
+
+@dataclass
+class ReducedFamily:
+    """What a reducer returns.
+
+    ``tables``: name -> tidy DataFrame (written as CSV + Parquet under ``reduce/tables``).
+    ``figures``: every figure file it wrote (PNG paths). ``summary``: JSON-able; the key
+    ``"models"`` (``{model: {...}}``) is merged into summary.json per model under the family
+    name, anything else goes under ``families.<family>``. ``sections``: report sections; a
+    section whose title another family already used (e.g. "Priors") is appended to that one.
+    """
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    sections: list[Section] = field(default_factory=list)
+
+
+Reducer = Callable[[FamilyInput], ReducedFamily]
+_REDUCERS: dict[str, Reducer] = {}
+_ORDER = ["icl"]  # report order: these first, then the others alphabetically
+
+
+def register_reducer(family: str) -> Callable[[Reducer], Reducer]:
+    def deco(fn: Reducer) -> Reducer:
+        _REDUCERS[family] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    pkg = importlib.import_module(__package__)
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in _INFRA and not mod.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{mod.name}")
+
+
+def reducer_names() -> list[str]:
+    _load_all()
+    return sorted(_REDUCERS, key=lambda f: (_ORDER.index(f) if f in _ORDER else len(_ORDER), f))
+
+
+def get_reducer(family: str) -> Reducer | None:
+    _load_all()
+    return _REDUCERS.get(family)

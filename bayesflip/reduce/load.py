@@ -1,0 +1,222 @@
+"""Read every store of a sweep (complete or not) into trusted arrays + tidy tables + coverage.
+
+Only cells of shards with a ``done`` record are trusted. Everything else is collected into
+the coverage table instead of raising:
+
+=================  ==========================================================
+status             meaning
+=================  ==========================================================
+done               record ``done`` and every chunk of the shard decoded
+missing            no record (never run, or still running)
+failed             record ``failed`` (its error is kept)
+corrupt-record     the record JSON could not be parsed
+corrupt-chunk      record ``done`` but a chunk of the shard raised when read
+missing-store      the manifest lists the store but it is not on disk
+unreadable-store   the store's metadata / coords / labels raised when read
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from ..errors import ConfigError
+from ..paths import RESULTS_DIR
+from ..store import ResultStore
+
+log = logging.getLogger(__name__)
+
+COVERAGE_COLUMNS = ["experiment", "model", "family", "shard", "cell_start", "cell_stop", "status", "error", "store"]
+
+
+@dataclass
+class StoreData:
+    """The trusted part of one (experiment, model) store.
+
+    ``cells``: one row per trusted cell, columns ``cell`` (index in the store), ``shard`` and
+    the condition coords; ``arrays[name][i]`` belongs to ``cells.iloc[i]``.
+    """
+
+    sweep: str
+    experiment: str
+    model: str
+    family: str
+    path: Path
+    attrs: dict
+    cells: pd.DataFrame
+    arrays: dict[str, np.ndarray]
+    dims: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    n_cells: int
+    n_shards: int
+    records: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict:
+        return dict((self.attrs.get("config") or {}).get("params") or {})
+
+    @property
+    def empty(self) -> bool:
+        return len(self.cells) == 0
+
+    def tidy(self, name: str) -> pd.DataFrame:
+        """Long table of one array: one row per (cell, *dims) with the cell coords and dim labels."""
+        a = self.arrays[name]
+        dims = self.dims[name][1:]
+        idx = np.indices(a.shape).reshape(a.ndim, -1)
+        df = self.cells.iloc[idx[0]].reset_index(drop=True)
+        for k, d in enumerate(dims, start=1):
+            lab = self.labels.get(d)
+            df[d] = lab[idx[k]] if lab is not None and len(lab) == a.shape[k] else idx[k]
+        df[name] = a.reshape(-1)
+        df.insert(0, "model", self.model)
+        df.insert(0, "experiment", self.experiment)
+        return df
+
+
+@dataclass
+class SweepData:
+    sweep: str
+    root: Path
+    stores: list[StoreData]
+    coverage: pd.DataFrame
+    manifest: dict | None
+
+    def by_family(self) -> dict[str, list[StoreData]]:
+        out: dict[str, list[StoreData]] = {}
+        for s in self.stores:
+            out.setdefault(s.family, []).append(s)
+        return out
+
+    def store_summary(self) -> pd.DataFrame:
+        """Per store: shards and cells total / trusted, and the count of each problem status."""
+        cov = self.coverage
+        rows = []
+        for (exp, model), g in cov.groupby(["experiment", "model"], sort=True):
+            shard_rows = g[g["shard"] >= 0]
+            done = shard_rows[shard_rows["status"] == "done"]
+            rows.append({"experiment": exp, "model": model, "family": g["family"].iloc[0],
+                         "shards_total": int(len(shard_rows)), "shards_done": int(len(done)),
+                         "cells_total": int((shard_rows["cell_stop"] - shard_rows["cell_start"]).sum()),
+                         "cells_trusted": int((done["cell_stop"] - done["cell_start"]).sum()),
+                         "problems": ", ".join(f"{k}: {v}" for k, v in
+                                               g.loc[g["status"] != "done", "status"].value_counts().sort_index().items())})
+        return pd.DataFrame(rows, columns=["experiment", "model", "family", "shards_total", "shards_done",
+                                           "cells_total", "cells_trusted", "problems"])
+
+    def problems(self) -> pd.DataFrame:
+        return self.coverage[self.coverage["status"] != "done"].reset_index(drop=True)
+
+
+def _cov(exp, model, family, shard, lo, hi, status, error, store) -> dict:
+    return {"experiment": exp, "model": model, "family": family, "shard": shard, "cell_start": lo,
+            "cell_stop": hi, "status": status, "error": error, "store": str(store)}
+
+
+def _discover(root: Path, manifest: dict | None) -> dict[tuple[str, str], Path]:
+    """(experiment, model) -> ``root/<experiment>/<model>.zarr`` for every unit of the manifest and
+    every store on disk (paths are taken under ``root``, so a moved or copied sweep still reads)."""
+    keys = {(u["experiment"], u["model"]) for u in (manifest or {}).get("units", [])}
+    keys |= {(p.parent.name, p.stem) for p in root.glob("*/*.zarr")}
+    return {k: root / k[0] / f"{k[1]}.zarr" for k in sorted(keys)}
+
+
+def _read_arrays(g, names: list[str], shards: list[int], shard_size: int, n_cells: int,
+                 ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Read the arrays; a chunk that raises marks its shard corrupt (``{shard: error}``)."""
+    bad: dict[int, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        arr = g[name]
+        try:
+            arrays[name] = arr[:]
+            continue
+        except Exception as e:  # corrupt chunk somewhere: localise it shard by shard below
+            log.info("%s: full read failed (%s), reading shard by shard", name, e)
+        out = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
+        for s in shards:
+            lo, hi = s * shard_size, min((s + 1) * shard_size, n_cells)
+            try:
+                out[lo:hi] = arr[lo:hi]
+            except Exception as e:  # recorded in the coverage table as corrupt-chunk
+                bad.setdefault(s, f"array {name!r}: {type(e).__name__}: {e}")
+        arrays[name] = out
+    return arrays, bad
+
+
+def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint: str = "?",
+               ) -> tuple[StoreData | None, list[dict]]:
+    """One store → (StoreData of its trusted cells or None, coverage rows)."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        return None, [_cov(experiment, model, family_hint, -1, 0, 0, "missing-store", "store not on disk", path)]
+    st = ResultStore(path)
+    try:
+        g = zarr.open_group(path, mode="r")
+        attrs = dict(g.attrs)
+        n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
+        family = str(attrs.get("family", family_hint))
+        dims = {k: list(v["dims"]) for k, v in attrs["arrays"].items()}
+        coords = {k: g["coords"][k][:] for k in sorted(g["coords"].array_keys())}
+        labels = {k: g["labels"][k][:] for k in sorted(g["labels"].array_keys())}
+        records = st.records()
+    except Exception as e:  # the whole store is unusable: one coverage row says why
+        return None, [_cov(experiment, model, family_hint, -1, 0, 0, "unreadable-store", f"{type(e).__name__}: {e}", path)]
+    status = {s: str(records.get(s, {}).get("status", "missing")) for s in range(n_shards)}
+    errors = {s: str(records[s].get("error", "")) if s in records else "" for s in range(n_shards)}
+    done = [s for s in range(n_shards) if status[s] == "done"]
+    arrays, bad = _read_arrays(g, list(dims), done, shard_size, n_cells)
+    for s, err in bad.items():
+        status[s], errors[s] = "corrupt-chunk", err
+    rows = [_cov(experiment, model, family, s, s * shard_size, min((s + 1) * shard_size, n_cells), status[s],
+                 errors[s], path) for s in range(n_shards)]
+    trusted = np.zeros(n_cells, dtype=bool)
+    for s in range(n_shards):
+        if status[s] == "done":
+            trusted[s * shard_size: min((s + 1) * shard_size, n_cells)] = True
+    cells = pd.DataFrame({"cell": np.arange(n_cells), "shard": np.arange(n_cells) // shard_size,
+                          **{k: v for k, v in coords.items() if len(v) == n_cells}})
+    data = StoreData(sweep=sweep, experiment=experiment, model=model, family=family, path=path, attrs=attrs,
+                     cells=cells[trusted].reset_index(drop=True),
+                     arrays={k: v[trusted] for k, v in arrays.items()}, dims=dims, labels=labels,
+                     n_cells=n_cells, n_shards=n_shards, records=records)
+    return data, rows
+
+
+def sweep_root(sweep: str, results_dir: Path | str | None = None) -> Path:
+    base = Path(results_dir or RESULTS_DIR)
+    root = base / sweep
+    if not root.is_dir():
+        known = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        raise ConfigError("--sweep", f"no results for sweep {sweep!r} under {base}", allowed=known)
+    return root
+
+
+def load_sweep_data(sweep: str, results_dir: Path | str | None = None) -> SweepData:
+    """Every store of ``results/<sweep>`` (from the manifest and from disk), trusted cells only."""
+    root = sweep_root(sweep, results_dir)
+    mpath = root / "manifest.json"
+    manifest = None
+    rows: list[dict] = []
+    if mpath.exists():
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            rows.append(_cov("(manifest)", "", "", -1, 0, 0, "unreadable-store", f"manifest.json: {e}", mpath))
+    stores: list[StoreData] = []
+    fam_of = {e: (c or {}).get("family", "?") for e, c in ((manifest or {}).get("experiments") or {}).items()}
+    for (exp, model), path in _discover(root, manifest).items():
+        data, cov = load_store(sweep, exp, model, path, fam_of.get(exp, "?"))
+        rows.extend(cov)
+        if data is not None:
+            stores.append(data)
+    coverage = pd.DataFrame(rows, columns=COVERAGE_COLUMNS)
+    coverage = coverage.astype({"shard": "int64", "cell_start": "int64", "cell_stop": "int64"})
+    return SweepData(sweep=sweep, root=root, stores=stores, coverage=coverage, manifest=manifest)

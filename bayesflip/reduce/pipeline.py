@@ -1,0 +1,177 @@
+"""reduce_sweep: load a sweep, run the family reducers, write tables, summary.json and the report.
+
+Output (``results/<sweep>/reduce`` unless ``out``)::
+
+    tables/<name>.csv, tables/<name>.parquet   coverage, coverage_stores, and every reducer table
+    figures/<name>.png, figures/<name>.pdf
+    summary.json                               machine-readable: coverage, per-model numbers per family
+    report.md, report.html                     Overview, Coverage, the reducers' sections, Raw-data-only
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..store import git_commit
+from .base import FamilyInput, ReducedFamily, Section, Text, get_reducer, reducer_names
+from .load import SweepData, load_sweep_data
+from .overview import coverage_section, overview_section, raw_only_section
+from .report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(x):
+    """Plain JSON: numpy scalars/arrays to Python, NaN/inf to null, paths to str."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _write_table(df: pd.DataFrame, tables_dir: Path, name: str) -> Path:
+    df.to_csv(tables_dir / f"{name}.csv", index=False)
+    df.to_parquet(tables_dir / f"{name}.parquet", index=False)
+    return tables_dir / f"{name}.csv"
+
+
+def _clean(out: Path) -> tuple[Path, Path]:
+    """Create ``tables/`` and ``figures/`` and remove the files an earlier reduce wrote there."""
+    tables, figs = out / "tables", out / "figures"
+    for d, pats in ((tables, ("*.csv", "*.parquet")), (figs, ("*.png", "*.pdf"))):
+        d.mkdir(parents=True, exist_ok=True)
+        for pat in pats:
+            for f in d.glob(pat):
+                f.unlink()
+    return tables, figs
+
+
+def _model_coverage(data: SweepData) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    summ = data.store_summary()
+    for model, g in summ.groupby("model"):
+        out[str(model)] = {"shards_total": int(g["shards_total"].sum()), "shards_done": int(g["shards_done"].sum()),
+                           "cells_total": int(g["cells_total"].sum()),
+                           "cells_trusted": int(g["cells_trusted"].sum()),
+                           "problems": int((data.coverage[(data.coverage["model"] == model)]["status"] != "done").sum())}
+    return out
+
+
+def _merge_sections(sections: list[Section], new: list[Section]) -> None:
+    """Append ``new`` sections; a title already present (e.g. "Priors" from two families) gets the blocks appended."""
+    for sec in new:
+        same = next((s for s in sections if s.title == sec.title), None)
+        if same is None:
+            sections.append(Section(sec.title, list(sec.blocks)))
+        else:
+            same.blocks.extend(sec.blocks)
+
+
+def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -> Path:
+    """Reduce ``results/<sweep>`` into tables, figures, summary.json and the report; return report.md's path.
+
+    A reducer that raises is recorded (report section "Reducer errors", ``summary.json``
+    ``errors``) and its family is listed as raw data only; ``strict=True`` re-raises instead.
+    """
+    data = load_sweep_data(sweep, results_dir)
+    out = Path(out) if out else data.root / "reduce"
+    tables_dir, figs_dir = _clean(out)
+    generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    commit = git_commit()
+
+    written: list[Path] = [_write_table(data.coverage, tables_dir, "coverage"),
+                           _write_table(data.store_summary(), tables_dir, "coverage_stores")]
+    models = {m: {"coverage": c} for m, c in _model_coverage(data).items()}
+    families: dict[str, dict] = {}
+    status: dict[str, str] = {}
+    sections: list[Section] = []
+    raw: list[tuple[str, list, str]] = []
+    errors: list[dict] = []
+    by_family = data.by_family()
+    order = [f for f in reducer_names() if f in by_family] + sorted(f for f in by_family if get_reducer(f) is None)
+    figures: list[Path] = []
+    for family in order:
+        stores = by_family[family]
+        usable = [s for s in stores if not s.empty]
+        fam_info = {"experiments": sorted({s.experiment for s in stores}), "models": sorted({s.model for s in stores})}
+        fn = get_reducer(family)
+        if fn is None:
+            status[family] = "raw-only"
+            raw.append((family, stores, "no reducer registered"))
+        elif not usable:
+            status[family] = "no-complete-shards"
+            raw.append((family, stores, "no complete shard yet"))
+        else:
+            try:
+                res: ReducedFamily = fn(FamilyInput(family=family, sweep=sweep, stores=usable,
+                                                    figures_dir=figs_dir, tables_dir=tables_dir))
+            except Exception as e:  # recorded in the report and summary.json; other families still reduce
+                if strict:
+                    raise
+                tb = traceback.format_exc()
+                log.error("reducer %s failed: %s", family, tb)
+                errors.append({"family": family, "error": f"{type(e).__name__}: {e}", "traceback": tb})
+                status[family] = "error"
+                raw.append((family, stores, f"reducer failed: {type(e).__name__}: {e}"))
+            else:
+                status[family] = "reduced"
+                for name, df in res.tables.items():
+                    written.append(_write_table(df, tables_dir, name if name.startswith(family) else f"{family}_{name}"))
+                figures += res.figures
+                _merge_sections(sections, res.sections)
+                extra = dict(res.summary)
+                for m, vals in (extra.pop("models", None) or {}).items():
+                    models.setdefault(m, {})[family] = vals
+                fam_info.update(extra)
+        fam_info["status"] = status[family]
+        families[family] = fam_info
+
+    all_sections = [overview_section(data, commit, generated, status), coverage_section(data), *sections,
+                    raw_only_section(raw)]
+    if errors:
+        all_sections.append(Section("Reducer errors", [Text(f"**{e['family']}**: {e['error']}\n\n```\n"
+                                                            f"{e['traceback']}\n```") for e in errors]))
+    report = write_report(out, f"bayesflip report — {sweep}", all_sections)
+    prob = data.problems()
+    summary = {
+        "sweep": sweep, "generated": generated, "git_commit": commit, "results_root": str(data.root),
+        "report": str(report.resolve()), "report_html": str((out / "report.html").resolve()),
+        "coverage": {"shards_total": int((data.coverage["shard"] >= 0).sum()),
+                     "shards_done": int((data.coverage["status"] == "done").sum()),
+                     "problems": prob[["experiment", "model", "shard", "status", "error"]].to_dict("records")},
+        "models": models, "families": families, "errors": [{k: e[k] for k in ("family", "error")} for e in errors],
+        "tables": sorted(p.stem for p in written), "figures": [p.name for p in figures],
+    }
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
+    return report
+
+
+def reduce_cli(args) -> int:
+    report = reduce_sweep(args.sweep, results_dir=getattr(args, "results_dir", None), out=getattr(args, "out", None))
+    summary = json.loads((report.parent / "summary.json").read_text())
+    print(f"report: {report.resolve()}")
+    print(f"html:   {summary['report_html']}")
+    cov = summary["coverage"]
+    print(f"coverage: {cov['shards_done']}/{cov['shards_total']} shards done, {len(cov['problems'])} problems")
+    for e in summary["errors"]:
+        print(f"REDUCER ERROR {e['family']}: {e['error']}")
+    return 1 if summary["errors"] else 0
