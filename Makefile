@@ -4,7 +4,7 @@ PY    := .venv/bin/python
 BF    := .venv/bin/bayesflip
 STAMP := .venv/.bayesflip-installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 
-MODEL_TYPE ?= local
+MODEL_TYPE ?=
 EXP        ?= demo
 SWEEP      ?= $(EXP)
 ARGS       ?=
@@ -48,7 +48,7 @@ bench: install
 	$(BF) bench $(ARGS)
 
 submit: install
-	$(BF) submit --model-type $(MODEL_TYPE) --exp $(EXP) $(ARGS)
+	$(BF) submit $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)
 
 resubmit: install
 	$(BF) resubmit --sweep $(SWEEP) $(ARGS)
@@ -57,7 +57,7 @@ status: install
 	$(BF) status --sweep $(SWEEP) $(ARGS)
 
 debug: install
-	$(BF) debug --model-type $(MODEL_TYPE) --exp $(EXP) $(ARGS)
+	$(BF) debug $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)
 
 reduce: install
 	$(BF) reduce --sweep $(SWEEP) $(ARGS)

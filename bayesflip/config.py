@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .paths import CONFIG_DIR
 
 TOP_KEYS = {"family", "seed", "shard_size", "params", "description"}
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded offline model
 SWEEP_KEYS = {"models", "experiments", "description", "array_throttle"}
 
 
@@ -190,11 +191,11 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
         if not exps_raw:
             raise ConfigError("experiments", "empty grid: the sweep lists no experiments", source=str(path))
         exps = [load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}.") for e, ov in exps_raw.items()]
-        models_raw = model_type or raw.get("models") or "local"
+        models_raw = model_type or raw.get("models") or DEFAULT_MODEL
         throttle = raw.get("array_throttle")
     elif (Path(config_dir) / "experiments" / f"{name}.yaml").exists():
         exps = [load_experiment(name, None, config_dir)]
-        models_raw = model_type or "local"
+        models_raw = model_type or DEFAULT_MODEL
         throttle = None
     else:
         raise ConfigError("EXP", f"unknown experiment or sweep {name!r}",

@@ -84,7 +84,8 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
         try:
             if (exp_name, shard) in inject:
                 raise RuntimeError(f"injected failure ({FAIL_ENV}) for {exp_name}:{shard}")
-            ctx = RunContext(scorer=scorer, model_kind=lm.spec.kind, model_name=lm.spec.name, seed=exp.seed)
+            ctx = RunContext(scorer=scorer, model_kind=lm.spec.kind, model_name=lm.spec.name, seed=exp.seed,
+                             workdir=st.path.with_suffix(".work") / f"shard-{shard:06d}")
             arrays = fam.run(exp.params, cells[sl], ctx)
             st.write_shard(shard, arrays, seconds=round(time.time() - ts, 3), model_revision=lm.revision)
             res.done.append((exp_name, shard))

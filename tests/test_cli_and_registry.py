@@ -16,7 +16,7 @@ def test_registry_has_study_and_local_models():
         assert name in reg
     assert reg["llama-3.1-70b"].backend == "deepspeed" and reg["llama-3.1-70b"].tp == 4
     assert {m.kind for m in models_of_type("instruct")} == {"instruct"}
-    assert all(m.model_set != "local" for m in models_of_type("std"))
+    assert all(m.model_set not in ("local", "extra") for m in models_of_type("std"))
     assert [m.name for m in models_of_type("tiny-random")] == ["tiny-random"]
 
 

@@ -49,6 +49,7 @@ class RunContext:
     model_kind: str                # "std" | "instruct"
     model_name: str
     seed: int
+    workdir: Any = None            # optional pathlib.Path: a per-shard scratch dir for mid-shard checkpoints
 
     @property
     def tokenizer(self):

@@ -118,7 +118,7 @@ def models_of_type(model_type: str, config_dir: Path = CONFIG_DIR) -> list[Model
         return list(reg.values())
     if model_type in ("std", "instruct"):
         # base / chat models of the cluster sets (the offline local set is separate)
-        return [m for m in reg.values() if m.kind == model_type and m.model_set != "local"]
+        return [m for m in reg.values() if m.kind == model_type and m.model_set not in ("local", "extra")]
     if model_type in sets:
         return [m for m in reg.values() if m.model_set == model_type]
     if model_type in reg:

@@ -1,0 +1,112 @@
+"""Job templates and status parsing without a cluster: validation names the key, the
+partition comparison, SLURM time/Gres parsing, the TP rule, status classification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bayesflip.config import load_sweep
+from bayesflip.errors import ConfigError
+from bayesflip.hpc import templates as T
+from bayesflip.hpc.launch import resolve_templates
+from bayesflip.hpc.status import _expand_array, log_error, render, sweep_status
+
+
+def _write(tmp_path, name, text):
+    (tmp_path / f"{name}.yaml").write_text(text)
+    return T.load_template(name, tmp_path)
+
+
+def test_shipped_templates_are_valid():
+    names = T.template_names()
+    assert {"cpu-debug", "gpu-small", "gpu-large"} <= set(names)
+    cpu = T.load_template("cpu-debug")
+    assert (cpu.partition, cpu.cpus_per_task, cpu.gpus_per_node, cpu.n_tasks) == ("debug", 1, 0, 1)
+    assert cpu.time_min >= 3 and cpu.signal_delay_s < cpu.time_min * 60
+    large = T.load_template("gpu-large")
+    assert large.n_tasks == 4 and large.gpus_per_node == 4
+
+
+def test_template_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'gpus': unknown key.*allowed: .*gpus_per_node"):
+        _write(tmp_path, "a", "partition: p\nmem_gb: 1\ntime_min: 5\ngpus: 1\n")
+    with pytest.raises(ConfigError, match=r"'time_min'.*\[3, inf"):
+        _write(tmp_path, "b", "partition: p\nmem_gb: 1\ntime_min: 2\n")
+    with pytest.raises(ConfigError, match=r"'mem_gb': required key missing"):
+        _write(tmp_path, "c", "partition: p\ntime_min: 5\n")
+    with pytest.raises(ConfigError, match=r"'signal_delay_s'.*shorter than time_min"):
+        _write(tmp_path, "d", "partition: p\nmem_gb: 1\ntime_min: 3\nsignal_delay_s: 200\n")
+    assert _write(tmp_path, "e", "partition: p\nmem_gb: 1\ntime_min: 5\n").name == "e"
+    with pytest.raises(ConfigError, match=r"unknown job template 'zzz'.*allowed: .*e"):
+        T.load_template("zzz", tmp_path)
+    t = T.load_template("cpu-debug")
+    with pytest.raises(ConfigError, match=r"time_min \(--time\).*\[3, inf"):
+        T.with_overrides(t, time_min=1)
+    assert T.with_overrides(t, time_min=30, partition="x").time_min == 30
+
+
+def test_slurm_time_and_gres_parsing():
+    assert T.parse_slurm_time("UNLIMITED") is None and T.parse_slurm_time("INFINITE") is None
+    assert T.parse_slurm_time("1-02:03:00") == 1440 + 123
+    assert T.parse_slurm_time("02:00:00") == 120
+    assert T.parse_slurm_time("30:00") == 30 and T.parse_slurm_time("30:01") == 31
+    assert T.parse_slurm_time("45") == 45 and T.parse_slurm_time("2-12") == 2 * 1440 + 720
+    assert T.parse_gres_gpus("(null)") == 0
+    assert T.parse_gres_gpus("gpu:a100:4(S:0-1)") == 4
+    assert T.parse_gres_gpus("gpu:2,shard:8") == 2
+    assert T.parse_gres_gpus("gpu:v100:2(S:0),gpu:a100:2(S:1)") == 4
+
+
+def test_template_vs_partition():
+    part = T.PartitionInfo("p", "UP", max_time_min=60, max_nodes=None, total_nodes=2, cpus_per_node=16,
+                           mem_mb_per_node=128 * 1024, gpus_per_node=2)
+    ok = T.JobTemplate(name="ok", partition="p", cpus_per_task=8, gpus_per_node=2, mem_gb=128, time_min=60, nodes=2)
+    assert T.template_problems(ok, part) == []
+    big = T.JobTemplate(name="big", partition="p", cpus_per_task=8, tasks_per_node=4, gpus_per_node=4,
+                        mem_gb=200, time_min=90, nodes=3)
+    assert [k for k, _ in T.template_problems(big, part)] == ["gpus_per_node", "cpus_per_task", "mem_gb",
+                                                              "time_min", "nodes"]
+    with pytest.raises(ConfigError, match=r"job_templates/big\.gpus_per_node.*at most 2"):
+        T.check_against_partition(big, part)
+
+
+def test_tp_degree_must_match_tasks():
+    sweep = load_sweep("icl_coin", "llama-3.1-70b")
+    assert resolve_templates(sweep)["llama-3.1-70b"].n_tasks == 4          # gpu-large: 4 ranks
+    with pytest.raises(ConfigError, match=r"cpu-debug\.tasks_per_node.*tp=4"):
+        resolve_templates(sweep, template="cpu-debug")
+    sweep = load_sweep("icl_coin", "smollm2-135m-instruct")
+    t = resolve_templates(sweep, partition="other", time_min=20, shards_per_task=7)["smollm2-135m-instruct"]
+    assert (t.name, t.partition, t.time_min, t.shards_per_task) == ("cpu-debug", "other", 20, 7)
+
+
+def test_status_from_records_and_task_states(tmp_path):
+    """Classification without SLURM: records decide done/failed, the manifest the rest."""
+    from bayesflip.store import ResultStore
+
+    store = tmp_path / "s" / "icl_coin" / "m.zarr"
+    st = ResultStore(store)
+    store.mkdir(parents=True)
+    st.write_record(0, "done")
+    st.write_record(1, "failed", error="RuntimeError: boom")
+    log = tmp_path / "t.err"
+    log.write_text("Traceback (most recent call last):\n  File x\nbayesflip.hpc.launch.ShardsFailed: 1 of 3 shard(s)"
+                   " failed\n  icl_coin:1: RuntimeError: boom\nsrun: error: vm: task 0: Exited with exit code 1\n"
+                   "slurmstepd: error: Detected 1 oom-kill event(s)\n")
+    manifest = {"sweep": "s", "units": [{"experiment": "icl_coin", "model": "m", "store": str(store), "n_shards": 4}],
+                "submissions": [{"executor": "local", "time": "2000-01-01T00:00:00+00:00", "arrays": [
+                    {"model": "m", "array_id": "7", "tasks": [{"job_id": "7_0", "stderr": str(log),
+                                                               "work": [["icl_coin", 0], ["icl_coin", 1],
+                                                                        ["icl_coin", 2]]}]}]}]}
+    s = sweep_status(json.loads(json.dumps(manifest)))
+    u = s.units[0]
+    assert u.shards == {0: "done", 1: "failed", 2: "pending", 3: "pending"}
+    assert "boom" in u.errors[1]
+    assert s.totals() == {"done": 1, "running": 0, "pending": 2, "failed": 1}
+    assert "1/4" in render(s) and "RuntimeError: boom" in render(s)
+    msg = log_error(str(log))
+    assert msg.splitlines()[0].startswith("bayesflip.hpc.launch.ShardsFailed") and "oom-kill" in msg
+    assert "Exited with exit code" not in msg
+    assert _expand_array("2-4%2") == [2, 3, 4] and _expand_array("1,5-6") == [1, 5, 6]
