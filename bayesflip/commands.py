@@ -44,7 +44,8 @@ def cmd_debug(args) -> int:
         print(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done (--overwrite recomputes)")
     for task in tasks:
         r = run_task(task.sweep, task.model, task.work, device=args.device, results_dir=args.results_dir)
-        print(f"{task.model}: {len(r.done)} shards done, {len(r.skipped)} already done, {len(r.failed)} failed "
+        already = sum(u.n_shards - len(u.pending) for u in units if u.model.name == task.model) + len(r.skipped)
+        print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed "
               f"({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
         for exp, shard, err in r.failed:
             print(f"  FAILED {exp}:{shard}: {err}")
