@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..prompts import Prompt, encode_prompt
 from . import register
 from .base import ArraySpec, Family, Params, RunContext, cell_seed
-from .checkpoint import ShardCheckpoint, fingerprint, maybe_interrupt, restore_rngs
+from .checkpoint import start_or_resume, maybe_interrupt
 
 INIT_PAIRS = [
     "FREEDOM: friends run east every day on mountains",
@@ -173,17 +173,8 @@ class AcronymFamily(Family):
         G, C = p.generations, len(cells)
         tok = ctx.tokenizer
         rngs = [np.random.default_rng(cell_seed(ctx.seed, "acronym", sorted(c.items()))) for c in cells]
-        specs = self.arrays(p)
-        arr = {k: np.full((C, *s.shape), s.fill, dtype=object if s.dtype == "str" else s.dtype)
-               for k, s in specs.items()}
-        ck = ShardCheckpoint(ctx.workdir, fingerprint(self.name, p, cells, ctx.seed, ctx.model_name))
-        saved = ck.load()
-        if saved is not None:
-            for k in arr:
-                arr[k][...] = saved[k]
-            restore_rngs(rngs, str(saved["rng"]))
-            start = int(saved["next_gen"])
-        else:
+        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
+        if start is None:
             init = [parse_pair(s, p.length) for s in p.init_pairs]
             sc, mr, mz = word_stats(init, p.common_zipf, p.rank_top)  # type: ignore[arg-type]
             for i in range(C):

@@ -56,7 +56,7 @@ from ..prompts import Prompt, encode_piece, encode_prompt
 from ..bayes import entropy as _entropy
 from . import register
 from .base import ArraySpec, Family, Params, RunContext, cell_seed
-from .checkpoint import ShardCheckpoint, fingerprint, maybe_interrupt, restore_rngs
+from .checkpoint import start_or_resume, maybe_interrupt
 from .icl import COIN, DIE
 from .seq import validate_sequence_pieces
 
@@ -176,17 +176,8 @@ class ChainFamily(Family):
             return ids
 
         rngs = [np.random.default_rng(cell_seed(ctx.seed, "chains", p.process, sorted(c.items()))) for c in cells]
-        specs = self.arrays(p)
-        arr = {k: np.full((C, *s.shape), s.fill, dtype=bool if s.dtype == "bool" else s.dtype)
-               for k, s in specs.items()}
-        ck = ShardCheckpoint(ctx.workdir, fingerprint(self.name, p, cells, ctx.seed, ctx.model_name))
-        saved = ck.load()
-        if saved is not None:
-            for k in arr:
-                arr[k][...] = saved[k]
-            restore_rngs(rngs, str(saved["rng"]))
-            start = int(saved["next_gen"])
-        else:
+        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
+        if start is None:
             for i, c in enumerate(cells):
                 seq = initial_outcomes(K, c["n"], c["init"], p.init_choice, rngs[i])
                 self._set_data(arr, i, 0, seq, K, redraws=0, accepted=self._accept(p, c, seq))

@@ -103,3 +103,23 @@ def maybe_interrupt(generation: int) -> None:
     v = os.environ.get(INTERRUPT_ENV, "")
     if v and int(v) == generation:
         raise ChainInterrupted(f"interrupted after generation {generation} ({INTERRUPT_ENV}={v})")
+
+
+def start_or_resume(family: Any, p: Any, cells: list[dict], ctx: Any, rngs: list[np.random.Generator]
+                    ) -> tuple[dict[str, np.ndarray], ShardCheckpoint, int | None]:
+    """Allocate a chain family's output arrays and resume them from the shard checkpoint.
+
+    Returns ``(arrays, checkpoint, next_generation)``; ``next_generation`` is ``None`` for a
+    fresh shard (the caller then writes generation 0), else the RNGs are restored in place.
+    """
+    specs = family.arrays(p)
+    arr = {k: np.full((len(cells), *s.shape), s.fill,
+                      dtype={"bool": bool, "str": object}.get(s.dtype, s.dtype)) for k, s in specs.items()}
+    ck = ShardCheckpoint(ctx.workdir, fingerprint(family.name, p, cells, ctx.seed, ctx.model_name))
+    saved = ck.load()
+    if saved is None:
+        return arr, ck, None
+    for k in arr:
+        arr[k][...] = saved[k]
+    restore_rngs(rngs, str(saved["rng"]))
+    return arr, ck, int(saved["next_gen"])

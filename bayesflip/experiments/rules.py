@@ -63,7 +63,7 @@ from ..errors import ConfigError
 from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, encode_prompt, render
 from . import register
 from .base import ArraySpec, Family, Params, RunContext, cell_seed
-from .checkpoint import ShardCheckpoint, fingerprint, maybe_interrupt, restore_rngs
+from .checkpoint import start_or_resume, maybe_interrupt
 
 OBJECTS = ("A", "B", "C", "D", "E")
 VALUES = ("on", "off", "und")
@@ -275,16 +275,8 @@ class RulesFamily(Family):
         acc0 = accuracy(ins0, outs0)
         consistent0 = (acc0 == 1.0).astype(float)
         rngs = [np.random.default_rng(cell_seed(ctx.seed, "rules", sorted(c.items()))) for c in cells]
-        specs = self.arrays(p)
-        arr = {k: np.full((C, *s.shape), s.fill, dtype=s.dtype) for k, s in specs.items()}
-        ck = ShardCheckpoint(ctx.workdir, fingerprint(self.name, p, cells, ctx.seed, ctx.model_name))
-        saved = ck.load()
-        if saved is not None:
-            for k in arr:
-                arr[k][...] = saved[k]
-            restore_rngs(rngs, str(saved["rng"]))
-            start = int(saved["next_gen"])
-        else:
+        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
+        if start is None:
             arr["inputs"][:, 0, : len(ins0)] = ins0
             arr["outputs"][:, 0, : len(outs0)] = outs0
             start = 0
