@@ -5,10 +5,12 @@ Benchmarks (all on ``smollm2-135m-instruct`` unless ``--model``):
 * ``icl_curve`` — predictive distribution after every prefix 0..100 of 100-flip coin
   sequences. Framework: one ``score_curves`` pass per sequence (batched). Baseline (the
   original study's method): a separate forward pass per prefix length *and per choice*.
-  The baseline is timed on ``--baseline-seqs`` of the sequences (default 2) and its
-  per-sequence time scaled to all sequences; both the measured and scaled times are reported.
+  The baseline is timed on every 5th prefix of 2 of the sequences (evenly spaced lengths, so
+  their mean cost is representative) and scaled to all prefixes of all sequences; the measured
+  and the scaled times and the number of prefixes measured are all reported.
 * ``multi_choice`` — needle-style prompts with the choices ``1``..``10`` (multi-token here,
-  terminator ``.``) and die faces. Baseline: one forward per (prompt, choice).
+  terminator ``.``) and die faces. Baseline: one forward per (prompt, choice), timed on 6 of
+  the 24 prompts and scaled; its token count is exact for all prompts.
   ``tokens_ratio`` = model tokens processed by the baseline / by the framework.
 * ``engine_overhead`` — framework end-to-end throughput (tokenization, batching, scoring
   and a Zarr write) divided by a raw batched ``model(input_ids)`` forward over the same
@@ -56,7 +58,7 @@ def _coin_sequences(n_seq: int, n_flips: int, seed: int = 0) -> list[np.ndarray]
     return [(rng.random(n_flips) >= t).astype(int) for t in thetas]  # 0 = heads, 1 = tails
 
 
-def bench_icl_curve(lm, n_seq: int = 10, n_flips: int = 100, baseline_seqs: int = 2) -> dict:
+def bench_icl_curve(lm, n_seq: int = 10, n_flips: int = 100, baseline_seqs: int = 2, baseline_stride: int = 5) -> dict:
     tok = lm.tokenizer
     choices = [" heads", " tails"]
     head = Prompt("I tossed a coin and it landed on")
@@ -70,14 +72,17 @@ def bench_icl_curve(lm, n_seq: int = 10, n_flips: int = 100, baseline_seqs: int 
     cids = [encode_piece(tok, c) for c in choices]
     t = time.perf_counter()
     diffs = []
+    measured = 0
     for r, probs in zip(reqs[:baseline_seqs], fw_probs[:baseline_seqs]):
-        for i, p in enumerate(r.positions):
+        for i, p in list(enumerate(r.positions))[::baseline_stride]:
+            measured += 1
             lps = np.array([naive_choice_logprob(lm.model, r.ids[: p + 1], c)[0] for c in cids])
             diffs.append(np.abs(choice_distribution(lps)[0] - probs[i]).max())
     base_measured = time.perf_counter() - t
-    base = base_measured / baseline_seqs * n_seq
+    base = base_measured / measured * n_seq * (n_flips + 1)  # evenly spaced prefixes: mean cost is representative
     return {"speedup": base / fw, "max_abs_diff": float(max(diffs)), "framework_s": fw, "baseline_s": base,
             "baseline_measured_s": base_measured, "baseline_sequences_measured": baseline_seqs,
+            "baseline_prefixes_measured": measured,
             "sequences": n_seq, "prefixes_per_sequence": n_flips + 1, "forward_passes_framework": sc.stats.forward_calls,
             "forward_passes_baseline": n_seq * (n_flips + 1) * len(choices)}
 
@@ -98,14 +103,15 @@ def _needle_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def bench_multi_choice(lm, n_prompts: int = 24) -> dict:
+def bench_multi_choice(lm, n_prompts: int = 24, baseline_prompts: int = 6) -> dict:
+    """Framework: one batched score_choices per choice set. Baseline timed on ``baseline_prompts``
+    prompts (scaled to all); baseline token counts are exact for all prompts."""
     tok = lm.tokenizer
     sets = {"number": ([f" {i}" for i in range(1, 11)], "."), "die": ([f" {i}" for i in range(1, 7)], "")}
     prompts = _needle_prompts(n_prompts)
     ctxs = [encode_prompt(tok, p) for p in prompts]
     sc = Scorer(lm)
-    fw_t, base_t, diffs, base_tokens = 0.0, 0.0, [], 0
-    sc.stats.reset()
+    fw_t, base_t, diffs = 0.0, 0.0, []
     results = {}
     for name, (labels, term) in sets.items():
         cids = [encode_piece(tok, c + term) for c in labels]
@@ -114,18 +120,19 @@ def bench_multi_choice(lm, n_prompts: int = 24) -> dict:
         fw_t += time.perf_counter() - t
         results[name] = (cids, res)
     fw_tokens = sc.stats.real_tokens
+    base_tokens = sum(len(ctx) + len(c) for cids, _ in results.values() for ctx in ctxs for c in cids)
+    step = max(1, n_prompts // baseline_prompts)
+    idx = list(range(0, n_prompts, step))[:baseline_prompts]
     for name, (cids, res) in results.items():
         t = time.perf_counter()
-        for ctx, lp in zip(ctxs, res):
-            base = []
-            for c in cids:
-                v, n = naive_choice_logprob(lm.model, ctx, c)
-                base.append(v)
-                base_tokens += n
-            diffs.append(np.abs(choice_distribution(np.array(base))[0] - choice_distribution(lp)[0]).max())
+        for i in idx:
+            base = np.array([naive_choice_logprob(lm.model, ctxs[i], c)[0] for c in cids])
+            diffs.append(np.abs(choice_distribution(base)[0] - choice_distribution(res[i])[0]).max())
         base_t += time.perf_counter() - t
-    return {"speedup": base_t / fw_t, "max_abs_diff": float(max(diffs)), "tokens_ratio": base_tokens / fw_tokens,
-            "framework_s": fw_t, "baseline_s": base_t, "prompts": n_prompts,
+    base_scaled = base_t / len(idx) * n_prompts
+    return {"speedup": base_scaled / fw_t, "max_abs_diff": float(max(diffs)), "tokens_ratio": base_tokens / fw_tokens,
+            "framework_s": fw_t, "baseline_s": base_scaled, "baseline_measured_s": base_t,
+            "baseline_prompts_measured": len(idx), "prompts": n_prompts,
             "choices_per_prompt": {k: len(v[0]) for k, v in results.items()},
             "choice_tokens": {k: [len(c) for c in v[0]] for k, v in results.items()}}
 
@@ -152,7 +159,7 @@ def bench_engine_overhead(lm, n_seq: int = 32, n_flips: int = 60, tmpdir: Path |
     # raw: the same length-sorted batches, plain model(input_ids, attention_mask)
     from .engine import _batches
 
-    batches = _batches([len(r.ids) for r in reqs], sc.batch_tokens, sc.max_batch)
+    batches = _batches([len(r.ids) for r in reqs], sc.batch_tokens, sc.max_batch, sc.max_padding)
     t = time.perf_counter()
     for b in batches:
         rows = [reqs[i].ids for i in b]

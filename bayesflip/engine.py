@@ -64,17 +64,27 @@ class EngineStats:
         self.forward_calls = self.real_tokens = self.padded_slots = self.fallback_contexts = 0
 
 
-def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
-    """Indices grouped into batches, longest first, so that rows·max_len ≤ batch_tokens."""
+def _batches(lengths: Sequence[int], batch_tokens: int, max_batch: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices grouped into batches, longest first.
+
+    A batch is cut when ``rows · max_len > batch_tokens``, when it has ``max_batch`` rows, or
+    when adding the next row would make its padded fraction ``Σ(max_len − len) / (rows · max_len)``
+    exceed ``max_padding`` — so every batch (and the whole run) wastes at most that fraction.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     out: list[list[int]] = []
     cur: list[int] = []
+    real = 0
     for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]
-        if cur and ((len(cur) + 1) * width > batch_tokens or len(cur) >= max_batch):
-            out.append(cur)
-            cur = []
+        if cur:
+            width = lengths[cur[0]]
+            rows = len(cur) + 1
+            pad = (rows * width - real - lengths[i]) / (rows * width)
+            if rows * width > batch_tokens or len(cur) >= max_batch or pad > max_padding:
+                out.append(cur)
+                cur, real = [], 0
         cur.append(i)
+        real += lengths[i]
     if cur:
         out.append(cur)
     return out
@@ -130,7 +140,8 @@ class _Want:
 class Scorer:
     """Scoring engine bound to one loaded model (load once per job, score many cells)."""
 
-    def __init__(self, lm, batch_tokens: int = 8192, max_batch: int = 64, progress: bool = False):
+    def __init__(self, lm, batch_tokens: int = 8192, max_batch: int = 64, progress: bool = False,
+                 max_padding: float = 0.1):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -138,6 +149,7 @@ class Scorer:
         self.max_length = lm.max_length
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
+        self.max_padding = max_padding
         self.progress = progress
         self.stats = EngineStats()
         tok = self.tokenizer
@@ -224,7 +236,7 @@ class Scorer:
                 raise ContextLengthError(f"request {n}: empty context (needs at least a BOS or one token)")
             self._check_len(len(r.context) + max(len(c) for c in r.choices) - 1, f"request {n} (context + choice)")
         results: list[np.ndarray] = [np.zeros(len(r.choices)) for r in requests]
-        batches = _batches([len(r.context) for r in requests], self.batch_tokens, self.max_batch)
+        batches = _batches([len(r.context) for r in requests], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "score"):
             reqs = [requests[i] for i in batch]
             last = [_Want(len(r.context) - 1, sorted({c[0] for c in r.choices})) for r in reqs]
@@ -255,7 +267,7 @@ class Scorer:
                 raise ValueError(f"curve {n}: read positions must lie in [0, {len(r.ids) - 1}]")
         results = [np.zeros((len(r.positions), len(r.choices))) for r in requests]
         fallback: list[tuple[int, int, list[int]]] = []  # (request, position index, choice indices)
-        batches = _batches([len(r.ids) for r in requests], self.batch_tokens, self.max_batch)
+        batches = _batches([len(r.ids) for r in requests], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "curves"):
             reqs = [requests[i] for i in batch]
             wants: list[list[_Want]] = []
@@ -332,7 +344,7 @@ class Scorer:
             self._check_len(len(p) + max_new_tokens, f"prompt {n} + max_new_tokens")
         eos = self.tokenizer.eos_token_id
         out: list[Ids] = [[] for _ in prompts]
-        batches = _batches([len(p) for p in prompts], self.batch_tokens, self.max_batch)
+        batches = _batches([len(p) for p in prompts], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "generate"):
             rows = [list(prompts[i]) for i in batch]
             gens = [torch.Generator().manual_seed(int(seeds[i])) for i in batch]

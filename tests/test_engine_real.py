@@ -50,7 +50,7 @@ def test_batch_of_different_lengths_padding(smol):
     prompts = ["Heads or tails? It was", "I tossed a coin and it landed on",
                "After a long day at the office I went home, found a coin in my pocket, tossed it, and it landed on",
                "Coin:"]
-    sc = Scorer(smol, batch_tokens=4096)
+    sc = Scorer(smol, batch_tokens=4096, max_padding=1.0)  # force one padded batch
     res = score_prompts(sc, prompts, [" heads", " tails"])
     assert sc.stats.forward_calls == 1 and sc.stats.padded_slots > 0  # one padded batch
     for p, r in zip(prompts, res):
@@ -150,3 +150,16 @@ def test_deepspeed_backend_identical_on_cpu(smol):
     b = score_prompts(Scorer(ds), prompts, [" heads", " tails", " 6"])
     for x, y in zip(a, b):
         assert np.abs(x.logprobs - y.logprobs).max() <= 1e-6
+
+
+def test_batches_bound_padding():
+    from bayesflip.engine import _batches
+
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(5, 300, 500))
+    batches = _batches(lengths, batch_tokens=8192, max_batch=64, max_padding=0.1)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / slots <= 0.1
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 8192 or len(b) == 1

@@ -79,6 +79,9 @@ class FamilyInput:
     stores: list[StoreData]
     figures_dir: Path
     tables_dir: Path
+    # Results of the families reduced before this one in this run (reducer order, ``_ORDER`` first),
+    # e.g. ``earlier["icl"].tables["icl_prior_fits"]`` for the priors fitted to each model.
+    earlier: dict[str, "ReducedFamily"] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,7 +103,7 @@ class ReducedFamily:
 
 Reducer = Callable[[FamilyInput], ReducedFamily]
 _REDUCERS: dict[str, Reducer] = {}
-_ORDER = ["icl"]  # report order: these first, then the others alphabetically
+_ORDER = ["icl", "chains", "rules", "acronym"]  # reduce/report order: these first, then the others alphabetically
 
 
 def register_reducer(family: str) -> Callable[[Reducer], Reducer]:

@@ -109,6 +109,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
     by_family = data.by_family()
     order = [f for f in reducer_names() if f in by_family] + sorted(f for f in by_family if get_reducer(f) is None)
     figures: list[Path] = []
+    done: dict[str, ReducedFamily] = {}  # earlier results, visible to later reducers (FamilyInput.earlier)
     for family in order:
         stores = by_family[family]
         usable = [s for s in stores if not s.empty]
@@ -123,7 +124,8 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         else:
             try:
                 res: ReducedFamily = fn(FamilyInput(family=family, sweep=sweep, stores=usable,
-                                                    figures_dir=figs_dir, tables_dir=tables_dir))
+                                                    figures_dir=figs_dir, tables_dir=tables_dir,
+                                                    earlier=dict(done)))
             except Exception as e:  # recorded in the report and summary.json; other families still reduce
                 if strict:
                     raise
@@ -134,6 +136,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
                 raw.append((family, stores, f"reducer failed: {type(e).__name__}: {e}"))
             else:
                 status[family] = "reduced"
+                done[family] = res
                 for name, df in res.tables.items():
                     written.append(_write_table(df, tables_dir, name if name.startswith(family) else f"{family}_{name}"))
                 figures += res.figures
