@@ -124,7 +124,7 @@ class ExperimentConfig:
         return config_hash(self.raw)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -149,7 +149,7 @@ def load_experiment(name: str, overrides: dict | None = None, config_dir: Path =
     path = Path(config_dir) / "experiments" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(prefix + "experiment", f"unknown experiment {name!r}", allowed=experiment_names(config_dir))
-    raw = deep_merge(_read_yaml(path), overrides or {})
+    raw = deep_merge(read_yaml_mapping(path), overrides or {})
     src = str(path) + (" (+ sweep overrides)" if overrides else "")
     for k in raw:
         if k not in TOP_KEYS:
@@ -183,7 +183,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
 
     path = Path(config_dir) / "sweeps" / f"{name}.yaml"
     if path.exists():
-        raw = _read_yaml(path)
+        raw = read_yaml_mapping(path)
         for k in raw:
             if k not in SWEEP_KEYS:
                 raise ConfigError(k, "unknown key", allowed=sorted(SWEEP_KEYS), source=str(path))

@@ -33,3 +33,22 @@ def plain_choice_logprob(lm, text: str, choice: str, chat_messages=None) -> floa
     with torch.no_grad():
         lsm = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     return float(sum(lsm[len(ids) - n - 1 + j, ids[len(ids) - n + j]] for j in range(n)))
+
+
+def synthetic_store(root, sweep, exp, family, params: dict, shard_size: int, seed: int, model: str = "synthetic-model"):
+    """A store of the real ``family`` (its cells, arrays and coords) with synthetic provenance.
+
+    Returns (store, family, params, cells); the caller writes arrays shard by shard."""
+    from bayesflip.config import config_hash
+    from bayesflip.experiments import get_family
+    from bayesflip.store import ResultStore, store_path
+
+    fam = get_family(family)
+    p = fam.Params(**params)
+    cells = fam.cells(p)
+    raw = {"family": family, "seed": seed, "shard_size": shard_size, "params": p.model_dump(mode="json")}
+    attrs = {"experiment": exp, "family": family, "config": raw, "config_hash": config_hash(raw), "seed": seed,
+             "shard_size": shard_size, "model": model, "model_id": "synthetic", "model_revision": "r1",
+             "git_commit": "test", "created": "now", "versions": {"python": "3"}}
+    st = ResultStore.create(store_path(sweep, exp, model, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
+    return st, fam, p, cells

@@ -15,9 +15,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import synthetic_store
 from scipy import stats
 
-from bayesflip.config import SweepConfig, config_hash, load_experiment
+from bayesflip.config import SweepConfig, load_experiment
 from bayesflip.experiments import get_family
 from bayesflip.experiments.needle import stated_distribution
 from bayesflip.reduce import reduce_sweep
@@ -29,14 +31,7 @@ SMOL = "smollm2-135m-instruct"
 
 def make_store(root, sweep, exp, family, params: dict, arrays_fn, shard_size=3, seed=7) -> ResultStore:
     """A store of the real ``family`` (cells, arrays, coords); ``arrays_fn(p, cells, seed)`` gives the arrays."""
-    fam = get_family(family)
-    p = fam.Params(**params)
-    cells = fam.cells(p)
-    raw = {"family": family, "seed": seed, "shard_size": shard_size, "params": p.model_dump(mode="json")}
-    attrs = {"experiment": exp, "family": family, "config": raw, "config_hash": config_hash(raw), "seed": seed,
-             "shard_size": shard_size, "model": MODEL, "model_id": "synthetic", "model_revision": "r1",
-             "git_commit": "test", "created": "now", "versions": {"python": "3"}}
-    st = ResultStore.create(store_path(sweep, exp, MODEL, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
+    st, fam, p, cells = synthetic_store(root, sweep, exp, family, params, shard_size, seed, MODEL)
     arrays = arrays_fn(p, cells, seed)
     for s in range(st.n_shards):
         sl = st.shard_slice(s)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bayesflip.config import config_hash
-from bayesflip.experiments import get_family
+from conftest import synthetic_store
+
 from bayesflip.reduce import reduce_sweep
 from bayesflip.store import ResultStore, store_path
 
@@ -27,14 +27,7 @@ OFF = 0.1
 
 def make_store(root, sweep, exp, family, params: dict, arrays_fn, shard_size=4, seed=3) -> ResultStore:
     """A store of the real ``family`` (cells, arrays, coords); ``arrays_fn(fam, p, cells)`` gives the arrays."""
-    fam = get_family(family)
-    p = fam.Params(**params)
-    cells = fam.cells(p)
-    raw = {"family": family, "seed": seed, "shard_size": shard_size, "params": p.model_dump(mode="json")}
-    attrs = {"experiment": exp, "family": family, "config": raw, "config_hash": config_hash(raw), "seed": seed,
-             "shard_size": shard_size, "model": MODEL, "model_id": "synthetic", "model_revision": "r1",
-             "git_commit": "test", "created": "now", "versions": {"python": "3"}}
-    st = ResultStore.create(store_path(sweep, exp, MODEL, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
+    st, fam, p, cells = synthetic_store(root, sweep, exp, family, params, shard_size, seed, MODEL)
     arrays = arrays_fn(fam, p, cells)
     assert set(arrays) == set(fam.arrays(p))
     for s in range(st.n_shards):

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import pydantic_error
+from ..config import read_yaml_mapping, pydantic_error
 from ..errors import ConfigError
 from ..paths import TEMPLATE_DIR
 
@@ -109,12 +108,7 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
     path = Path(template_dir) / f"{name}.yaml"
     if not path.exists():
         raise ConfigError("template", f"unknown job template {name!r}", allowed=template_names(template_dir))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("<file>", f"invalid YAML: {e}", source=str(path)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError("<root>", "must be a mapping", source=str(path))
+    raw = read_yaml_mapping(path)
     if "name" in raw:
         raise ConfigError("name", "unknown key (the name is the file name)", source=str(path))
     return _validate({**raw, "name": name}, str(path))
