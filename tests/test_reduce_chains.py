@@ -17,11 +17,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import synthetic_store
 from scipy import stats
 
 from bayesflip import bayes
-from bayesflip.config import config_hash
-from bayesflip.experiments import get_family
 from bayesflip.experiments.chains import initial_outcomes
 from bayesflip.experiments.icl import per_flip_probs
 from bayesflip.experiments.rules import OBJECTS, VALUES, hypotheses, rule_output, subsets
@@ -46,14 +46,7 @@ ACRO = {"filters": ["most", "least"], "chains": 3, "generations": 3, "pool": 4, 
 
 
 def make_store(root, sweep, exp, family, params: dict, arrays_fn, shard_size, seed=7) -> ResultStore:
-    fam = get_family(family)
-    p = fam.Params(**params)
-    cells = fam.cells(p)
-    raw = {"family": family, "seed": seed, "shard_size": shard_size, "params": p.model_dump(mode="json")}
-    attrs = {"experiment": exp, "family": family, "config": raw, "config_hash": config_hash(raw), "seed": seed,
-             "shard_size": shard_size, "model": MODEL, "model_id": "synthetic/bayes", "model_revision": "r1",
-             "git_commit": "test", "created": "now", "versions": {"python": "3"}}
-    st = ResultStore.create(store_path(sweep, exp, MODEL, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
+    st, fam, p, cells = synthetic_store(root, sweep, exp, family, params, shard_size, seed, MODEL)
     arrays = arrays_fn(fam, p, cells, seed)
     for s in range(st.n_shards):
         sl = st.shard_slice(s)
