@@ -41,7 +41,7 @@ from pydantic import Field
 from ..errors import ConfigError
 from ..prompts import Prompt, encode_prompt
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .checkpoint import start_or_resume, maybe_interrupt
 
 INIT_PAIRS = [
@@ -164,7 +164,7 @@ class AcronymFamily(Family):
 
     def prompt(self, p: AcronymParams, shown: list[str], model_kind: str) -> Prompt:
         block = "\n".join(shown) + "\n"
-        chat = p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        chat = use_chat(p.variant, model_kind)
         if chat:
             return Prompt(text=block, messages=(("user", p.instruction),))
         return Prompt(text=f"{p.instruction}\n\n{block}")

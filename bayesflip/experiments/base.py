@@ -92,3 +92,8 @@ class ChoiceSet:
     labels: list[str]
     terminator: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def use_chat(variant: str, model_kind: str) -> bool:
+    """Render the chat template when ``variant`` is ``instruct``, or ``auto`` with an instruct model."""
+    return variant == "instruct" or (variant == "auto" and model_kind == "instruct")

@@ -55,7 +55,7 @@ from ..errors import ConfigError
 from ..prompts import Prompt, encode_piece, encode_prompt
 from ..bayes import entropy as _entropy
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .checkpoint import start_or_resume, maybe_interrupt
 from .icl import COIN, DIE
 from .seq import validate_sequence_pieces
@@ -141,7 +141,7 @@ class ChainFamily(Family):
 
     def head(self, p: ChainParams, model_kind: str) -> Prompt:
         spec = _spec(p)
-        chat = p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        chat = use_chat(p.variant, model_kind)
         return Prompt(text=p.head or spec["head"], messages=(("user", p.user or spec["user"]),) if chat else None)
 
     def validate(self, p: ChainParams, tokenizer, model_kind: str) -> None:

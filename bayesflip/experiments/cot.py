@@ -43,7 +43,7 @@ from ..engine import score_prompts
 from ..errors import ConfigError
 from ..prompts import Prompt, encode_choices, encode_piece, render
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .gentext import sample_texts
 
 SPECS = {
@@ -94,7 +94,7 @@ class CoTFamily(Family):
 
     @staticmethod
     def chat(p: CoTParams, model_kind: str) -> bool:
-        return p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        return use_chat(p.variant, model_kind)
 
     def cells(self, p: CoTParams) -> list[dict]:
         biases = ([NO_NEEDLE] if p.no_needle else []) + list(p.biases)

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..prompts import Prompt
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .seq import build_curve, validate_sequence_pieces
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -104,7 +104,7 @@ class ICLFamily(Family):
     def head(self, p: ICLParams, model_kind: str) -> Prompt:
         spec = _spec(p)
         text = p.head or spec["head"]
-        chat = p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        chat = use_chat(p.variant, model_kind)
         return Prompt(text=text, messages=(("user", p.user or spec["user"]),) if chat else None)
 
     def validate(self, p: ICLParams, tokenizer, model_kind: str) -> None:

@@ -39,7 +39,7 @@ from pydantic import AfterValidator, Field
 
 from ..prompts import Prompt
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .seq import build_curve, validate_sequence_pieces
 
 
@@ -151,7 +151,7 @@ class MarkovFamily(Family):
 
     def head(self, p: MarkovParams, model_kind: str) -> Prompt:
         names = _names(p.states)
-        chat = p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        chat = use_chat(p.variant, model_kind)
         text = (p.head or (PREFILL if chat else HEAD)).replace("{names}", names)
         return Prompt(text=text, messages=(("user", (p.user or USER).replace("{names}", names)),) if chat else None)
 

@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from ..filler import Filler, build_filler, check_source, load_sentences
 from ..prompts import Prompt, encode_choices, encode_prompt, render
 from . import register
-from .base import ArraySpec, Family, Params, RunContext
+from .base import ArraySpec, Family, Params, RunContext, use_chat
 
 
 
@@ -121,7 +121,7 @@ def spec(p: NeedleParams) -> dict:
 
 
 def is_chat(p, model_kind: str) -> bool:
-    return p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+    return use_chat(p.variant, model_kind)
 
 
 def stated_distribution(process: str, cell: dict) -> np.ndarray:

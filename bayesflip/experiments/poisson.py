@@ -64,7 +64,7 @@ from pydantic import Field
 from ..errors import ConfigError
 from ..prompts import Prompt
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .gentext import sample_texts
 
 MARKERS = ("*", "^", "#", "@", "$", "%", "&", "!", "~")
@@ -195,7 +195,7 @@ class PoissonFamily(Family):
 
     @staticmethod
     def chat(p: PoissonParams, model_kind: str) -> bool:
-        return p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        return use_chat(p.variant, model_kind)
 
     def prefix(self, p: PoissonParams, cell: dict, seed: int) -> Prefix:
         rng = np.random.default_rng(cell_seed(seed, "poisson-prefix", cell["marker"], cell["lam"], cell["sample"]))

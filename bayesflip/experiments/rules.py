@@ -62,7 +62,7 @@ from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, encode_prompt, render
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed
+from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
 from .checkpoint import start_or_resume, maybe_interrupt
 
 OBJECTS = ("A", "B", "C", "D", "E")
@@ -217,7 +217,7 @@ class RulesFamily(Family):
         if sentence:
             system = f"{system} {sentence}"
         user = p.user.replace("{examples}", render_examples(inputs, outputs))
-        chat = p.variant == "instruct" or (p.variant == "auto" and model_kind == "instruct")
+        chat = use_chat(p.variant, model_kind)
         if chat:
             return Prompt(text=p.prefill, messages=(("system", system), ("user", user)))
         return Prompt(text=f"{system}\n\n{user}\n{p.prefill}")
