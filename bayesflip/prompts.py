@@ -136,3 +136,23 @@ def encode_choices(tokenizer, choices: Sequence[str], terminator: str = "",
             check_boundary(tokenizer, context_text, p)
     check_prefix_free(ids, pieces)
     return EncodedChoices(labels=list(choices), ids=ids)
+
+
+def normalize_ws(text: str) -> str:
+    """The original studies' whitespace normalisation: ``' '.join(text.split())``."""
+    return " ".join(text.split())
+
+
+def paper_prompt(context: str, query: str, instruct_prompt: str | None, chat: bool) -> Prompt:
+    """A prompt rendered as the coin-flip study did (``PAPER_PROTOCOLS.md``, "Rendering").
+
+    * base:     ``' '.join(f'{context} {query}{choice}'.split())`` — the query ends with a space
+      and the choice has none; bayesflip scores the choice as ``" " + choice`` after the
+      normalised ``context query`` text, which is the same string.
+    * instruct: user message ``' '.join(f'{context} {instruct_prompt}'.split())``, assistant
+      prefill ``' '.join((query + choice).split())`` with no end-of-turn → prefill =
+      ``normalize_ws(query)`` and the choice ``" " + choice``.
+    """
+    if chat:
+        return Prompt(text=normalize_ws(query), messages=(("user", normalize_ws(f"{context} {instruct_prompt or ''}")),))
+    return Prompt(text=normalize_ws(f"{context} {query}"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +22,21 @@ class Params(BaseModel):
     """Base for family params: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+Protocol = Literal["clean", "paper"]
+"""``paper``: the original study's prompts, grids and sampling (docs/PROTOCOLS.md); ``clean``: bayesflip's own."""
+
+
+@dataclass(frozen=True)
+class RenderedCell:
+    """What one cell feeds the model, for ``bayesflip prompts``: the exact text given to the
+    tokenizer (chat template applied, assistant prefill included), and either the scored
+    ``choices`` (with the terminator appended) or the ``generation`` settings."""
+
+    text: str
+    choices: list[str] | None = None
+    generation: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,11 @@ class Family:
     def run(self, p: Any, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         """Arrays for these cells, each with leading dim len(cells)."""
         raise NotImplementedError
+
+    def render(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """The exact input of each cell (``bayesflip prompts``); generation-by-generation
+        families render their first generation. No model load."""
+        raise NotImplementedError(f"family {self.name!r} cannot list its prompts yet")
 
 
 @dataclass
