@@ -30,10 +30,12 @@ Protocol = Literal["clean", "paper"]
 
 @dataclass(frozen=True)
 class RenderedCell:
-    """What one cell feeds the model, for ``bayesflip prompts``: the exact text given to the
-    tokenizer (chat template applied, assistant prefill included), and either the scored
-    ``choices`` (with the terminator appended) or the ``generation`` settings."""
+    """What one cell feeds the model, for ``bayesflip prompts``: the cell's coordinates (plus
+    any read point within it, e.g. ``{"n": 3}`` for the ICL prefix of 3 flips), the exact text
+    given to the tokenizer (chat template applied, assistant prefill included), and either the
+    scored ``choices`` (with the terminator appended) or the ``generation`` settings."""
 
+    cell: dict
     text: str
     choices: list[str] | None = None
     generation: dict | None = None
@@ -102,8 +104,9 @@ class Family:
         raise NotImplementedError
 
     def render(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
-        """The exact input of each cell (``bayesflip prompts``); generation-by-generation
-        families render their first generation. No model load."""
+        """The exact inputs of these cells (``bayesflip prompts``), one or more per cell (a curve
+        family lists its read points); generation-by-generation families render their first
+        generation. Tokenizer only, no model load."""
         raise NotImplementedError(f"family {self.name!r} cannot list its prompts yet")
 
 
