@@ -10,7 +10,7 @@ SWEEP      ?= $(EXP)
 ARGS       ?=
 
 .PHONY: install test test-unit test-integration demo bench submit resubmit status debug reduce \
-        slurm-up slurm-down clean-results help
+        paper paper-smol slurm-up slurm-down clean-results help
 
 help:
 	@echo "make install            virtualenv .venv with everything pinned (idempotent)"
@@ -18,6 +18,8 @@ help:
 	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report path"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
 	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"
+	@echo "make paper MODEL_TYPE=std|instruct|all [ARGS=...]   both studies' full grids (paper_coinflips, paper_iicl) on the paper models"
+	@echo "make paper-smol          a slice of every paper protocol on the embedded model, then its report"
 	@echo "make resubmit / status / reduce SWEEP=...   make debug EXP=..."
 	@echo "make slurm-up / slurm-down   local SLURM cluster for tests"
 
@@ -49,6 +51,16 @@ bench: install
 
 submit: install
 	$(BF) submit $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)
+
+# The studies' own models: MODEL_TYPE=std|instruct selects that kind from the `paper` set, all = both.
+PAPER_MODELS = $(if $(filter std instruct,$(MODEL_TYPE)),paper:$(MODEL_TYPE),paper)
+
+paper: install
+	$(BF) submit --model-type $(PAPER_MODELS) --exp paper_coinflips $(ARGS)
+	$(BF) submit --model-type $(PAPER_MODELS) --exp paper_iicl $(ARGS)
+
+paper-smol: install
+	$(BF) demo --sweep paper_smol $(ARGS)
 
 resubmit: install
 	$(BF) resubmit --sweep $(SWEEP) $(ARGS)

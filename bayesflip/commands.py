@@ -134,6 +134,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_reduce)
 
     p = sub.add_parser("demo", help="the demo sweep end to end on smollm2-135m-instruct, then reduce + report")
+    p.add_argument("--sweep", default="demo", help="a sweep on the embedded model (demo, paper_smol)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--results-dir", default=None)
     p.set_defaults(func=cmd_demo)

@@ -1,4 +1,5 @@
-"""``bayesflip demo``: the ``demo`` sweep end to end on smollm2-135m-instruct, then reduce + report.
+"""``bayesflip demo [--sweep S]``: a sweep (default ``demo``; ``paper_smol`` for ``make paper-smol``)
+end to end on smollm2-135m-instruct, then reduce + report.
 
 Runs the sweep through :func:`bayesflip.commands.cmd_debug` (plan, then every pending shard
 in-process: the same code path as ``bayesflip debug`` and the cluster jobs; completed shards
@@ -19,14 +20,15 @@ def demo_cli(args) -> int:
     from .commands import cmd_debug
     from .reduce import reduce_sweep
 
+    sweep = getattr(args, "sweep", None) or DEMO_SWEEP
     t0 = time.time()
-    run_args = argparse.Namespace(sweep=DEMO_SWEEP, model_type=DEMO_MODEL, overwrite=getattr(args, "overwrite", False),
+    run_args = argparse.Namespace(sweep=sweep, model_type=DEMO_MODEL, overwrite=getattr(args, "overwrite", False),
                                   results_dir=getattr(args, "results_dir", None), device=getattr(args, "device", None))
     rc = cmd_debug(run_args)
     t1 = time.time()
-    report = reduce_sweep(DEMO_SWEEP, results_dir=run_args.results_dir)
+    report = reduce_sweep(sweep, results_dir=run_args.results_dir)
     t2 = time.time()
-    print(f"demo: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
+    print(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
           + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))
     print(report.resolve())
     return rc

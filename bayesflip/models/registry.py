@@ -111,9 +111,16 @@ def get_model_spec(name: str, config_dir: Path = CONFIG_DIR) -> ModelSpec:
 
 
 def models_of_type(model_type: str, config_dir: Path = CONFIG_DIR) -> list[ModelSpec]:
-    """Models selected by ``MODEL_TYPE``: a set name (file stem), a model name, or ``all``."""
+    """Models selected by ``MODEL_TYPE``: a set name (file stem), a model name, ``all``, ``std``,
+    ``instruct``, or ``<set>:<std|instruct|all>`` (e.g. ``paper:std``: the base models of one set)."""
     reg = load_registry(config_dir)
     sets = model_sets(config_dir)
+    if ":" in model_type:
+        set_name, kind = model_type.split(":", 1)
+        if set_name not in sets or kind not in ("std", "instruct", "all"):
+            raise ConfigError("MODEL_TYPE", f"unknown model type {model_type!r}",
+                              allowed=[f"{s}:{k}" for s in sets for k in ("std", "instruct", "all")])
+        return [m for m in reg.values() if m.model_set == set_name and kind in ("all", m.kind)]
     if model_type == "all":
         return list(reg.values())
     if model_type in ("std", "instruct"):
@@ -123,4 +130,4 @@ def models_of_type(model_type: str, config_dir: Path = CONFIG_DIR) -> list[Model
         return [m for m in reg.values() if m.model_set == model_type]
     if model_type in reg:
         return [reg[model_type]]
-    raise ConfigError("MODEL_TYPE", f"unknown model type {model_type!r}", allowed=["all", "std", "instruct", *sets, "<a model name>"])
+    raise ConfigError("MODEL_TYPE", f"unknown model type {model_type!r}", allowed=["all", "std", "instruct", *sets, "<set>:<std|instruct|all>", "<a model name>"])
