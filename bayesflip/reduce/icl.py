@@ -123,7 +123,7 @@ def _regime_dists(c: Curves) -> tuple[np.ndarray, np.ndarray]:
     """(C, K) generating distributions of regime 1 and regime 2 of every cell."""
     from ..experiments.icl import ICLParams, outcome_probs
 
-    p = ICLParams(**c.store.params)
+    p = ICLParams(**{k: v for k, v in c.store.params.items() if k in ICLParams.model_fields})
     cells = c.store.cells
     face = cells["face"] if "face" in cells else pd.Series(1, index=cells.index)
     p1 = np.stack([outcome_probs(p, float(t), int(f)) for t, f in zip(cells["theta"], face)])
