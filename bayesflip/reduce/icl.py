@@ -186,7 +186,9 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     ns = [n for n in grid if n < c.probs.shape[1]]
     if not ns or "theta" not in cells:
         return pd.DataFrame()
-    keys = [k for k in ("theta", "face") if k in cells] + (["sample"] if axis == "paraphrase" and "sample" in cells else [])
+    keys = [k for k in ("theta", "face") if k in cells]
+    if axis == "paraphrase" and "sample" in cells:
+        keys.append("sample")
     q = c.store.arrays["p_true"].astype(np.float64)
     rows = []
     for gkey, g in cells.groupby(keys, sort=True):
@@ -335,7 +337,8 @@ def _summary_table(curves: list[Curves], table: pd.DataFrame, gammas: dict, pape
         d = table[(table["experiment"] == c.store.experiment) & (table["model"] == c.store.model)]
         mg, mg_se = _martingale(c)
         row = {"experiment": c.store.experiment, "model": c.store.model, "protocol": protocol_of(c.store),
-               "process": c.process, "shift": c.shift, "n_cells": int(len(c.probs)), "n_positions": int(c.probs.shape[1]),
+               "process": c.process, "shift": c.shift, "n_cells": int(len(c.probs)),
+               "n_positions": int(c.probs.shape[1]),
                "off_choice_mass": float(d["off_choice_mass"].mean())}
         for r in REFS:
             row[f"tvd_{r}"] = float(d[f"tvd_{r}"].mean()) if r in c.refs else np.nan

@@ -207,7 +207,8 @@ def paper_table(st: StoreData) -> pd.DataFrame:
         tvd_paper=("tvd_paper", "mean"), tvd_paper_std=("tvd_paper", lambda v: float(np.std(v))),
         kl_paper=("kl_paper", "mean"), kl_of_mean=("kl_of_mean", "mean"), p_mean_target=("p_mean_target", "mean"),
         n_samples=("n_samples", "mean"), n_prompts=("tvd_paper", "size")).reset_index()
-    for col, v in (("process", str(st.params.get("process", "coin"))), ("protocol", str(st.params.get("protocol", "clean"))),
+    for col, v in (("process", str(st.params.get("process", "coin"))),
+                   ("protocol", str(st.params.get("protocol", "clean"))),
                    ("model", st.model), ("experiment", st.experiment)):
         out.insert(0, col, v)
     return out

@@ -177,7 +177,8 @@ def _icl_die(res, pub, figs_dir) -> tuple[pd.DataFrame, list]:
     sel = bt[np.isclose(bt["theta"].to_numpy(float)[:, None], biases).any(axis=1)] if biases else bt.iloc[:0]
     if sel.empty:
         return pd.DataFrame(), []
-    ours = _ours(sel[["experiment", "model", "protocol", "theta", "N", "tvd_paper"]].rename(columns={"tvd_paper": "tvd"}))
+    ours = _ours(sel[["experiment", "model", "protocol", "theta", "N", "tvd_paper"]]
+                 .rename(columns={"tvd_paper": "tvd"}))
     ref = _pub([{"model": r["model"], "published_name": r["published_name"], "theta": float(r["bias"]), "N": int(n),
                  "tvd": v} for r in pub["icl_die_tvd"] for n, v in r["tvd"].items()])
     long = pd.concat([ours, ref], ignore_index=True)
