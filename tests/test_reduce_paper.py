@@ -180,6 +180,12 @@ def sweep(tmp_path_factory):
                                         {"process": "coin", "paraphrases": [f"Query {i}:" for i in range(4)]}, 2, 7,
                                         MODEL)
     write(st, {"logprobs": np.log((1 - OFF) * bayes.coin_dist(np.array(PARA_P))).astype(np.float32)})
+    st, fam, p, cells = synthetic_store(root, "syn", "poisson_explicit", "poisson",
+                                        {"mode": "explicit", "markers": ["*"], "lambdas": [0.5], "samples": 2}, 2, 7,
+                                        MODEL)
+    write(st, {"lambda_hat": np.array([0.3, 0.25]), "n_markers": np.array([3, 5], dtype=np.int32),
+               "n_attached": np.zeros(2, dtype=np.int32), "n_gaps": np.array([10, 20], dtype=np.int32),
+               "n_tokens": np.array([15, 30], dtype=np.int32), "text": np.array(["a * b", "c * d"])})
     report = reduce_sweep("syn", results_dir=root, strict=True)
     return {"root": root, "report": report, "tables": report.parent / "tables", "clean": clean, "shift": shift,
             "perm_exact": perm_exact, "perm_recent": perm_recent}
@@ -296,7 +302,12 @@ def test_against_the_papers_section(sweep):
     sec = md.split("## Against the papers", 1)[1].split("\n## ", 1)[0]
     for h in ("B. Prior over paraphrases", "C. Coin ICL", "C. Die ICL", "D. Distribution shift"):
         assert h in sec
-    assert "E. Poisson" not in sec                                  # no Poisson store in this sweep
+    assert "E. Poisson" in sec
+    po = pd.read_csv(out / "tables" / "papers_poisson.csv")
+    mine = po[po["source"] == "ours"].iloc[0]
+    assert (mine["mode"], mine["lam"]) == ("explicit", 0.5)
+    assert mine["lambda_hat"] == pytest.approx(8 / 30) and mine["lambda_hat_mean"] == pytest.approx(0.275)
+    assert set(po.loc[po["source"] == "published", "lambda_hat"]) == {0.448, 0.76}
     assert "| published | llama-3.1-8b | Llama-3.1-8B |" in sec
     prior = pd.read_csv(out / "tables" / "papers_prior.csv")
     ref = prior[(prior["source"] == "published") & (prior["model"] == "llama-3.1-8b")].iloc[0]
@@ -321,7 +332,7 @@ def test_against_the_papers_section(sweep):
     assert "Against the papers" in html and html.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png")))
     summ = json.loads((out / "summary.json").read_text())["against_papers"]
     assert summ["source"]["repository"] == "rcorona/llm-coin-flips"
-    assert {"prior", "icl_coin_tvd", "icl_die_tvd", "gamma"} <= set(summ)
+    assert {"prior", "icl_coin_tvd", "icl_die_tvd", "gamma", "poisson"} <= set(summ)
     assert any(r["source"] == "published" and r["model"] == "llama-3.1-8b" for r in summ["prior"])
     assert (out / "tables" / "papers_published.csv").exists()
 
