@@ -41,6 +41,9 @@ __all__ = [
     "fit_dirichlet_prior",
     "discounted_predictive",
     "fit_gamma",
+    "PaperGammaFit",
+    "paper_gamma_predictive",
+    "fit_gamma_paper",
     "mixture_reference",
     "block_mixture_reference",
     "martingale_gap",
@@ -498,6 +501,105 @@ def fit_gamma(
     cands = [(float(vals[i]), float(grid[i])), (float(res.fun), float(res.x))]
     best_f, best_g = min(cands)
     return GammaFit(gamma=best_g, neg_log_lik=best_f + h_p, n_points=n_points)
+
+
+@dataclass(frozen=True)
+class PaperGammaFit:
+    """Result of :func:`fit_gamma_paper`.
+
+    ``gamma``: the best of all starts (the fitted discount). ``gamma_x0``: L-BFGS-B started at
+    0.5 alone, exactly the original notebook's call (can stop in a local optimum of the
+    piecewise-linear L1 loss). ``l1``: the summed absolute error at ``gamma``; ``mean_abs_error``
+    = ``l1 / n_points``.
+    """
+
+    gamma: float
+    gamma_x0: float
+    l1: float
+    mean_abs_error: float
+    n_points: int
+
+
+def paper_gamma_predictive(outcomes: ArrayLike, gamma: float) -> FloatArray:
+    """The coin-flip paper's discounted learner (``BayesianCoinFlipperGamma``, posterior_chain_vis.ipynb).
+
+    Pseudo-counts start at the Beta(1, 1) prior, ``a_0 = b_0 = 1``, and the prior decays with the
+    data: for each outcome ``x_t`` (1 = heads), first decay, then add,
+
+        a_{t+1} = gamma * a_t + x_t,      b_{t+1} = gamma * b_t + (1 - x_t),
+
+    and the prediction clamps each pseudo-count at 1:
+
+        p_{t+1} = max(1, a_{t+1}) / (max(1, a_{t+1}) + max(1, b_{t+1})),    p_0 = 1/2.
+
+    Unlike :func:`discounted_predictive` the prior itself is discounted and the counts are
+    clamped, so ``gamma = 1`` is the Laplace rule ``(1 + h) / (2 + n)`` and ``gamma = 0`` gives
+    ``1/2`` after every outcome (``max(1, 1) / (1 + 1)``). Returns length ``N + 1`` (works on
+    the last axis of an ``(..., N)`` array).
+    """
+    if not (0.0 <= gamma <= 1.0) or not np.isfinite(gamma):
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    x = _check_outcomes_binary(outcomes).astype(float)
+    a = np.ones(x.shape[:-1])
+    b = np.ones(x.shape[:-1])
+    out = np.empty(x.shape[:-1] + (x.shape[-1] + 1,))
+    out[..., 0] = 0.5
+    for t in range(x.shape[-1]):
+        a = gamma * a + x[..., t]
+        b = gamma * b + (1.0 - x[..., t])
+        ca, cb = np.maximum(1.0, a), np.maximum(1.0, b)
+        out[..., t + 1] = ca / (ca + cb)
+    return out
+
+
+def fit_gamma_paper(outcome_seqs: Sequence[ArrayLike], mean_curves: Sequence[ArrayLike]) -> PaperGammaFit:
+    """Fit ``gamma`` of :func:`paper_gamma_predictive` as the coin-flip paper did.
+
+    ``outcome_seqs[j]`` is a 0/1 sequence of length ``N_j`` and ``mean_curves[j]`` the model's
+    mean P(heads) (over prompt paraphrases) after every prefix ``0..N_j`` (length ``N_j + 1``).
+    The loss is the **L1** error over the positions after at least one outcome (position 0 is
+    not scored, as in the original ``fit_quality``), summed over sequences:
+
+        L(gamma) = sum_j sum_{n=1..N_j} | q_{j,n}(gamma) - m_{j,n} |     (NaN entries skipped)
+
+    minimised over ``gamma in [0, 1]`` with L-BFGS-B (finite-difference gradient) started at 0.5
+    (the original's only start, reported as ``gamma_x0``) and at the best point of a grid
+    ``0, 0.01, ..., 1``; the best of the starts and the grid is ``gamma``.
+    """
+    if len(outcome_seqs) != len(mean_curves):
+        raise ValueError("outcome_seqs and mean_curves must have the same length")
+    if len(outcome_seqs) == 0:
+        raise ValueError("fit_gamma_paper needs at least one sequence")
+    seqs, curves, masks = [], [], []
+    for j, (xs, ms) in enumerate(zip(outcome_seqs, mean_curves)):
+        x = _check_outcomes_binary(xs)
+        m = np.asarray(ms, dtype=float)
+        if x.ndim != 1 or m.shape != (x.size + 1,):
+            raise ValueError(f"sequence {j}: curve must have length N+1 = {x.size + 1}, got shape {m.shape}")
+        mask = np.isfinite(m)
+        mask[0] = False
+        seqs.append(x)
+        curves.append(np.where(mask, m, 0.0))
+        masks.append(mask)
+    n_points = int(sum(int(k.sum()) for k in masks))
+    if n_points == 0:
+        raise ValueError("fit_gamma_paper: no finite model predictions after position 0")
+
+    def loss(g) -> float:
+        gg = float(np.clip(np.ravel(g)[0], 0.0, 1.0))
+        return float(sum(np.abs(paper_gamma_predictive(x, gg) - m)[k].sum() for x, m, k in zip(seqs, curves, masks)))
+
+    def lbfgs(x0: float) -> tuple[float, float]:
+        res = optimize.minimize(loss, x0=[x0], bounds=[(0.0, 1.0)], method="L-BFGS-B")
+        return float(res.fun), float(np.clip(res.x[0], 0.0, 1.0))
+
+    grid = np.linspace(0.0, 1.0, 101)
+    vals = np.array([loss(g) for g in grid])
+    f0, g0 = lbfgs(0.5)
+    i = int(np.argmin(vals))
+    cands = [(float(vals[i]), float(grid[i])), (f0, g0), lbfgs(float(grid[i]))]
+    best_f, best_g = min(cands)
+    return PaperGammaFit(gamma=best_g, gamma_x0=g0, l1=best_f, mean_abs_error=best_f / n_points, n_points=n_points)
 
 
 # ---------------------------------------------------------------------------

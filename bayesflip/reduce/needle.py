@@ -27,7 +27,7 @@ from ..engine import choice_distribution
 from ..experiments import get_family
 from ..experiments.needle import stated_distribution
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
 
 COND_ORDER = {"needle": 0, "no_needle": 1, "no_context": 2}
@@ -167,6 +167,64 @@ def _by_bias(cells: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns={"n": "n_values"})
 
 
+# ---------------------------------------------------------------------------- paper metric
+def paper_table(st: StoreData) -> pd.DataFrame:
+    """The coin-flip paper's needle metric, one row per (condition, length, depth, needle).
+
+    For each prompt (``paraphrase`` when the store has one) the renormalised distributions of the
+    filler samples are averaged, ``p̄ = mean_s p_s``, and compared with the stated distribution
+    ``q`` (needle cells) or with the uniform one ``1/K`` (no-needle and no-context cells, the
+    original's ``default_expected_dist``):
+
+    * ``tvd_paper = TVD(p̄, q)`` (the original's ``tvd(choice_probs, expected_dist)``);
+    * ``kl_paper = mean_s KL(q ‖ p_s)`` (the original's ``kl_div``: per sample, then averaged);
+    * ``kl_of_mean = KL(q ‖ p̄)``.
+
+    With a paraphrase axis the three are then averaged over the paraphrases.
+    """
+    probs, _ = choice_distribution(st.arrays["logprobs"])
+    stated = np.nan_to_num(st.arrays["p_stated"].astype(np.float64))
+    cells = st.cells.reset_index(drop=True)
+    k = probs.shape[1]
+    keys = ["condition", "length", "depth", "needle", "bias", "face"]
+    prompt = ["paraphrase"] if "paraphrase" in cells else []
+    rows = []
+    for gkey, g in cells.groupby(keys + prompt, sort=True, dropna=False):
+        idx = g.index.to_numpy()
+        p = probs[idx]
+        q = stated[idx[0]] if g["condition"].iloc[0] == "needle" else np.full(k, 1.0 / k)
+        pbar = p.mean(axis=0)
+        rows.append({**dict(zip(keys + prompt, gkey)), "tvd_paper": float(bayes.tvd(pbar, q)),
+                     "kl_paper": float(np.mean(bayes.kl(q, p))), "kl_of_mean": float(bayes.kl(q, pbar)),
+                     "p_mean_target": float(pbar[target_mask(str(st.params.get("process", "coin")),
+                                                             int(g["face"].iloc[0]), q)].sum())
+                     if g["condition"].iloc[0] == "needle" else np.nan,
+                     "n_samples": int(len(idx))})
+    d = pd.DataFrame(rows)
+    if d.empty:
+        return d
+    out = d.groupby(keys, sort=True, dropna=False).agg(
+        tvd_paper=("tvd_paper", "mean"), tvd_paper_std=("tvd_paper", lambda v: float(np.std(v))),
+        kl_paper=("kl_paper", "mean"), kl_of_mean=("kl_of_mean", "mean"), p_mean_target=("p_mean_target", "mean"),
+        n_samples=("n_samples", "mean"), n_prompts=("tvd_paper", "size")).reset_index()
+    for col, v in (("process", str(st.params.get("process", "coin"))),
+                   ("protocol", str(st.params.get("protocol", "clean"))),
+                   ("model", st.model), ("experiment", st.experiment)):
+        out.insert(0, col, v)
+    return out
+
+
+def paper_by_length_depth(paper: pd.DataFrame) -> pd.DataFrame:
+    """The paper's heatmap values: mean over needles of ``tvd_paper`` per (condition, length, depth)."""
+    if paper.empty:
+        return paper
+    by = ["experiment", "model", "protocol", "process", "condition", "length", "depth"]
+    out = paper.groupby(by, sort=True, dropna=False).agg(
+        tvd_paper=("tvd_paper", "mean"), kl_paper=("kl_paper", "mean"), kl_of_mean=("kl_of_mean", "mean"),
+        n_needles=("needle", "nunique")).reset_index()
+    return out.sort_values(by, key=lambda s: s.map(COND_ORDER) if s.name == "condition" else s).reset_index(drop=True)
+
+
 # ---------------------------------------------------------------------------- figures
 def _baseline_means(ld: pd.DataFrame) -> dict[str, float]:
     """Mean baseline TVD (over lengths, needles, samples) per condition."""
@@ -286,6 +344,22 @@ def reduce_needle(inp: FamilyInput) -> ReducedFamily:
     ld = _by_length_depth(cells, base)
     bias = _by_bias(cells, base)
     summ, models = _summary(cells, ld)
+    papers = [t for t in (paper_table(st) for st in inp.stores) if len(t)]
+    paper = pd.concat(papers, ignore_index=True) if papers else pd.DataFrame()
+    paper_ld = paper_by_length_depth(paper)
+    if len(paper):
+        for (exp, m), g in paper.groupby(["experiment", "model"], sort=True):
+            nd, nn = g[g["condition"] == "needle"], g[g["condition"] == "no_needle"]
+            models.setdefault(m, {}).setdefault(exp, {}).update(
+                protocol=str(g["protocol"].iloc[0]),
+                tvd_paper=float(nd["tvd_paper"].mean()) if len(nd) else None,
+                kl_paper=float(nd["kl_paper"].mean()) if len(nd) else None,
+                tvd_paper_no_needle_vs_uniform=float(nn["tvd_paper"].mean()) if len(nn) else None)
+        summ = summ.merge(paper[paper["condition"] == "needle"].groupby(["experiment", "model"])["tvd_paper"].mean()
+                          .rename("tvd_paper").reset_index(), on=["experiment", "model"], how="left")
+        summ = summ.merge(paper[paper["condition"] == "no_needle"].groupby(["experiment", "model"])["tvd_paper"]
+                          .mean().rename("tvd_paper_no_needle_vs_uniform").reset_index(),
+                          on=["experiment", "model"], how="left")
     figs: list[Figure] = []
     for exp in sorted(cells["experiment"].unique()):
         process = str(cells.loc[cells["experiment"] == exp, "process"].iloc[0])
@@ -314,9 +388,20 @@ def reduce_needle(inp: FamilyInput) -> ReducedFamily:
                          "samples, and the baselines against the same stated distribution.", max_rows=80),
         *(figs or [Text("No needle cells in the trusted shards.")]),
     ])
+    if len(paper_ld):
+        section.blocks += [
+            Heading("Paper metric: TVD of the filler-sample mean"),
+            Text("As in the coin-flip paper: per (length, depth, needle) the renormalised distributions of the "
+                 "filler samples are averaged first, `p̄ = mean_s p_s`, and `TVD(p̄, q)` is taken against the stated "
+                 "q; no-needle and no-context cells are compared with the uniform (fair) distribution, not with the "
+                 "stated ones. `kl_paper = mean_s KL(q ‖ p_s)` as in the original; `kl_of_mean = KL(q ‖ p̄)`. The "
+                 "table is the paper's heatmap: the mean over needles per length and depth."),
+            Table(paper_ld, "Paper metric per condition, length and depth (mean over needles).", max_rows=80),
+        ]
     return ReducedFamily(
         tables={"needle_cells": cells, "needle_baselines": base, "needle_by_length_depth": ld,
-                "needle_by_bias": bias, "needle_summary": summ},
+                "needle_by_bias": bias, "needle_summary": summ, "needle_paper": paper,
+                "needle_paper_by_length_depth": paper_ld},
         figures=[f.path for f in figs],
         summary={"models": models},
         sections=[section],

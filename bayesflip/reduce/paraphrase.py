@@ -7,6 +7,7 @@ Per store (experiment × model) and paraphrase i (no evidence in context):
 * the prior per model, process and choice c: ``mean_i p_i(c)`` and the sample standard deviation
   ``std_i p_i(c) = sqrt(Σ_i (p_i(c) − mean)² / (n − 1))`` over the n paraphrases (coin: c = heads;
   die: every face), with min / median / max;
+* ``std_paper`` = the population std (ddof = 0, the coin-flip paper's ``np.std``) over the same paraphrases;
 * ``TVD(mean, uniform) = ½ Σ_c |mean_c − 1/K|``: how far the average prior is from fair.
 """
 
@@ -33,7 +34,8 @@ def _cell_table(st: StoreData) -> pd.DataFrame:
     n, k = probs.shape
     cells = st.cells
     return pd.DataFrame({
-        "experiment": st.experiment, "model": st.model, "process": str(st.params.get("process", "coin")),
+        "experiment": st.experiment, "model": st.model, "protocol": str(st.params.get("protocol", "clean")),
+        "process": str(st.params.get("process", "coin")),
         "paraphrase": np.repeat(cells["paraphrase"].to_numpy(dtype=int), k),
         "text": np.repeat(cells["text"].astype(str).to_numpy(), k),
         "choice": np.tile(labels, n), "p": probs.reshape(-1), "off_choice_mass": np.repeat(off, k),
@@ -42,9 +44,10 @@ def _cell_table(st: StoreData) -> pd.DataFrame:
 
 def _prior_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Per (experiment, model, process, choice): mean, sample std (ddof = 1), min, median, max over paraphrases."""
-    by = ["experiment", "model", "process", "choice"]
+    by = ["experiment", "model", "protocol", "process", "choice"]
     g = cells.groupby(by, sort=False)["p"]
-    out = pd.DataFrame({"p_mean": g.mean(), "p_std": g.std(ddof=1), "p_min": g.min(), "p_median": g.median(),
+    out = pd.DataFrame({"p_mean": g.mean(), "p_std": g.std(ddof=1), "p_std_paper": g.std(ddof=0), "p_min": g.min(),
+                        "p_median": g.median(),
                         "p_max": g.max(), "off_choice_mass": cells.groupby(by, sort=False)["off_choice_mass"].mean(),
                         "n_paraphrases": g.size()}).reset_index()
     return out
@@ -133,7 +136,8 @@ def _models_summary(prior: pd.DataFrame) -> dict:
                "off_choice_mass": float(g["off_choice_mass"].mean())}
         if proc == "coin":
             h = g[g["choice"] == "heads"].iloc[0]
-            ent.update(p_heads_mean=float(h["p_mean"]), p_heads_std=float(h["p_std"]))
+            ent.update(p_heads_mean=float(h["p_mean"]), p_heads_std=float(h["p_std"]),
+                       p_heads_std_paper=float(h["p_std_paper"]), protocol=str(h["protocol"]))
         else:
             ent.update(choices=list(g["choice"]), p_mean=[float(x) for x in g["p_mean"]],
                        p_std=[float(x) for x in g["p_std"]])
@@ -163,8 +167,10 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
     ]
     if len(coin):
         blocks.append(Table(coin.drop(columns=["process", "choice"]).rename(
-            columns={c: c.replace("p_", "P(heads) ") for c in ("p_mean", "p_std", "p_min", "p_median", "p_max")}),
-            "Coin: P(heads) over paraphrases."))
+            columns={c: c.replace("p_", "P(heads) ") for c in ("p_mean", "p_std", "p_std_paper", "p_min", "p_median",
+                                                                "p_max")}),
+            "Coin: P(heads) over paraphrases (`std_paper`: the population std, ddof = 0, as the paper's np.std; "
+            "instruct models: over every (instruct prompt, query) pair of the store)."))
     if len(die):
         wide = die.pivot_table(index=["experiment", "model"], columns="choice", values=["p_mean", "p_std"],
                                sort=False)

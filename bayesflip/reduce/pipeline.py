@@ -4,7 +4,8 @@ Output (``results/<sweep>/reduce`` unless ``out``)::
 
     tables/<name>.csv, tables/<name>.parquet   coverage, coverage_stores, and every reducer table
     figures/<name>.png, figures/<name>.pdf
-    summary.json                               machine-readable: coverage, per-model numbers per family
+    summary.json                               machine-readable: coverage, per-model numbers per family,
+                                               against_papers (ours next to the published values)
     report.md, report.html                     Overview, Coverage, the reducers' sections, Raw-data-only
 """
 
@@ -24,6 +25,7 @@ from ..store import git_commit
 from .base import FamilyInput, ReducedFamily, Section, Text, get_reducer, reducer_names
 from .load import SweepData, load_sweep_data
 from .overview import coverage_section, overview_section, raw_only_section
+from .published import against_papers
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,21 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         fam_info["status"] = status[family]
         families[family] = fam_info
 
+    papers: dict = {}
+    try:
+        sec, ptabs, papers, pfigs = against_papers(done, figs_dir)
+    except Exception as e:  # recorded like a failing reducer; the rest of the report stands
+        if strict:
+            raise
+        tb = traceback.format_exc()
+        log.error("against-the-papers section failed: %s", tb)
+        errors.append({"family": "against the papers", "error": f"{type(e).__name__}: {e}", "traceback": tb})
+    else:
+        if sec is not None:
+            sections.append(sec)
+            for name, df in ptabs.items():
+                written.append(_write_table(df, tables_dir, name))
+            figures += pfigs
     all_sections = [overview_section(data, commit, generated, status), coverage_section(data), *sections,
                     raw_only_section(raw)]
     if errors:
@@ -161,7 +178,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         "coverage": {"shards_total": int((data.coverage["shard"] >= 0).sum()),
                      "shards_done": int((data.coverage["status"] == "done").sum()),
                      "problems": prob[["experiment", "model", "shard", "status", "error"]].to_dict("records")},
-        "models": models, "families": families, "errors": [{k: e[k] for k in ("family", "error")} for e in errors],
+        "models": models, "families": families, "against_papers": papers, "errors": [{k: e[k] for k in ("family", "error")} for e in errors],
         "tables": sorted(p.stem for p in written), "figures": [p.name for p in figures],
     }
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
