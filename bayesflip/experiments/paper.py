@@ -1,0 +1,79 @@
+"""The coin-flip study's ``paper`` protocol: its templates, default stimuli and rendering.
+
+Templates (statements, queries, instruct prompts) are the original code's strings, character
+for character (``create_configs.py``, ``create_icl_*_config.py``; PAPER_PROTOCOLS.md A–D).
+Long stimulus lists (50 query paraphrases, 5 instruct prompts) are bayesflip's own sets
+(``configs/prompts/paper_*.txt``); a user points ``file:`` at the originals.
+
+Rendering (:func:`bayesflip.prompts.paper_prompt`): base ``' '.join(f'{context} {query}{choice}'.split())``;
+instruct: user ``' '.join(f'{context} {instruct_prompt}'.split())``, assistant prefill
+``' '.join((query + choice).split())`` without end-of-turn. bayesflip scores the choice as
+``" " + choice`` after the normalised text, which is the same string.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence
+
+from ..domain import CHOICES
+from ..prompts import Prompt, paper_prompt
+
+# ---------------------------------------------------------------- A: needle statements and queries
+NEEDLE = {
+    "coin": {"statement": "When I flip coins they land on heads {b}% of the time.",
+             "instruct_statement": "When you flip coins, they land on heads {b}% of the time.",
+             "query": "I tossed a coin and it landed on ",
+             "instruct_prompt": "Please toss a coin and tell me whether it landed on head or tails."},
+    "die": {"statement": "When I roll dice they land on {face} {b}% of the time.",
+            "instruct_statement": "Whenever you roll dice they land on {face} {b}% of the time.",
+            "query": "I rolled a die and it landed on ",
+            "instruct_prompt": "Please roll a six-sided die and tell me what number it landed on."},
+    "number": {"statement": "When I pick random numbers, they are always {parity}.",
+               "instruct_statement": "When you pick random numbers, they are always {parity}.",
+               "query": "I picked a random number between 1 and 10 and it was ",
+               "instruct_prompt": "Please pick a random number between 1 and 10."},
+}
+
+# ---------------------------------------------------------------- C/D: ICL statements (note the die comma)
+ICL_STATEMENT = {
+    "coin": {"statement": "When I flip coins they land on heads {b}% of the time.",
+             "instruct_statement": "When you flip coins, they land on heads {b}% of the time."},
+    "die": {"statement": "When I roll dice, they land on {face} {b}% of the time.",
+            "instruct_statement": "When you roll dice, they land on {face} {b}% of the time."},
+}
+ICL_SEPARATOR = ", then"      # flips joined by ", then " and followed by ", then " (choice carries the space)
+READ_NS = (0, 1, 3, 5, 10, 20, 100)
+
+# ---------------------------------------------------------------- B/C: bayesflip's own shipped sets
+QUERY_SET = {"coin": "set:paper_coin_queries", "die": "set:paper_die_queries"}
+INSTRUCT_SET = {"coin": "set:paper_coin_instruct", "die": "set:paper_die_instruct"}
+
+
+def choices(process: str) -> list[str]:
+    """The scored choice strings: the original's choice with the space that precedes it (``" heads"``)."""
+    return list(CHOICES[process])
+
+
+def percent(theta: float) -> int:
+    """θ ∈ [0, 1] → the integer percentage the statements print (0.3 → 30)."""
+    return int(round(theta * 100))
+
+
+def pairs(queries: Sequence[str], instruct_prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """(instruct index, query index) in the original's order: ``product(instruct_prompts, queries)``."""
+    return list(itertools.product(range(len(instruct_prompts)), range(len(queries))))
+
+
+def render_prompt(context: str, query: str, instruct_prompt: Optional[str], chat: bool) -> Prompt:
+    """One paper-protocol prompt (the text before the choice)."""
+    return paper_prompt(context, query, instruct_prompt, chat)
+
+
+def check_query(q: str) -> str:
+    """A paper query ends with whitespace (the original's format: ``"... landed on "``)."""
+    if not q.strip():
+        raise ValueError("empty query")
+    if q == q.rstrip():
+        raise ValueError(f"paper queries end with a space, as in the original (got {q!r})")
+    return q
