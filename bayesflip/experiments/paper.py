@@ -77,3 +77,57 @@ def check_query(q: str) -> str:
     if q == q.rstrip():
         raise ValueError(f"paper queries end with a space, as in the original (got {q!r})")
     return q
+
+
+def resolve_stimuli(p, clean_keys: tuple[str, ...], query, instruct, extra_paper_keys: tuple[str, ...] = ()) -> None:
+    """Protocol-specific keys: clean-only keys are refused under ``paper`` and vice versa; the paper
+    stimuli get their defaults (a string is one item, a ``set:``/``file:`` spec a list) and every
+    query must end with a space (the original's format)."""
+    from ..stimuli import load_list
+
+    if p.protocol == "paper":
+        bad = [k for k in clean_keys if getattr(p, k) is not None]
+        if bad:
+            raise ValueError(f"key {bad[0]!r} belongs to protocol clean; with protocol paper use "
+                             f"'queries' / 'instruct_prompts' (allowed for paper: queries, instruct_prompts)")
+        if p.queries is None:
+            p.queries = [query] if not query.startswith(("set:", "file:")) else load_list(query)
+        if p.instruct_prompts is None:
+            p.instruct_prompts = [instruct] if not instruct.startswith(("set:", "file:")) else load_list(instruct)
+        for i, q in enumerate(p.queries):
+            try:
+                check_query(q)
+            except ValueError as e:
+                raise ValueError(f"queries.{i}: {e}") from None
+    else:
+        bad = [k for k in ("queries", "instruct_prompts", *extra_paper_keys) if getattr(p, k) is not None]
+        if bad:
+            raise ValueError(f"key {bad[0]!r} needs protocol: paper (allowed protocols: clean, paper)")
+
+
+# ---------------------------------------------------------------- scoring identical prompts once
+def _unique(keys: list) -> tuple[list[int], list[int]]:
+    """(indices of first occurrences, map from every item to its unique slot)."""
+    first: dict = {}
+    uniq, where = [], []
+    for i, k in enumerate(keys):
+        if k not in first:
+            first[k] = len(uniq)
+            uniq.append(i)
+        where.append(first[k])
+    return uniq, where
+
+
+def score_choices_once(scorer, reqs: list) -> list:
+    """``scorer.score_choices`` with identical requests scored once (a base model's cells differ
+    only by an instruct prompt it never sees, so they repeat the same prompt)."""
+    uniq, where = _unique([(tuple(r.context), tuple(map(tuple, r.choices))) for r in reqs])
+    out = scorer.score_choices([reqs[i] for i in uniq])
+    return [out[w] for w in where]
+
+
+def score_curves_once(scorer, reqs: list) -> list:
+    """``scorer.score_curves`` with identical requests scored once."""
+    uniq, where = _unique([(tuple(r.ids), tuple(r.positions), tuple(map(tuple, r.choices))) for r in reqs])
+    out = scorer.score_curves([reqs[i] for i in uniq])
+    return [out[w] for w in where]
