@@ -263,8 +263,10 @@ class NeedleFamily(Family):
             try:
                 encode_choices(tokenizer, s["choices"], terminator=s["terminator"], context_text=render(prompt, tokenizer))
             except ValueError as e:
-                where = f"params.queries.{c['query']}" if p.protocol == "paper" else "params.query"
-                raise ConfigError(where, str(e)) from None
+                if p.protocol != "paper":
+                    raise
+                key = "params.terminator" if "token-prefix" in str(e) else f"params.queries.{c['query']}"
+                raise ConfigError(key, str(e)) from None
 
     def render(self, p: NeedleParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         s = spec(p)
