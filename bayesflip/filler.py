@@ -181,7 +181,7 @@ def _raw_texts(source: str) -> list[str]:
                               allowed=ds.column_names)
         texts, total = [], 0
         for row in ds:
-            t = row[column] or ""
+            t = (row[column] or "").strip()  # one row = one paragraph (wikitext rows start with a space)
             texts.append(t)
             total += len(t)
             if total >= _HF_MAX_CHARS:

@@ -278,10 +278,31 @@ def run_prompts(*args):
     return [json.loads(ln) for ln in res.stdout.splitlines() if ln.strip()]
 
 
+def stream_prompts(*args, keep=lambda r: True):
+    """The command's JSON lines, parsed one by one (the full sweep listing is ~100 MB)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bayesflip.cli", "prompts", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, experiments = [], set()
+    for ln in proc.stdout:
+        r = json.loads(ln)
+        experiments.add(r["experiment"])
+        if keep(r):
+            out.append(r)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return out, experiments
+
+
 def test_cli_prompts_paper_coinflips():
+    # the exact command, whole sweep: every experiment listed, then the ICL prompts at theta = 30 %, N = 3
+    icl, experiments = stream_prompts(
+        "--exp", "paper_coinflips", "--model", "tiny-random", "--json",
+        keep=lambda r: r["experiment"] == "paper_icl_coin" and r["cell"]["theta"] == 0.3 and r["cell"]["n"] == 3)
+    assert experiments == {"paper_needle_coin", "paper_needle_die", "paper_needle_number", "paper_prior_coin",
+                           "paper_prior_die", "paper_icl_coin", "paper_icl_die", "paper_shift_coin"}
     recs = run_prompts("--exp", "paper_coinflips", "--model", "tiny-random", "--json", "--where", "theta=0.3",
                        "--where", "n=3")
-    icl = [r for r in recs if r["experiment"] == "paper_icl_coin"]
+    assert [r for r in recs if r["experiment"] == "paper_icl_coin"] == icl   # --where selects the same records
     assert len(icl) == 250 and all(r["model"] == "tiny-random" and r["cell"]["n"] == 3 for r in icl)
     flips = None
     for r in icl:
