@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from ..domain import inverse_cdf, process_probs
 from ..errors import ConfigError
 from ..prompts import Prompt
-from ..stimuli import StimulusList
+from ..stimuli import StimulusList, StimulusText
 from . import paper, register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
 from .seq import build_curve, sequence_text, validate_sequence_pieces
@@ -70,8 +70,8 @@ class ICLParams(Params):
     queries: Optional[StimulusList] = None            # paper: query paraphrases ending in a space
     instruct_prompts: Optional[StimulusList] = None   # paper: user messages of instruct models
     statement: Optional[Literal["theta", "theta2", "none"]] = None  # paper: which bias is stated
-    statement_template: Optional[str] = None          # paper: override of the base ("I") statement
-    instruct_statement_template: Optional[str] = None  # paper: override of the instruct ("you") statement
+    statement_template: Optional[StimulusText] = None          # paper: override of the base ("I") statement
+    instruct_statement_template: Optional[StimulusText] = None  # paper: override of the instruct ("you") statement
     flips: Literal["seeded", "numpy_legacy"] = "seeded"
     read_ns: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(paper.READ_NS), min_length=1)
     permutations: int = Field(0, ge=0)

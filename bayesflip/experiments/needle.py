@@ -58,7 +58,7 @@ from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..filler import Filler, build_filler, check_source, load_sentences
 from ..prompts import Prompt, encode_choices, encode_prompt, render
-from ..stimuli import StimulusList
+from ..stimuli import StimulusList, StimulusText
 from . import paper, register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, use_chat
 
@@ -112,13 +112,13 @@ class NeedleParams(Params):
     filler: str = "pydoc"
     variant: Literal["auto", "base", "instruct"] = "auto"
     query: Optional[str] = None
-    needle: Optional[str] = None
+    needle: Optional[StimulusText] = None             # statement template (paper: the base "I" form); inline or file:
     instruction: Optional[str] = None
     terminator: Optional[str] = None
     protocol: Protocol = "clean"
     queries: Optional[StimulusList] = None            # paper: query paraphrases ending in a space
     instruct_prompts: Optional[StimulusList] = None   # paper: user messages of instruct models
-    instruct_needle: Optional[str] = None             # paper: the instruct ("you") statement template
+    instruct_needle: Optional[StimulusText] = None    # paper: the instruct ("you") statement template; inline or file:
 
     @field_validator("filler")
     @classmethod
