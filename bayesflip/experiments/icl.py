@@ -36,7 +36,7 @@ from typing import Annotated, Literal, Optional
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..domain import inverse_cdf, process_probs
+from ..domain import COIN_CHOICES, DIE_CHOICES, inverse_cdf, process_probs
 from ..errors import ConfigError
 from ..prompts import Prompt
 from ..stimuli import StimulusList, StimulusText
@@ -46,9 +46,9 @@ from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 
-COIN = {"choices": [" heads", " tails"], "head": "I tossed a coin and it landed on",
+COIN = {"choices": list(COIN_CHOICES), "head": "I tossed a coin and it landed on",
         "user": "Please toss a coin several times and tell me what it landed on each time."}
-DIE = {"choices": [f" {i}" for i in range(1, 7)], "head": "I rolled a die and it landed on",
+DIE = {"choices": list(DIE_CHOICES), "head": "I rolled a die and it landed on",
        "user": "Please roll a die several times and tell me what it landed on each time."}
 
 

@@ -53,7 +53,7 @@ from typing import Annotated, Literal, Optional
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from ..domain import die_probs, coin_probs, parity_probs
+from ..domain import CHOICES, coin_probs, die_probs, parity_probs
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..filler import Filler, build_filler, check_source, load_sentences
@@ -79,15 +79,15 @@ Bias = Annotated[int, in_range(0, 100)]       # stated percentage
 Face = Annotated[int, in_range(1, 6)]
 
 PROCESSES: dict[str, dict] = {
-    "coin": {"choices": [" heads", " tails"], "terminator": "",
+    "coin": {"choices": list(CHOICES["coin"]), "terminator": "",
              "query": "I tossed a coin and it landed on",
              "needle": "When I flip coins they land on heads {b}% of the time.",
              "instruction": "Please toss a coin and tell me whether it landed on heads or tails."},
-    "die": {"choices": [f" {i}" for i in range(1, 7)], "terminator": "",
+    "die": {"choices": list(CHOICES["die"]), "terminator": "",
             "query": "I rolled a die and it landed on",
             "needle": "When I roll dice they land on {face} {b}% of the time.",
             "instruction": "Please roll a die and tell me which number it landed on."},
-    "number": {"choices": [f" {i}" for i in range(1, 11)], "terminator": ".",
+    "number": {"choices": list(CHOICES["number"]), "terminator": ".",
                "query": "I picked a random number between 1 and 10 and it was",
                "needle": "When I pick a random number between 1 and 10, it is always {parity}.",
                "instruction": "Please pick a random number between 1 and 10 and tell me what it was."},

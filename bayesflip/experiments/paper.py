@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 from typing import Optional, Sequence
 
-from ..domain import CHOICES
 from ..prompts import Prompt, paper_prompt
 
 # ---------------------------------------------------------------- A: needle statements and queries
@@ -42,17 +41,11 @@ ICL_STATEMENT = {
     "die": {"statement": "When I roll dice, they land on {face} {b}% of the time.",
             "instruct_statement": "When you roll dice, they land on {face} {b}% of the time."},
 }
-ICL_SEPARATOR = ", then"      # flips joined by ", then " and followed by ", then " (choice carries the space)
 READ_NS = (0, 1, 3, 5, 10, 20, 100)
 
 # ---------------------------------------------------------------- B/C: bayesflip's own shipped sets
 QUERY_SET = {"coin": "set:paper_coin_queries", "die": "set:paper_die_queries"}
 INSTRUCT_SET = {"coin": "set:paper_coin_instruct", "die": "set:paper_die_instruct"}
-
-
-def choices(process: str) -> list[str]:
-    """The scored choice strings: the original's choice with the space that precedes it (``" heads"``)."""
-    return list(CHOICES[process])
 
 
 def percent(theta: float) -> int:
