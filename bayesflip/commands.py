@@ -89,6 +89,12 @@ def cmd_bench(args) -> int:
     return bench_cli(args)
 
 
+def cmd_prompts(args) -> int:
+    from .listing import prompts_cli
+
+    return prompts_cli(args)
+
+
 def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -111,6 +117,14 @@ def add_commands(sub) -> None:
     _sweep_args(p)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_debug)
+
+    p = sub.add_parser("prompts", help="list the exact prompts (text + choices) of an experiment or sweep; tokenizers only")
+    p.add_argument("--exp", dest="sweep", required=True, help="a sweep (configs/sweeps) or an experiment name")
+    p.add_argument("--model", default=None, help="a model name or MODEL_TYPE (default: the sweep's models)")
+    p.add_argument("--limit", type=int, default=None, help="at most N prompts per experiment x model")
+    p.add_argument("--where", action="append", default=None, help="key=value filter on cell coordinates (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("submit", help="submit a sweep as SLURM job arrays (submitit)")
     _sweep_args(p)

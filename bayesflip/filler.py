@@ -10,9 +10,10 @@ Sources (``source``):
   dataset (``datasets`` is imported only then; a clear error if it is not installed).
 
 Cleaning → sentences: paragraphs (blank-line separated) whose lines are all flush-left
-prose are joined into one line (reST ``*emphasis*`` markers removed) and split with a regex
-sentence splitter (after ``.!?`` followed by whitespace and an upper-case letter or quote;
-common abbreviations such as ``e.g.`` are protected). A sentence is kept if it has 6–60
+prose are joined into one line (reST ``*emphasis*`` markers removed) and split into sentences
+with spaCy (the coin-flip study's splitter): ``en_core_web_sm`` when it is installed, otherwise
+spaCy's rule-based ``sentencizer`` on a blank English pipeline (no model download; spaCy's
+tokenizer keeps abbreviations such as ``e.g.`` whole). A sentence is kept if it has 6–60
 words, starts with an upper-case letter, ends in ``.!?``, contains none of
 ``_ { } [ ] < > | = \\ # @ $ ^ ~ * ()`` and is ≥ 85 % letters/spaces.
 The sentence list is cached per process (per source).
@@ -33,6 +34,11 @@ Filler of length L for sample s (:func:`build_filler`):
    before the needle (the needle's own tokens are not counted in either number). With few
    sentences (small L) the achievable depths are coarse; ``token_depth`` records what was got.
 4. Text = ``" ".join(s_1..s_b, needle, s_{b+1}..s_k)``; with L = 0 the text is the needle alone.
+
+``placement="paper"`` (the coin-flip study's ``inject_needle``): step 2 keeps whole sentences
+(no cut: the filler has ≥ L tokens, ``token_length`` = its actual length L_doc) and the needle
+goes **after** the sentence k ≥ 1 at which the running count n(k) first reaches ⌊d·L_doc⌋
+(d = 0 → after the first sentence, d = 1 → after the last).
 """
 
 from __future__ import annotations
@@ -50,8 +56,6 @@ from .experiments.base import cell_seed
 
 SOURCE_FORMS = ["pydoc", "file:<path>", "hf:<dataset>:<split>:<column>", "hf:<dataset>:<config>:<split>:<column>"]
 MIN_WORDS, MAX_WORDS = 6, 60
-_ABBREV = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Mr.", "Mrs.", "Dr.", "St.", "No.", "approx.")
-_SPLIT = re.compile(r"(?<=[.!?])[\"”’']?\s+(?=[A-Z\"“‘(])")
 _BAD_CHARS = set("_{}[]<>|=\\#@$^~*")
 _UNDERLINE = re.compile(r"^\s*([*=\-~^+#\"'`])\1{2,}\s*$")
 _HF_MAX_CHARS = 5_000_000  # stop reading a dataset after this many characters of text
@@ -86,20 +90,30 @@ def paragraphs(raw: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def sentence_splitter():
+    """spaCy pipeline that sets sentence boundaries: ``en_core_web_sm`` if installed, else a blank
+    English pipeline with the rule-based ``sentencizer`` (no model download)."""
+    import spacy
+
+    try:
+        return spacy.load("en_core_web_sm", disable=["ner", "lemmatizer", "attribute_ruler", "tagger"])
+    except OSError:
+        nlp = spacy.blank("en")
+        nlp.add_pipe("sentencizer")
+        return nlp
+
+
 def split_sentences(paragraph: str) -> list[str]:
-    """Regex sentence split of one paragraph (abbreviations in ``_ABBREV`` protected)."""
-    prot = paragraph
-    for i, a in enumerate(_ABBREV):
-        prot = prot.replace(a, f"\x00{i}\x00")
-    parts = _SPLIT.split(prot)
-    out = []
-    for s in parts:
-        for i, a in enumerate(_ABBREV):
-            s = s.replace(f"\x00{i}\x00", a)
-        s = s.strip()
-        if s:
-            out.append(s)
-    return out
+    """spaCy sentence split of one paragraph (:func:`sentence_splitter`)."""
+    return split_many([paragraph])[0]
+
+
+def split_many(paragraphs_: Sequence[str]) -> list[list[str]]:
+    """Sentences of each paragraph (spaCy ``nlp.pipe``, batched)."""
+    nlp = sentence_splitter()
+    nlp.max_length = max(nlp.max_length, max((len(t) for t in paragraphs_), default=0) + 1)
+    return [[s.text.strip() for s in doc.sents if s.text.strip()] for doc in nlp.pipe(paragraphs_, batch_size=256)]
 
 
 def is_prose(sentence: str) -> bool:
@@ -120,12 +134,12 @@ def clean_sentences(raw_texts: Sequence[str]) -> list[str]:
     """Prose sentences of several raw texts, in order, duplicates removed (first kept)."""
     seen: set[str] = set()
     out = []
-    for raw in raw_texts:
-        for para in paragraphs(raw):
-            for s in split_sentences(para):
-                if is_prose(s) and s not in seen:
-                    seen.add(s)
-                    out.append(s)
+    paras = [para for raw in raw_texts for para in paragraphs(raw)]
+    for sents in split_many(paras):
+        for s in sents:
+            if is_prose(s) and s not in seen:
+                seen.add(s)
+                out.append(s)
     return out
 
 
@@ -167,7 +181,7 @@ def _raw_texts(source: str) -> list[str]:
                               allowed=ds.column_names)
         texts, total = [], 0
         for row in ds:
-            t = row[column] or ""
+            t = (row[column] or "").strip()  # one row = one paragraph (wikitext rows start with a space)
             texts.append(t)
             total += len(t)
             if total >= _HF_MAX_CHARS:
@@ -226,16 +240,17 @@ def _cut(sentence: str, w: int) -> str:
 _HAY_CACHE: dict[tuple, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
 
-def haystack(tokenizer, length: int, seed: int, sample: int, source: str = "pydoc"
+def haystack(tokenizer, length: int, seed: int, sample: int, source: str = "pydoc", cut: bool = True
              ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Filler sentences of ≈ ``length`` tokens and the token count n(b) at every boundary b.
 
     Returns ``(sentences, counts)`` with ``counts[b] = len(tok(" ".join(sentences[:b])))``,
-    ``counts[0] = 0`` and ``counts[-1]`` the filler's token length.
+    ``counts[0] = 0`` and ``counts[-1]`` the filler's token length. ``cut=False`` keeps the last
+    sentence whole (the paper's ≥ L filler).
     """
     if length < 0:
         raise ConfigError("params.lengths", f"negative filler length {length}", allowed=["integers >= 0"])
-    key = (_tok_key(tokenizer), length, seed, sample, source)
+    key = (_tok_key(tokenizer), length, seed, sample, source, cut)
     if key in _HAY_CACHE:
         return _HAY_CACHE[key]
     pool = load_sentences(source)
@@ -250,7 +265,7 @@ def haystack(tokenizer, length: int, seed: int, sample: int, source: str = "pydo
         sents.append(pool[(start + i) % len(pool)])
         counts.append(_ntok(tokenizer, " ".join(sents)))
         i += 1
-    if sents and counts[-1] > length:
+    if cut and sents and counts[-1] > length:
         # cut the last sentence to w words, w minimising |n - L| (w = 0 drops it)
         head = " ".join(sents[:-1])
         last = sents[-1]
@@ -292,9 +307,30 @@ def insertion_index(counts: Sequence[int], depth: float, length: int) -> int:
     return min(range(n + 1), key=lambda b: (abs(counts[b] - target), b))
 
 
+def paper_insertion_index(counts: Sequence[int], depth: float) -> int:
+    """The paper's boundary: after the first sentence k ≥ 1 with counts[k] ≥ ⌊depth·L_doc⌋ (L_doc = counts[-1])."""
+    if not 0.0 <= depth <= 1.0:
+        raise ConfigError("params.depths", f"depth {depth} outside [0, 1]", allowed=["[0.0, 1.0]"])
+    n = len(counts) - 1
+    target = int(counts[-1] * depth)
+    for k in range(1, n + 1):
+        if counts[k] >= target:
+            return k
+    return n
+
+
+PLACEMENTS = ("clean", "paper")
+
+
 def build_filler(tokenizer, length: int, depth: float, needle: str, seed: int, sample: int,
-                 source: str = "pydoc") -> Filler:
-    """Filler of ≈ ``length`` model tokens from sample ``sample`` with ``needle`` at token depth ≈ depth·length."""
-    sents, counts = haystack(tokenizer, length, seed, sample, source)
-    b = insertion_index(counts, depth, length)
+                 source: str = "pydoc", placement: str = "clean") -> Filler:
+    """Filler of ≈ ``length`` model tokens from sample ``sample`` with ``needle`` at token depth ≈ depth·length.
+
+    ``placement="paper"``: whole sentences up to ≥ ``length`` tokens, needle after the sentence at
+    which the running count first reaches ⌊depth·L_doc⌋ (module docstring)."""
+    if placement not in PLACEMENTS:
+        raise ConfigError("params.placement", f"unknown placement {placement!r}", allowed=PLACEMENTS)
+    paper = placement == "paper"
+    sents, counts = haystack(tokenizer, length, seed, sample, source, cut=not paper)
+    b = paper_insertion_index(counts, depth) if paper else insertion_index(counts, depth, length)
     return Filler(sentences=sents, needle=needle, insert_at=b, token_length=counts[-1], token_depth=counts[b])

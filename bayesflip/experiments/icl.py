@@ -10,26 +10,45 @@ distribution is read after **every** prefix 0..N from one forward pass.
 Arrays per cell: ``logprobs`` (position, choice) summed choice log-probs (float32; the
 renormalised distribution and off-choice mass follow), ``outcomes`` (flip,) choice indices,
 ``p_true`` (position, choice) the generating distribution of the outcome at that position.
+
+``protocol: paper`` (PAPER_PROTOCOLS.md C/D; :mod:`.paper`): head = the bias statement
+(``statement: theta`` — the same θ, default without shift; ``theta2`` — the double-distribution
+configs; ``none`` — the posterior chain, default with shift) + a query paraphrase ending in a space,
+rendered as :func:`bayesflip.prompts.paper_prompt`; the flips follow joined by ``", then"`` with a
+trailing ``", then"``. One sequence per (θ[, θ2][, face], sample) is shared by every (instruct
+prompt, query) pair (cells get ``instruct`` and ``query`` indices); ``flips: numpy_legacy``
+draws the coin sequences as ``create_icl_coin_flip_config.py`` did (``np.random.seed(seed)``,
+then ``np.random.choice`` of ``n_flips`` per θ in the order of ``thetas``). Every prefix is read
+from one pass; ``read_ns`` (default 0, 1, 3, 5, 10, 20, 100) are the paper's N, listed by
+``bayesflip prompts``.
+
+Exchangeability: ``permutations: P`` scores P seeded random permutations of each cell's
+evidence with the same head: arrays ``perm_logprobs`` (perm, position, choice) and
+``perm_outcomes`` (perm, flip) (reduce: :func:`bayesflip.bayes.exchangeability_gap`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from ..domain import COIN_CHOICES, DIE_CHOICES, inverse_cdf, process_probs
+from ..errors import ConfigError
 from ..prompts import Prompt
-from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .seq import build_curve, validate_sequence_pieces
+from ..stimuli import StimulusList, StimulusText
+from . import paper, register
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 
-COIN = {"choices": [" heads", " tails"], "head": "I tossed a coin and it landed on",
+COIN = {"choices": list(COIN_CHOICES), "head": "I tossed a coin and it landed on",
         "user": "Please toss a coin several times and tell me what it landed on each time."}
-DIE = {"choices": [f" {i}" for i in range(1, 7)], "head": "I rolled a die and it landed on",
+DIE = {"choices": list(DIE_CHOICES), "head": "I rolled a die and it landed on",
        "user": "Please roll a die several times and tell me what it landed on each time."}
 
 
@@ -47,6 +66,34 @@ class ICLParams(Params):
     theta2s: list[Prob] = Field(default_factory=list)
     cutoff: int = Field(50, ge=0)
     block: tuple[int, int] = (40, 60)
+    protocol: Protocol = "clean"
+    queries: Optional[StimulusList] = None            # paper: query paraphrases ending in a space
+    instruct_prompts: Optional[StimulusList] = None   # paper: user messages of instruct models
+    statement: Optional[Literal["theta", "theta2", "none"]] = None  # paper: which bias is stated
+    statement_template: Optional[StimulusText] = None          # paper: override of the base ("I") statement
+    instruct_statement_template: Optional[StimulusText] = None  # paper: override of the instruct ("you") statement
+    flips: Literal["seeded", "numpy_legacy"] = "seeded"
+    read_ns: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(paper.READ_NS), min_length=1)
+    permutations: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> "ICLParams":
+        paper.resolve_stimuli(self, ("head", "user"), paper.QUERY_SET[self.process], paper.INSTRUCT_SET[self.process],
+                              extra_paper_keys=("statement_template", "instruct_statement_template"))
+        if self.protocol == "paper":
+            if self.statement is None:
+                self.statement = "theta" if self.shift == "none" else "none"
+            if self.statement == "theta2" and self.shift == "none":
+                raise ValueError("statement 'theta2' needs a shift (allowed without shift: theta, none)")
+            if self.flips == "numpy_legacy" and (self.process != "coin" or self.shift != "none" or self.samples != 1):
+                raise ValueError("flips 'numpy_legacy' reproduces the coin script: process coin, shift none, samples 1 "
+                                 "(allowed otherwise: seeded)")
+        else:
+            if self.statement not in (None, "none"):
+                raise ValueError("key 'statement' needs protocol: paper (allowed protocols: clean, paper)")
+            if self.flips != "seeded":
+                raise ValueError("flips 'numpy_legacy' needs protocol: paper (allowed: seeded)")
+        return self
 
 
 def _spec(p: ICLParams) -> dict:
@@ -55,11 +102,29 @@ def _spec(p: ICLParams) -> dict:
 
 def outcome_probs(p: ICLParams, theta: float, face: int) -> np.ndarray:
     """Generating distribution over the choices for one bias."""
-    if p.process == "coin":
-        return np.array([theta, 1.0 - theta])
-    q = np.full(6, (1.0 - theta) / 5.0)
-    q[face - 1] = theta
-    return q
+    return process_probs(p.process, theta, face)
+
+
+@functools.lru_cache(maxsize=32)
+def legacy_coin_flips(seed: int, thetas: tuple[float, ...], n: int) -> dict[float, np.ndarray]:
+    """``create_icl_coin_flip_config.py``: ``np.random.seed(seed)``, then per θ in order
+    ``np.random.choice(["heads", "tails"], n, p=[θ, round(1 - θ, 1)])`` → outcome indices."""
+    rs = np.random.RandomState(seed)
+    out = {}
+    for th in thetas:
+        out[th] = rs.choice(2, n, p=[th, round(1.0 - th, 1)]).astype(np.int32)
+    return out
+
+
+def statement_text(p: ICLParams, cell: dict, chat: bool) -> str:
+    """The paper head's bias statement ('' for ``statement: none``)."""
+    if p.statement in (None, "none"):
+        return ""
+    theta = cell["theta"] if p.statement == "theta" else cell["theta2"]
+    forms = paper.ICL_STATEMENT[p.process]
+    tpl = (p.instruct_statement_template or forms["instruct_statement"]) if chat else \
+        (p.statement_template or forms["statement"])
+    return tpl.format(b=paper.percent(theta), face=cell.get("face", 1))
 
 
 def per_flip_probs(p: ICLParams, cell: dict) -> np.ndarray:
@@ -90,47 +155,112 @@ class ICLFamily(Family):
             if face is not None:
                 c["face"] = face
             out.append(c)
+        if p.protocol == "paper":  # every (instruct prompt, query) pair shares the cell's sequence
+            out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
 
     def arrays(self, p: ICLParams) -> dict[str, ArraySpec]:
         k = len(_spec(p)["choices"])
-        return {"logprobs": ArraySpec(("position", "choice"), (p.n_flips + 1, k)),
-                "outcomes": ArraySpec(("flip",), (p.n_flips,), "int32"),
-                "p_true": ArraySpec(("position", "choice"), (p.n_flips + 1, k))}
+        out = {"logprobs": ArraySpec(("position", "choice"), (p.n_flips + 1, k)),
+               "outcomes": ArraySpec(("flip",), (p.n_flips,), "int32"),
+               "p_true": ArraySpec(("position", "choice"), (p.n_flips + 1, k))}
+        if p.permutations:
+            out["perm_logprobs"] = ArraySpec(("perm", "position", "choice"), (p.permutations, p.n_flips + 1, k))
+            out["perm_outcomes"] = ArraySpec(("perm", "flip"), (p.permutations, p.n_flips), "int32")
+        return out
 
     def coords(self, p: ICLParams) -> dict[str, list]:
-        return {"choice": _spec(p)["choices"], "position": list(range(p.n_flips + 1)), "flip": list(range(p.n_flips))}
+        out = {"choice": _spec(p)["choices"], "position": list(range(p.n_flips + 1)), "flip": list(range(p.n_flips))}
+        if p.permutations:
+            out["perm"] = list(range(p.permutations))
+        return out
+
+    def cell_head(self, p: ICLParams, cell: dict, model_kind: str) -> Prompt:
+        """The prompt before the first outcome of this cell (clean: the same for every cell)."""
+        if p.protocol != "paper":
+            return self.head(p, model_kind)
+        chat = use_chat(p.variant, model_kind)
+        return paper.render_prompt(statement_text(p, cell, chat), p.queries[cell["query"]],
+                                   p.instruct_prompts[cell["instruct"]], chat)
+
+    def read_ns(self, p: ICLParams) -> list[int]:
+        """The N listed by ``bayesflip prompts`` (paper grid capped at n_flips)."""
+        return sorted({min(n, p.n_flips) for n in p.read_ns})
+
+    def render(self, p: ICLParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        choices = _spec(p)["choices"]
+        out = []
+        for c in cells:
+            head = self.cell_head(p, c, model_kind)
+            o = self.sample_outcomes(p, c, seed)
+            for n in self.read_ns(p):
+                out.append(RenderedCell(cell={**c, "n": n}, text=sequence_text(tokenizer, head, choices, o[:n], p.separator),
+                                        choices=list(choices)))
+        return out
 
     def head(self, p: ICLParams, model_kind: str) -> Prompt:
+        if p.protocol == "paper":
+            raise ConfigError("params.protocol", f"family {self.name!r} has no paper rendering", allowed=["clean"])
         spec = _spec(p)
         text = p.head or spec["head"]
         chat = use_chat(p.variant, model_kind)
         return Prompt(text=text, messages=(("user", p.user or spec["user"]),) if chat else None)
 
     def validate(self, p: ICLParams, tokenizer, model_kind: str) -> None:
+        if type(self).run is not ICLFamily.run:  # a subclass with its own run (attention)
+            if p.protocol == "paper":
+                raise ConfigError("params.protocol", f"family {self.name!r} supports only the clean protocol", allowed=["clean"])
+            if p.permutations:
+                raise ConfigError("params.permutations", f"family {self.name!r} does not score permutations", allowed=[0])
         if p.shift != "none" and not p.theta2s:
-            from ..errors import ConfigError
             raise ConfigError("params.theta2s", f"shift {p.shift!r} needs at least one theta2", allowed=["[0, 1]"])
         if p.shift == "block" and not (0 <= p.block[0] <= p.block[1] <= p.n_flips):
-            from ..errors import ConfigError
             raise ConfigError("params.block", f"block {p.block} must satisfy 0 <= start <= end <= n_flips={p.n_flips}")
-        validate_sequence_pieces(tokenizer, self.head(p, model_kind), _spec(p)["choices"], p.separator)
+        if p.protocol != "paper":
+            validate_sequence_pieces(tokenizer, self.head(p, model_kind), _spec(p)["choices"], p.separator)
+            return
+        c0 = self.cells(p)[-1]
+        for q in range(len(p.queries)):  # the first choice joins every query ending
+            try:
+                validate_sequence_pieces(tokenizer, self.cell_head(p, {**c0, "query": q, "instruct": 0}, model_kind),
+                                         _spec(p)["choices"], p.separator)
+            except ValueError as e:
+                raise ConfigError(f"params.queries.{q}", str(e)) from None
 
     def sample_outcomes(self, p: ICLParams, cell: dict, seed: int) -> np.ndarray:
         probs = per_flip_probs(p, cell)
-        rng = np.random.default_rng(cell_seed(seed, "icl", p.process, p.shift, sorted(cell.items())))
-        u = rng.random(p.n_flips)
-        return (u[:, None] > np.cumsum(probs, axis=1)).sum(axis=1).astype(np.int32)
+        if p.protocol == "paper":  # one sequence per bias (and sample), shared by all (instruct, query) pairs
+            if p.flips == "numpy_legacy":
+                return legacy_coin_flips(seed, tuple(p.thetas), p.n_flips)[cell["theta"]].copy()
+            key = sorted((k, v) for k, v in cell.items() if k not in ("instruct", "query"))
+            rng = np.random.default_rng(cell_seed(seed, "icl-paper", p.process, p.shift, key))
+        else:
+            rng = np.random.default_rng(cell_seed(seed, "icl", p.process, p.shift, sorted(cell.items())))
+        return inverse_cdf(probs, rng.random(p.n_flips))
+
+    def permuted(self, p: ICLParams, cell: dict, outcomes: np.ndarray, seed: int) -> np.ndarray:
+        """(P, N) seeded random permutations of a cell's evidence."""
+        rng = np.random.default_rng(cell_seed(seed, "perm", sorted(cell.items())))
+        return np.stack([outcomes[rng.permutation(len(outcomes))] for _ in range(p.permutations)]).astype(np.int32)
 
     def run(self, p: ICLParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         choices = _spec(p)["choices"]
-        head = self.head(p, ctx.model_kind)
+        tok = ctx.tokenizer
+        heads = [self.cell_head(p, c, ctx.model_kind) for c in cells]
         outs = [self.sample_outcomes(p, c, ctx.seed) for c in cells]
-        reqs = [build_curve(ctx.tokenizer, head, choices, o, p.separator) for o in outs]
-        curves = ctx.scorer.score_curves(reqs)
+        reqs = [build_curve(tok, h, choices, o, p.separator) for h, o in zip(heads, outs)]
+        curves = paper.score_curves_once(ctx.scorer, reqs)
         p_true = []
         for c in cells:
             rows = per_flip_probs(p, c)
             p_true.append(np.vstack([rows, rows[-1:]]))  # the read after the last flip: the last regime
-        return {"logprobs": np.stack(curves).astype(np.float32), "outcomes": np.stack(outs),
-                "p_true": np.stack(p_true).astype(np.float32)}
+        res = {"logprobs": np.stack(curves).astype(np.float32), "outcomes": np.stack(outs),
+               "p_true": np.stack(p_true).astype(np.float32)}
+        if p.permutations:
+            perms = [self.permuted(p, c, o, ctx.seed) for c, o in zip(cells, outs)]
+            preqs = [build_curve(tok, h, choices, po, p.separator) for h, ps in zip(heads, perms) for po in ps]
+            pc = paper.score_curves_once(ctx.scorer, preqs)
+            k = len(choices)
+            res["perm_logprobs"] = np.stack(pc).astype(np.float32).reshape(len(cells), p.permutations, p.n_flips + 1, k)
+            res["perm_outcomes"] = np.stack(perms)
+        return res

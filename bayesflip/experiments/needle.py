@@ -33,6 +33,15 @@ distribution and off-choice mass follow, :func:`bayesflip.engine.choice_distribu
 ``p_stated`` (choice,), ``token_length`` (filler tokens actually used, needle excluded),
 ``token_depth`` (filler tokens before the needle; −1 without needle), ``prompt_tokens``
 (the whole prompt's ids). Metrics (reduce): TVD/KL(p_model ‖ p_stated).
+
+``protocol: paper`` (PAPER_PROTOCOLS.md A; :mod:`.paper`): the original's statements (base ``I``
+form, instruct ``you`` form), queries ending in a space, instruct prompts, whitespace-normalised
+rendering, whole-sentence filler of ≥ L tokens with the needle after the sentence at which the
+running token count first reaches ⌊d·L_doc⌋ (:func:`bayesflip.filler.build_filler`,
+``placement="paper"``). ``queries`` / ``instruct_prompts`` are stimulus lists (inline or
+``file:``); cells get the coordinates ``instruct`` and ``query`` (indices; every (instruct
+prompt, query) pair, the original's ``product``). A base model never sees the instruct prompt,
+so its cells repeat per instruct prompt and identical prompts are scored once.
 """
 
 from __future__ import annotations
@@ -42,14 +51,16 @@ import math
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from ..domain import CHOICES, coin_probs, die_probs, parity_probs
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..filler import Filler, build_filler, check_source, load_sentences
 from ..prompts import Prompt, encode_choices, encode_prompt, render
-from . import register
-from .base import ArraySpec, Family, Params, RunContext, use_chat
+from ..stimuli import StimulusList, StimulusText
+from . import paper, register
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, use_chat
 
 
 
@@ -68,15 +79,15 @@ Bias = Annotated[int, in_range(0, 100)]       # stated percentage
 Face = Annotated[int, in_range(1, 6)]
 
 PROCESSES: dict[str, dict] = {
-    "coin": {"choices": [" heads", " tails"], "terminator": "",
+    "coin": {"choices": list(CHOICES["coin"]), "terminator": "",
              "query": "I tossed a coin and it landed on",
              "needle": "When I flip coins they land on heads {b}% of the time.",
              "instruction": "Please toss a coin and tell me whether it landed on heads or tails."},
-    "die": {"choices": [f" {i}" for i in range(1, 7)], "terminator": "",
+    "die": {"choices": list(CHOICES["die"]), "terminator": "",
             "query": "I rolled a die and it landed on",
             "needle": "When I roll dice they land on {face} {b}% of the time.",
             "instruction": "Please roll a die and tell me which number it landed on."},
-    "number": {"choices": [f" {i}" for i in range(1, 11)], "terminator": ".",
+    "number": {"choices": list(CHOICES["number"]), "terminator": ".",
                "query": "I picked a random number between 1 and 10 and it was",
                "needle": "When I pick a random number between 1 and 10, it is always {parity}.",
                "instruction": "Please pick a random number between 1 and 10 and tell me what it was."},
@@ -101,14 +112,24 @@ class NeedleParams(Params):
     filler: str = "pydoc"
     variant: Literal["auto", "base", "instruct"] = "auto"
     query: Optional[str] = None
-    needle: Optional[str] = None
+    needle: Optional[StimulusText] = None             # statement template (paper: the base "I" form); inline or file:
     instruction: Optional[str] = None
     terminator: Optional[str] = None
+    protocol: Protocol = "clean"
+    queries: Optional[StimulusList] = None            # paper: query paraphrases ending in a space
+    instruct_prompts: Optional[StimulusList] = None   # paper: user messages of instruct models
+    instruct_needle: Optional[StimulusText] = None    # paper: the instruct ("you") statement template; inline or file:
 
     @field_validator("filler")
     @classmethod
     def _filler_source(cls, v: str) -> str:
         return check_source(v)
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> "NeedleParams":
+        paper.resolve_stimuli(self, ("query", "instruction"), paper.NEEDLE[self.process]["query"],
+                              paper.NEEDLE[self.process]["instruct_prompt"], extra_paper_keys=("instruct_needle",))
+        return self
 
 
 def spec(p: NeedleParams) -> dict:
@@ -130,20 +151,23 @@ def stated_distribution(process: str, cell: dict) -> np.ndarray:
     if cell["condition"] != "needle":
         return np.full(k, np.nan)
     if process == "coin":
-        b = cell["bias"] / 100.0
-        return np.array([b, 1.0 - b])
+        return coin_probs(cell["bias"] / 100.0)
     if process == "die":
-        b = cell["bias"] / 100.0
-        q = np.full(6, (1.0 - b) / 5.0)
-        q[cell["face"] - 1] = b
-        return q
-    parity = cell["needle"]
-    q = np.array([1.0 if (n % 2 == 0) == (parity == "even") else 0.0 for n in range(1, 11)])
-    return q / q.sum()
+        return die_probs(cell["face"], cell["bias"] / 100.0)
+    return parity_probs(cell["needle"])
 
 
-def needle_sentence(p: NeedleParams, cell: dict) -> str:
-    tpl = spec(p)["needle"]
+def needle_template(p: NeedleParams, chat: bool = False) -> str:
+    """The statement template: clean ``needle``; paper the base (``I``) or instruct (``you``) form."""
+    if p.protocol != "paper":
+        return spec(p)["needle"]
+    if chat:
+        return p.instruct_needle or paper.NEEDLE[p.process]["instruct_statement"]
+    return p.needle or paper.NEEDLE[p.process]["statement"]
+
+
+def needle_sentence(p: NeedleParams, cell: dict, chat: bool = False) -> str:
+    tpl = needle_template(p, chat)
     if p.process == "number":
         return tpl.format(parity=cell["needle"])
     return tpl.format(b=cell["bias"], face=cell["face"])
@@ -160,14 +184,18 @@ def _needle_cells(p: NeedleParams) -> list[dict]:
 def build_prompt(p: NeedleParams, cell: dict, tokenizer, model_kind: str, seed: int) -> tuple[Prompt, Optional[Filler]]:
     """The prompt of one cell (and its filler, None for no_context)."""
     s = spec(p)
+    chat = is_chat(p, model_kind)
     fill = None
     context = ""
     if cell["condition"] != "no_context":
-        needle = needle_sentence(p, cell) if cell["condition"] == "needle" else ""
+        needle = needle_sentence(p, cell, chat) if cell["condition"] == "needle" else ""
         depth = cell["depth"] if cell["condition"] == "needle" else 0.0
-        fill = build_filler(tokenizer, cell["length"], depth, needle, seed, cell["sample"], p.filler)
+        fill = build_filler(tokenizer, cell["length"], depth, needle, seed, cell["sample"], p.filler,
+                            placement=p.protocol)
         context = fill.text
-    if is_chat(p, model_kind):
+    if p.protocol == "paper":
+        return paper.render_prompt(context, p.queries[cell["query"]], p.instruct_prompts[cell["instruct"]], chat), fill
+    if chat:
         user = (context + " " if context else "") + s["instruction"]
         return Prompt(text=s["query"], messages=(("user", user),)), fill
     return Prompt(text=(context + " " if context else "") + s["query"]), fill
@@ -190,6 +218,8 @@ class NeedleFamily(Family):
                             "bias": -1, "face": 0, "sample": s})
         for L, d, nd, s in itertools.product(p.lengths, p.depths, _needle_cells(p), range(p.samples)):
             out.append({**base, "condition": "needle", "length": L, "depth": d, **nd, "sample": s})
+        if p.protocol == "paper":  # every (instruct prompt, query) pair, innermost
+            out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
 
     def arrays(self, p: NeedleParams) -> dict[str, ArraySpec]:
@@ -206,22 +236,46 @@ class NeedleFamily(Family):
     def validate(self, p: NeedleParams, tokenizer, model_kind: str) -> None:
         s = spec(p)
         keys = NEEDLE_KEYS[p.process]
+        chat = is_chat(p, model_kind)
+        key = "params.instruct_needle" if (p.protocol == "paper" and chat) else "params.needle"
+        tpl = needle_template(p, chat)
         try:
-            s["needle"].format(b=50, face=1, parity="even")
+            tpl.format(b=50, face=1, parity="even")
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError("params.needle", f"needle template {s['needle']!r} cannot be filled ({e})",
+            raise ConfigError(key, f"needle template {tpl!r} cannot be filled ({e})",
                               allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)]) from None
-        missing = [k for k in keys if "{" + k + "}" not in s["needle"]]
+        missing = [k for k in keys if "{" + k + "}" not in tpl]
         if missing:
-            raise ConfigError("params.needle", f"needle template {s['needle']!r} lacks {missing}",
+            raise ConfigError(key, f"needle template {tpl!r} lacks {missing}",
                               allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)])
         load_sentences(p.filler)  # source readable and non-empty (ConfigError naming params.filler)
         cells = self.cells(p)
         if not cells:
             raise ConfigError("params", "empty grid: no needle cells and no_needle/no_context off")
         # the choices must join cleanly after the query, in the rendering this model gets
-        prompt, _ = build_prompt(p, cells[-1], tokenizer, model_kind, 0)
-        encode_choices(tokenizer, s["choices"], terminator=s["terminator"], context_text=render(prompt, tokenizer))
+        probe = [cells[-1]]
+        if p.protocol == "paper":  # every query ending (the choice follows each one)
+            probe = [c for c in cells if c["condition"] == cells[-1]["condition"] and c["length"] == cells[-1]["length"]
+                     and c["depth"] == cells[-1]["depth"] and c["needle"] == cells[-1]["needle"]
+                     and c["sample"] == cells[-1]["sample"] and c["instruct"] == 0]
+        for c in probe:
+            prompt, _ = build_prompt(p, c, tokenizer, model_kind, 0)
+            try:
+                encode_choices(tokenizer, s["choices"], terminator=s["terminator"], context_text=render(prompt, tokenizer))
+            except ValueError as e:
+                if p.protocol != "paper":
+                    raise
+                key = "params.terminator" if "token-prefix" in str(e) else f"params.queries.{c['query']}"
+                raise ConfigError(key, str(e)) from None
+
+    def render(self, p: NeedleParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        s = spec(p)
+        out = []
+        for c in cells:
+            prompt, _ = build_prompt(p, c, tokenizer, model_kind, seed)
+            out.append(RenderedCell(cell=dict(c), text=render(prompt, tokenizer),
+                                    choices=[x + s["terminator"] for x in s["choices"]]))
+        return out
 
     def run(self, p: NeedleParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         tok = ctx.tokenizer
@@ -229,7 +283,7 @@ class NeedleFamily(Family):
         built = [build_prompt(p, c, tok, ctx.model_kind, ctx.seed) for c in cells]
         enc = encode_choices(tok, s["choices"], terminator=s["terminator"], context_text=render(built[0][0], tok))
         reqs = [ChoiceRequest(encode_prompt(tok, pr), enc.ids) for pr, _ in built]
-        lps = ctx.scorer.score_choices(reqs)
+        lps = paper.score_choices_once(ctx.scorer, reqs)
         return {
             "logprobs": np.stack(lps).astype(np.float32),
             "p_stated": np.stack([stated_distribution(p.process, c) for c in cells]).astype(np.float32),

@@ -13,6 +13,15 @@ default ``paraphrase_<process>``) unless given inline as ``paraphrases`` (``limi
 first n, for demos); the texts are
 resolved into the params at validation, so the stored config (and its hash) holds them.
 
+``protocol: paper`` (PAPER_PROTOCOLS.md B): ``queries`` in the original's format (ending in a
+space; default bayesflip's own 50, ``set:paper_<process>_queries``) and ``instruct_prompts``
+(default its own 5, ``set:paper_<process>_instruct``), both stimulus lists (inline, ``file:`` or
+``set:``). Instruct models are scored on every (instruct prompt, query) pair (5 × 50 = 250);
+rendering as :func:`bayesflip.prompts.paper_prompt` with an empty context. Cells carry
+``instruct`` (index) next to ``paraphrase`` (the query index); a base model never sees the
+instruct prompt, so its cells repeat per instruct prompt (identical prompts are scored once; mean
+and std over pairs then equal those over queries).
+
 Arrays per cell: ``logprobs`` (choice,). Coordinates: ``paraphrase`` (index), ``text``.
 Reduce: p_i = softmax(logprobs_i); the prior is reported as mean ± std over i of p_i(heads)
 (die: of each face) and its distribution.
@@ -30,8 +39,9 @@ from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..paths import CONFIG_DIR
 from ..prompts import Prompt, encode_choices, encode_prompt, render
-from . import register
-from .base import ArraySpec, Family, Params, RunContext
+from ..stimuli import StimulusList
+from . import paper, register
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext
 from .needle import PROCESSES, is_chat
 
 
@@ -66,7 +76,10 @@ class ParaphraseParams(Params):
     paraphrases: Optional[list[str]] = Field(None, min_length=1)
     variant: Literal["auto", "base", "instruct"] = "auto"
     instruction: Optional[str] = None
-    limit: Optional[int] = Field(None, ge=1)  # score only the first `limit` paraphrases (demos)
+    limit: Optional[int] = Field(None, ge=1)  # score only the first `limit` paraphrases / queries (demos)
+    protocol: Protocol = "clean"
+    queries: Optional[StimulusList] = None            # paper: query paraphrases ending in a space
+    instruct_prompts: Optional[StimulusList] = None   # paper: user messages of instruct models
 
     @field_validator("paraphrase_set")
     @classmethod
@@ -82,6 +95,12 @@ class ParaphraseParams(Params):
 
     @model_validator(mode="after")
     def _resolve(self) -> "ParaphraseParams":
+        paper.resolve_stimuli(self, ("paraphrase_set", "paraphrases", "instruction"),
+                              paper.QUERY_SET[self.process], paper.INSTRUCT_SET[self.process])
+        if self.protocol == "paper":
+            if self.limit is not None:
+                self.queries = self.queries[: self.limit]
+            return self
         if self.paraphrases is None:
             name = self.paraphrase_set or f"paraphrase_{self.process}"
             texts = read_set(name)
@@ -93,7 +112,9 @@ class ParaphraseParams(Params):
         return self
 
 
-def build_prompt(p: ParaphraseParams, text: str, model_kind: str) -> Prompt:
+def build_prompt(p: ParaphraseParams, text: str, model_kind: str, instruct: int = 0) -> Prompt:
+    if p.protocol == "paper":
+        return paper.render_prompt("", text, p.instruct_prompts[instruct], is_chat(p, model_kind))
     if is_chat(p, model_kind):
         return Prompt(text=text, messages=(("user", p.instruction or PROCESSES[p.process]["instruction"]),))
     return Prompt(text=text)
@@ -105,6 +126,9 @@ class ParaphraseFamily(Family):
     Params = ParaphraseParams
 
     def cells(self, p: ParaphraseParams) -> list[dict]:
+        if p.protocol == "paper":
+            return [{"process": p.process, "paraphrase": q, "instruct": i, "text": p.queries[q], "sample": 0}
+                    for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0}
                 for i, t in enumerate(p.paraphrases or [])]
 
@@ -116,19 +140,25 @@ class ParaphraseFamily(Family):
 
     def validate(self, p: ParaphraseParams, tokenizer, model_kind: str) -> None:
         s = PROCESSES[p.process]
-        for i, t in enumerate(p.paraphrases or []):
+        key = "queries" if p.protocol == "paper" else "paraphrases"
+        for i, t in enumerate((p.queries if p.protocol == "paper" else p.paraphrases) or []):
             try:
                 text = render(build_prompt(p, t, model_kind), tokenizer)
                 encode_choices(tokenizer, s["choices"], s["terminator"], context_text=text)
             except ValueError as e:
-                raise ConfigError(f"params.paraphrases.{i}", f"{t!r}: {e}") from None
+                raise ConfigError(f"params.{key}.{i}", f"{t!r}: {e}") from None
+
+    def render(self, p: ParaphraseParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        s = PROCESSES[p.process]
+        return [RenderedCell(cell=dict(c), text=render(build_prompt(p, c["text"], model_kind, c.get("instruct", 0)), tokenizer),
+                             choices=[x + s["terminator"] for x in s["choices"]]) for c in cells]
 
     def run(self, p: ParaphraseParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         tok = ctx.tokenizer
         s = PROCESSES[p.process]
-        prompts = [build_prompt(p, c["text"], ctx.model_kind) for c in cells]
+        prompts = [build_prompt(p, c["text"], ctx.model_kind, c.get("instruct", 0)) for c in cells]
         reqs = []
         for pr in prompts:
             enc = encode_choices(tok, s["choices"], s["terminator"], render(pr, tok))
             reqs.append(ChoiceRequest(encode_prompt(tok, pr), enc.ids))
-        return {"logprobs": np.stack(ctx.scorer.score_choices(reqs)).astype(np.float32)}
+        return {"logprobs": np.stack(paper.score_choices_once(ctx.scorer, reqs)).astype(np.float32)}
