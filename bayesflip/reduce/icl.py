@@ -163,9 +163,14 @@ def protocol_of(st: StoreData) -> str:
     return str(st.params.get("protocol", "clean"))
 
 
+PROMPT_AXES = ("paraphrase", "instruct", "query")
+
+
 def averaging_axis(cells: pd.DataFrame) -> str:
-    """The axis the paper averages over: prompt ``paraphrase`` if the store has it, else ``sample``."""
-    return "paraphrase" if "paraphrase" in cells else "sample"
+    """The axes the paper averages over: the prompt axes the store has (``paraphrase``; the paper
+    protocol's ``instruct`` × ``query`` pairs), joined by ``×``; ``sample`` when it has none."""
+    axes = [a for a in PROMPT_AXES if a in cells]
+    return "×".join(axes) if axes else "sample"
 
 
 def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
@@ -187,7 +192,7 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     if not ns or "theta" not in cells:
         return pd.DataFrame()
     keys = [k for k in ("theta", "face") if k in cells]
-    if axis == "paraphrase" and "sample" in cells:
+    if axis != "sample" and "sample" in cells:
         keys.append("sample")
     q = c.store.arrays["p_true"].astype(np.float64)
     rows = []
