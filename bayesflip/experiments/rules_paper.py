@@ -140,6 +140,7 @@ def parse_examples(text: str, subsets) -> tuple[list[tuple[int, int]], int]:
     out: list[tuple[int, int]] = []
     bad = 0
     matched = 0
+    text = re.sub(r"[*`#]", "", text)             # markdown emphasis / code / headings
     for m in _PAIR.finditer(text):
         matched += 1
         raw = re.sub(r"[\[\]\"'`*{}()]", " ", m.group(1))
