@@ -380,3 +380,47 @@ def test_generational_base_resume_equals_uninterrupted(tmp_path, monkeypatch, at
     assert calls == list(range(at + 1, p.generations + 1))
     np.testing.assert_array_equal(full["x"], resumed["x"])
     assert full["tag"].tolist() == resumed["tag"].tolist() and full["tag"].dtype.kind == "U"
+
+
+# ---------------------------------------------------------------------------- reducers on paper stores
+@pytest.mark.integration
+def test_reducers_on_paper_and_clean_stores(tiny, tiny_scorer, tmp_path):
+    import pandas as pd
+    from conftest import synthetic_store
+    from bayesflip.reduce import reduce_sweep
+
+    runs = {"paper_rules": ("rules", {**PAPER_RULES, "biases": ["strong", "none"], "temperatures": [0.0, 1.0]},
+                            [RULE_REPLY]),
+            "rules_clean": ("rules", dict(biases=["none"], interactions=["none"], chains=2, generations=1,
+                                          variant="base"), [""]),
+            "paper_acronym": ("acronym", dict(protocol="paper", bias_types=["easy", "hard"], pairs=4, m_easy=[2],
+                                              d0_seeds=[1, 2], chains=1, generations=2, reply_tokens=40),
+                              [ACRONYM_REPLY])}
+    arrays = {}
+    for exp, (family, params, replies) in runs.items():
+        st, fam, p, cells = synthetic_store(tmp_path, "il", exp, family, params, shard_size=len(
+            get_family(family).cells(get_family(family).Params(**params))), seed=4, model="tiny-random")
+        a = fam.run(p, cells, _ctx(FixedReplies(tiny_scorer, replies), tiny))
+        st.write_shard(0, a)
+        arrays[exp] = (cells, a)
+    report = reduce_sweep("il", results_dir=tmp_path, strict=True)
+    tables = report.parent / "tables"
+    rp = pd.read_parquet(tables / "rules_paper_by_generation.parquet")
+    cells, a = arrays["paper_rules"]
+    off = np.array([h[4] == "off" for h in hypotheses()])
+    for i, c in enumerate(cells):
+        row = rp[(rp["bias"] == c["bias"]) & (rp["temperature"] == c["temperature"]) & (rp["generation"] == 1)]
+        assert row["p_screen_off"].iloc[0] == pytest.approx(a["probs"][i, 1] @ off)
+        assert row["passed_screen_off"].iloc[0] == float(off[a["rule_passed"][i, 1]])
+        assert row["consistent_rate"].isna().all()          # generation 1 wrote nothing (last generation)
+    assert set(rp["position"]) == {"start", "none"}
+    assert len(pd.read_parquet(tables / "rules_by_generation.parquet")) == 2        # the clean store, 2 generations
+    ap = pd.read_parquet(tables / "acronym_paper_by_generation.parquet")
+    cells, a = arrays["paper_acronym"]
+    for b in ("easy", "hard"):
+        idx = [i for i, c in enumerate(cells) if c["bias_type"] == b]
+        rows = ap[ap["bias_type"] == b].sort_values("generation")
+        assert rows["mean_rank"].to_numpy() == pytest.approx(a["mean_rank"][idx].mean(0))
+        assert rows["n_chains"].tolist() == [2, 2, 2]
+    md = report.read_text()
+    assert "the original rule game (protocol paper)" in md and "the original acronym chains (protocol paper)" in md
