@@ -424,3 +424,29 @@ def test_reducers_on_paper_and_clean_stores(tiny, tiny_scorer, tmp_path):
         assert rows["n_chains"].tolist() == [2, 2, 2]
     md = report.read_text()
     assert "the original rule game (protocol paper)" in md and "the original acronym chains (protocol paper)" in md
+
+
+@pytest.mark.integration
+def test_paper_rules_real_sampling_unparsable_reply_is_redrawn_then_carried(tiny, tiny_scorer):
+    """tiny-random writes noise: every reply is redrawn max_redraws times, then the chain keeps its data."""
+    fam = get_family("rules")
+    p = fam.Params(**{**PAPER_RULES, "max_new_tokens": 12, "max_redraws": 2})
+    a = fam.run(p, fam.cells(p), _ctx(tiny_scorer, tiny))
+    assert a["redraws"][0, 0] == 2 and a["carried"][0, 1] and a["n_examples"][0].tolist() == [4, 4]
+    np.testing.assert_array_equal(a["inputs"][0, 1], a["inputs"][0, 0])
+    assert isinstance(a["reply"][0, 0], str) and a["reply"][0, 0] != ""
+    np.testing.assert_allclose(a["probs"][0, 1], a["probs"][0, 0])   # same data, no history: same belief
+
+
+def test_chain_render_is_the_first_read(tiny):
+    from bayesflip.experiments.base import cell_seed
+    from bayesflip.experiments.chains import ChainParams, initial_outcomes
+
+    fam = get_family("chains")
+    p = ChainParams(learners=["pm"], n=[6], inits=[2], chains=2, generations=1, variant="base")
+    cells = fam.cells(p)
+    for c, r in zip(cells, fam.render(p, cells, tiny.tokenizer, tiny.spec.kind, 11)):
+        seq = initial_outcomes(2, 6, 2, 0, np.random.default_rng(cell_seed(11, *fam.rng_key(p, c))))
+        want = render(fam.head(p, tiny.spec.kind), tiny.tokenizer)
+        want += "".join([" heads", " tails"][int(o)] + ", then" for o in seq)
+        assert r.text == want and r.choices == [" heads", " tails"] and r.cell["generation"] == 0
