@@ -450,3 +450,21 @@ def test_chain_render_is_the_first_read(tiny):
         want = render(fam.head(p, tiny.spec.kind), tiny.tokenizer)
         want += "".join([" heads", " tails"][int(o)] + ", then" for o in seq)
         assert r.text == want and r.choices == [" heads", " tails"] and r.cell["generation"] == 0
+
+
+@pytest.mark.integration
+def test_paper_acronym_resume_equals_uninterrupted(tiny, tiny_scorer, tmp_path, monkeypatch):
+    fam = get_family("acronym")
+    p = fam.Params(protocol="paper", bias_types=["random"], pairs=4, m_easy=[2], d0_seeds=[3], chains=2,
+                   generations=2, reply_tokens=40)
+    cells = fam.cells(p)
+    full = fam.run(p, cells, _ctx(FixedReplies(tiny_scorer, [ACRONYM_REPLY]), tiny))
+    monkeypatch.setenv(INTERRUPT_ENV, "1")
+    with pytest.raises(ChainInterrupted):
+        fam.run(p, cells, _ctx(FixedReplies(tiny_scorer, [ACRONYM_REPLY]), tiny, workdir=tmp_path))
+    monkeypatch.delenv(INTERRUPT_ENV)
+    sc = FixedReplies(tiny_scorer, [ACRONYM_REPLY])
+    resumed = fam.run(p, cells, _ctx(sc, tiny, workdir=tmp_path))
+    assert len(sc.calls) == 1                                   # only generation 2 ran again
+    for k in full:
+        np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
