@@ -25,7 +25,18 @@ produced pairs): ``share_common`` = fraction with Zipf ≥ ``common_zipf`` (defa
 least 10 per million words); ``mean_rank`` = mean 1-based rank in
 ``wordfreq.top_n_list("en", rank_top)`` (a word outside that list counts as ``rank_top + 1``);
 ``mean_zipf``. Also ``n_valid`` per generation and the text of every reply and kept pair.
-Checkpointed after every generation like :mod:`.chains`.
+Checkpointed after every generation (:mod:`.generational`).
+
+``protocol: paper`` runs the original notebook instead (:mod:`.acronym_paper`: templates,
+reply parsing, pool filter): cells = bias type × ``m_easy`` × temperature T × d⁰ seed × chain;
+d⁰ = ``m_easy`` pairs of ``easy_set`` (acronym word ranked ≤ ``rank_top``) and ``pairs − m_easy``
+of ``hard_set`` (ranked beyond), shuffled; generation g: one reply of ``pairs`` (M) pairs from
+agent 1 (T) or 2 (T/2), parsed pairs join the pool, the filter picks ``d^g``. Paper arrays:
+``data_output`` / ``data_input`` / ``data_rank`` / ``data_generation`` (generation, pair) = d^g;
+``produced_*`` (generation, produced) the parsed pairs of the reply (at most 2M kept);
+``mean_rank`` / ``prod_mean_rank`` / ``share_top`` / ``mean_len`` (generation,) over the acronym
+words; ``n_parsed``, ``n_invalid``, ``n_spelled``, ``redraws``, ``agent``, ``temperature_used``,
+``carried``, ``reply``.
 """
 
 from __future__ import annotations
@@ -33,16 +44,18 @@ from __future__ import annotations
 import itertools
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
 
 from ..errors import ConfigError
-from ..prompts import Prompt, encode_prompt
+from ..prompts import Prompt, render
+from ..stimuli import StimulusList
+from . import acronym_paper as AP
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .checkpoint import start_or_resume, maybe_interrupt
+from .base import ArraySpec, Params, Protocol, RenderedCell, cell_seed, use_chat
+from .generational import GenerationalFamily, GenState
 
 INIT_PAIRS = [
     "FREEDOM: friends run east every day on mountains",
@@ -105,7 +118,18 @@ def word_stats(pairs: list[tuple[str, list[str]]], common_zipf: float, top: int)
     return float(np.mean(z >= common_zipf)), float(r.mean()), float(z.mean())
 
 
+def pool_filter(kind: str, valid: list, keep: int, rng: np.random.Generator) -> list:
+    """Pool-and-filter: top / bottom ``keep`` by mean Zipf of the input words, or a random ``keep``."""
+    if kind == "none":
+        idx = sorted(rng.choice(len(valid), size=min(keep, len(valid)), replace=False).tolist())
+        return [valid[j] for j in idx]
+    score = [float(np.mean([zipf(w) for w in ws])) for _, ws in valid]
+    order = sorted(range(len(valid)), key=lambda j: (-score[j] if kind == "most" else score[j], j))
+    return [valid[j] for j in order[:keep]]
+
+
 class AcronymParams(Params):
+    protocol: Protocol = "clean"
     filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],
                                                             min_length=1)
     length: int = Field(7, ge=2, le=20)
@@ -119,20 +143,79 @@ class AcronymParams(Params):
     max_new_tokens: int = Field(40, ge=4)
     temperature: float = Field(1.0, ge=0.0)
     common_zipf: float = 4.0
-    rank_top: int = Field(50000, ge=100)
+    rank_top: int = Field(50000, ge=100)         # paper: 60000 unless set (the original's COCA 60k list)
     variant: Literal["auto", "base", "instruct"] = "auto"
+    # ---- paper protocol only (acronym_paper.py)
+    bias_types: list[Literal["easy", "hard", "easylong", "easyshort", "random", "imitation"]] = Field(
+        default_factory=lambda: ["easy", "hard"], min_length=1)
+    personas: dict[str, str] = Field(default_factory=lambda: dict(AP.PERSONAS))
+    easy_set: StimulusList = Field("set:acronym_easy", validate_default=True)
+    hard_set: StimulusList = Field("set:acronym_hard", validate_default=True)
+    pairs: int = Field(20, ge=1, le=200)          # M: pairs asked per reply and kept by the filter
+    m_easy: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [10], min_length=1)
+    temperatures: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [1.0], min_length=1)
+    d0_seeds: list[int] = Field(default_factory=lambda: [10086, 42, 14843, 1314], min_length=1)
+    reply_tokens: int = Field(1200, ge=16)
+    max_redraws: int = Field(2, ge=0)
+
+    def model_post_init(self, _ctx) -> None:
+        if self.protocol == "paper" and "rank_top" not in self.model_fields_set:
+            self.rank_top = 60000
+
+
+def _seed_pairs(p: AcronymParams, key: str) -> list[tuple[str, str]]:
+    try:
+        return [AP.seed_pair(x) for x in getattr(p, key)]
+    except ValueError as e:
+        raise ConfigError(f"params.{key}", str(e), allowed=["'ACRONYM: word1, word2, ...'",
+                                                             "'ACRONYM<TAB>word1 word2 ...'"]) from None
+
+
+def _halves(p: AcronymParams) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The easy set's pairs ranked within ``rank_top`` and the hard set's ranked beyond it."""
+    easy = [x for x in _seed_pairs(p, "easy_set") if rank(x[0], p.rank_top) <= p.rank_top]
+    hard = [x for x in _seed_pairs(p, "hard_set") if rank(x[0], p.rank_top) > p.rank_top]
+    return easy, hard
+
+
+def paper_d0(p: AcronymParams, cell: dict, seed: int) -> list[tuple[str, str]]:
+    """``generate_d0``: m_easy easy + (M − m_easy) hard pairs, shuffled, by (seed, m_easy, d0 seed)."""
+    easy, hard = _halves(p)
+    rng = np.random.default_rng(cell_seed(seed, "acronym-d0", cell["m_easy"], cell["d0_seed"]))
+    pick_e = rng.choice(len(easy), size=cell["m_easy"], replace=False)
+    pick_h = rng.choice(len(hard), size=p.pairs - cell["m_easy"], replace=False)
+    d0 = [easy[j] for j in pick_e] + [hard[j] for j in pick_h]
+    return [d0[j] for j in rng.permutation(len(d0))]
 
 
 @register
-class AcronymFamily(Family):
+class AcronymFamily(GenerationalFamily):
     name = "acronym"
     Params = AcronymParams
+    first_step = 1
 
     def cells(self, p: AcronymParams) -> list[dict]:
+        if p.protocol == "paper":
+            return [{"bias_type": b, "m_easy": me, "temperature": float(t), "d0_seed": d, "sample": s}
+                    for b, me, t, d, s in itertools.product(p.bias_types, p.m_easy, p.temperatures, p.d0_seeds,
+                                                            range(p.chains))]
         return [{"filter": f, "sample": s} for f, s in itertools.product(p.filters, range(p.chains))]
 
     def arrays(self, p: AcronymParams) -> dict[str, ArraySpec]:
         g = p.generations + 1
+        if p.protocol == "paper":
+            M, P = p.pairs, 2 * p.pairs
+            out = {f"data_{k}": ArraySpec(("generation", "pair"), (g, M), t)
+                   for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("generation", "int32"))}
+            out.update({f"produced_{k}": ArraySpec(("generation", "produced"), (g, P), t)
+                        for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("spelled", "bool"))})
+            for k in ("mean_rank", "prod_mean_rank", "share_top", "mean_len", "temperature_used"):
+                out[k] = ArraySpec(("generation",), (g,), "float64")
+            for k in ("n_parsed", "n_invalid", "n_spelled", "redraws", "agent"):
+                out[k] = ArraySpec(("generation",), (g,), "int32")
+            out["carried"] = ArraySpec(("generation",), (g,), "bool")
+            out["reply"] = ArraySpec(("generation",), (g,), "str")
+            return out
         k = max(p.keep, len(p.init_pairs))
         out = {"n_valid": ArraySpec(("generation",), (g,), "int32"),
                "carried": ArraySpec(("generation",), (g,), "bool"),
@@ -144,10 +227,21 @@ class AcronymFamily(Family):
         return out
 
     def coords(self, p: AcronymParams) -> dict[str, list]:
+        if p.protocol == "paper":
+            return {"generation": list(range(p.generations + 1)), "pair": list(range(p.pairs)),
+                    "produced": list(range(2 * p.pairs))}
         return {"generation": list(range(p.generations + 1)), "reply": list(range(p.pool)),
                 "kept": list(range(max(p.keep, len(p.init_pairs))))}
 
     def validate(self, p: AcronymParams, tokenizer, model_kind: str) -> None:
+        try:
+            zipf("the")
+        except ModuleNotFoundError as e:
+            raise ConfigError("family", "the acronym family needs the 'wordfreq' package (pip install wordfreq)") \
+                from e
+        if p.protocol == "paper":
+            self._validate_paper(p)
+            return
         for i, s in enumerate(p.init_pairs):
             if parse_pair(s, p.length) is None:
                 raise ConfigError(f"params.init_pairs[{i}]", f"{s!r} is not a valid pair",
@@ -156,12 +250,22 @@ class AcronymFamily(Family):
             raise ConfigError("params.shots", f"{p.shots} shots but a generation holds only "
                               f"min(keep, len(init_pairs)) = {min(p.keep, len(p.init_pairs))} pairs",
                               allowed=[f"[1, {min(p.keep, len(p.init_pairs))}]"])
-        try:
-            zipf("the")
-        except ModuleNotFoundError as e:
-            raise ConfigError("family", "the acronym family needs the 'wordfreq' package (pip install wordfreq)") \
-                from e
 
+    def _validate_paper(self, p: AcronymParams) -> None:
+        missing = [b for b in p.bias_types if b not in p.personas]
+        if missing:
+            raise ConfigError("params.personas", f"no persona for bias types {missing}", allowed=sorted(AP.PERSONAS))
+        easy, hard = _halves(p)
+        for m in p.m_easy:
+            if m > p.pairs:
+                raise ConfigError("params.m_easy", f"{m} easy pairs of M = {p.pairs}", allowed=[f"[0, {p.pairs}]"])
+            if m > len(easy) or p.pairs - m > len(hard):
+                raise ConfigError("params.easy_set" if m > len(easy) else "params.hard_set",
+                                  f"d0 needs {m} easy and {p.pairs - m} hard pairs; the sets hold {len(easy)} easy "
+                                  f"(acronym ranked <= {p.rank_top}) and {len(hard)} hard (ranked beyond)",
+                                  allowed=[f"m_easy in [{max(0, p.pairs - len(hard))}, {min(p.pairs, len(easy))}]"])
+
+    # ------------------------------------------------------------------ prompts
     def prompt(self, p: AcronymParams, shown: list[str], model_kind: str) -> Prompt:
         block = "\n".join(shown) + "\n"
         chat = use_chat(p.variant, model_kind)
@@ -169,55 +273,46 @@ class AcronymFamily(Family):
             return Prompt(text=block, messages=(("user", p.instruction),))
         return Prompt(text=f"{p.instruction}\n\n{block}")
 
-    def run(self, p: AcronymParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
-        G, C = p.generations, len(cells)
-        tok = ctx.tokenizer
-        rngs = [np.random.default_rng(cell_seed(ctx.seed, "acronym", sorted(c.items()))) for c in cells]
-        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
-        if start is None:
-            init = [parse_pair(s, p.length) for s in p.init_pairs]
-            sc, mr, mz = word_stats(init, p.common_zipf, p.rank_top)  # type: ignore[arg-type]
-            for i in range(C):
-                arr["kept"][i, 0, : len(init)] = [format_pair(*x) for x in init]  # type: ignore[misc]
-                arr["n_valid"][i, 0] = len(init)
-                for pre in ("", "prod_"):
-                    arr[pre + "share_common"][i, 0], arr[pre + "mean_rank"][i, 0], arr[pre + "mean_zipf"][i, 0] = \
-                        sc, mr, mz
-            start = 1
-        for g in range(start, G + 1):
-            prompts, seeds = [], []
-            for i in range(C):
-                prev = [s for s in arr["kept"][i, g - 1] if s]
-                for _ in range(p.pool):
-                    shown = [prev[j] for j in rngs[i].choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
-                    prompts.append(encode_prompt(tok, self.prompt(p, shown, ctx.model_kind)))
-                    seeds.append(int(rngs[i].integers(0, 2**62)))
-            outs = ctx.scorer.generate(prompts, p.max_new_tokens, seeds, temperature=p.temperature,
-                                       stop_strings=["\n"])
-            for i, c in enumerate(cells):
-                texts = [tok.decode(o, skip_special_tokens=True) for o in outs[i * p.pool: (i + 1) * p.pool]]
-                arr["replies"][i, g] = [t.split("\n", 1)[0] for t in texts]
-                valid = [x for x in (parse_pair(t, p.length) for t in texts) if x is not None]
-                arr["n_valid"][i, g] = len(valid)
-                if not valid:
-                    kept = [parse_pair(s, p.length) for s in arr["kept"][i, g - 1] if s]
-                    arr["carried"][i, g] = True
-                else:
-                    kept = self._filter(c["filter"], valid, p.keep, rngs[i])
-                arr["kept"][i, g, : len(kept)] = [format_pair(*x) for x in kept]  # type: ignore[misc]
-                for pre, pairs in (("", kept), ("prod_", valid)):
-                    s = word_stats(pairs, p.common_zipf, p.rank_top)  # type: ignore[arg-type]
-                    arr[pre + "share_common"][i, g], arr[pre + "mean_rank"][i, g], arr[pre + "mean_zipf"][i, g] = s
-            ck.save({k: (v.astype(str) if v.dtype == object else v) for k, v in arr.items()}, g + 1, rngs)
-            maybe_interrupt(g)
-        return {k: (v.astype(str) if v.dtype == object else v) for k, v in arr.items()}
+    def paper_prompt(self, p: AcronymParams, cell: dict, data: list[tuple[str, str]], model_kind: str) -> Prompt:
+        """System = persona, user = the request (base models: persona, newline, request, blank line)."""
+        persona = p.personas[cell["bias_type"]]
+        user = AP.request(data, p.pairs, persona)
+        if use_chat(p.variant, model_kind):
+            return Prompt(text="", messages=(("system", persona), ("user", user)))
+        return Prompt(text=f"{persona}\n{user}\n\n")
 
-    @staticmethod
-    def _filter(kind: str, valid: list, keep: int, rng: np.random.Generator) -> list:
-        """Pool-and-filter: top / bottom ``keep`` by mean Zipf of the input words, or a random ``keep``."""
-        if kind == "none":
-            idx = sorted(rng.choice(len(valid), size=min(keep, len(valid)), replace=False).tolist())
-            return [valid[j] for j in idx]
-        score = [float(np.mean([zipf(w) for w in ws])) for _, ws in valid]
-        order = sorted(range(len(valid)), key=lambda j: (-score[j] if kind == "most" else score[j], j))
-        return [valid[j] for j in order[:keep]]
+    def render(self, p: AcronymParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """Generation 1's request (clean: the first of the chain's ``pool`` prompts)."""
+        out = []
+        for c in cells:
+            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
+            if p.protocol == "paper":
+                pr = self.paper_prompt(p, c, paper_d0(p, c, seed), model_kind)
+                gen = {"max_new_tokens": p.reply_tokens, "temperature": c["temperature"], "agent": 1}
+            else:
+                prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
+                shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
+                pr = self.prompt(p, shown, model_kind)
+                gen = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "stop_strings": ["\n"],
+                       "seed": int(rng.integers(0, 2**62))}
+            out.append(RenderedCell(cell={**c, "generation": 1}, text=render(pr, tokenizer), generation=gen))
+        return out
+
+    # ------------------------------------------------------------------ run (GenerationalFamily)
+    def rng_key(self, p: AcronymParams, cell: dict) -> tuple:
+        return ("acronym", sorted(cell.items()))
+
+    def last_generation(self, p: AcronymParams) -> int:
+        return p.generations
+
+    _filter = staticmethod(pool_filter)
+
+    def init(self, s: GenState) -> None:
+        from .acronym_run import clean_init, paper_init
+
+        (paper_init if s.p.protocol == "paper" else clean_init)(self, s)
+
+    def step(self, s: GenState, g: int) -> None:
+        from .acronym_run import clean_step, paper_step
+
+        (paper_step if s.p.protocol == "paper" else clean_step)(self, s, g)

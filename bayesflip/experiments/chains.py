@@ -39,7 +39,7 @@ Arrays per cell (``generation`` = 0..G, reads after ``data[g]``, G+1 engine read
 ``outcomes`` (generation, slot) the outcomes of ``data[g]`` (-1 beyond ``n``); ``redraws``
 (generation,) rejected draws before ``data[g]`` was accepted; ``accepted`` (generation,).
 
-Resume: progress is checkpointed after every generation (:mod:`.checkpoint`).
+Resume: progress is checkpointed after every generation (:mod:`.generational`, :mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ from pydantic import Field
 
 from ..engine import ChoiceRequest, choice_distribution
 from ..errors import ConfigError
-from ..prompts import Prompt, encode_piece, encode_prompt
+from ..prompts import Prompt, encode_piece, encode_prompt, render
 from ..bayes import entropy as _entropy
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .checkpoint import start_or_resume, maybe_interrupt
+from ..domain import draw
+from .base import ArraySpec, Params, RenderedCell, cell_seed, use_chat
+from .generational import GenerationalFamily, GenState
 from .icl import COIN, DIE
 from .seq import validate_sequence_pieces
 
@@ -95,13 +96,6 @@ def initial_outcomes(k_choices: int, n: int, init: int, init_choice: int, rng: n
     return seq[rng.permutation(n)]
 
 
-def draw(probs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` i.i.d. draws from ``probs`` by inverse CDF of ``rng.random(size)``."""
-    cdf = np.cumsum(probs)
-    cdf[-1] = 1.0
-    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), len(probs) - 1).astype(np.int64)
-
-
 def tempered(logprobs: np.ndarray, tau: float) -> np.ndarray:
     """``p^(1/τ)`` renormalised = softmax(logprob / τ)."""
     z = np.asarray(logprobs, dtype=np.float64) / tau
@@ -110,7 +104,7 @@ def tempered(logprobs: np.ndarray, tau: float) -> np.ndarray:
 
 
 @register
-class ChainFamily(Family):
+class ChainFamily(GenerationalFamily):
     name = "chains"
     Params = ChainParams
 
@@ -159,44 +153,61 @@ class ChainFamily(Family):
                                   allowed=[f"[0, {min(p.n)}]"])
         validate_sequence_pieces(tokenizer, self.head(p, model_kind), _spec(p)["choices"], p.separator)
 
-    # ------------------------------------------------------------------ run
-    def run(self, p: ChainParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+    def render(self, p: ChainParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """Generation 0's read: the head, then the seeded initial outcomes each followed by the separator."""
         choices = _spec(p)["choices"]
-        K, G, C = len(choices), p.generations, len(cells)
-        tok = ctx.tokenizer
-        head_ids = encode_prompt(tok, self.head(p, ctx.model_kind))
-        choice_ids = [encode_piece(tok, c) for c in choices]
-        sep_ids = encode_piece(tok, p.separator)
-        piece = [c + sep_ids for c in choice_ids]
+        out = []
+        for c in cells:
+            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
+            seq = initial_outcomes(len(choices), c["n"], c["init"], p.init_choice, rng)
+            text = render(self.head(p, model_kind), tokenizer) + "".join(choices[int(o)] + p.separator for o in seq)
+            out.append(RenderedCell(cell={**c, "generation": 0}, text=text, choices=list(choices)))
+        return out
 
-        def context(seq) -> list[int]:
-            ids = list(head_ids)
-            for o in seq:
-                ids += piece[int(o)]
-            return ids
+    # ------------------------------------------------------------------ run (GenerationalFamily)
+    def rng_key(self, p: ChainParams, cell: dict) -> tuple:
+        return ("chains", p.process, sorted(cell.items()))
 
-        rngs = [np.random.default_rng(cell_seed(ctx.seed, "chains", p.process, sorted(c.items()))) for c in cells]
-        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
-        if start is None:
-            for i, c in enumerate(cells):
-                seq = initial_outcomes(K, c["n"], c["init"], p.init_choice, rngs[i])
-                self._set_data(arr, i, 0, seq, K, redraws=0, accepted=self._accept(p, c, seq))
-            start = 0
+    def last_generation(self, p: ChainParams) -> int:
+        return p.generations
 
-        for g in range(start, G + 1):
-            datas = [arr["outcomes"][i, g, : c["n"]] for i, c in enumerate(cells)]
-            lps = ctx.scorer.score_choices([ChoiceRequest(context(d), choice_ids) for d in datas])
-            lp = np.stack(lps)
-            probs, off = choice_distribution(lp)
-            arr["logprobs"][:, g] = lp
-            arr["probs"][:, g] = probs
-            arr["entropy"][:, g] = _entropy(probs)
-            arr["off_mass"][:, g] = off
-            if g < G:
-                self._produce(p, cells, ctx, arr, g, lp, probs, datas, rngs, context, choice_ids, K)
-            ck.save(arr, g + 1, rngs)
-            maybe_interrupt(g)
-        return arr
+    def _pieces(self, s: GenState):
+        """(context(seq) -> ids, choice ids), built once per run from the tokenizer."""
+        if "pieces" not in s.cache:
+            tok = s.ctx.tokenizer
+            head_ids = encode_prompt(tok, self.head(s.p, s.ctx.model_kind))
+            choice_ids = [encode_piece(tok, c) for c in _spec(s.p)["choices"]]
+            sep_ids = encode_piece(tok, s.p.separator)
+            piece = [c + sep_ids for c in choice_ids]
+
+            def context(seq) -> list[int]:
+                ids = list(head_ids)
+                for o in seq:
+                    ids += piece[int(o)]
+                return ids
+
+            s.cache["pieces"] = (context, choice_ids)
+        return s.cache["pieces"]
+
+    def init(self, s: GenState) -> None:
+        K = len(_spec(s.p)["choices"])
+        for i, c in enumerate(s.cells):
+            seq = initial_outcomes(K, c["n"], c["init"], s.p.init_choice, s.rngs[i])
+            self._set_data(s.arr, i, 0, seq, K, redraws=0, accepted=self._accept(s.p, c, seq))
+
+    def step(self, s: GenState, g: int) -> None:
+        p, cells, arr = s.p, s.cells, s.arr
+        K = len(_spec(p)["choices"])
+        context, choice_ids = self._pieces(s)
+        datas = [arr["outcomes"][i, g, : c["n"]] for i, c in enumerate(cells)]
+        lp = np.stack(s.ctx.scorer.score_choices([ChoiceRequest(context(d), choice_ids) for d in datas]))
+        probs, off = choice_distribution(lp)
+        arr["logprobs"][:, g] = lp
+        arr["probs"][:, g] = probs
+        arr["entropy"][:, g] = _entropy(probs)
+        arr["off_mass"][:, g] = off
+        if g < p.generations:
+            self._produce(p, cells, s.ctx, arr, g, lp, probs, datas, s.rngs, context, choice_ids, K)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -44,7 +44,23 @@ Metrics per generation (for ``P`` and, prefixed ``eff_``, for ``P_eff``):
 Also stored: ``probs`` (generation, hypothesis) = P; ``on_mass``; ``check_yes``
 (generation, hypothesis) = y(h) (NaN unless self_check); ``rule`` the sampled hypothesis;
 ``inputs`` / ``outputs`` (generation, example) the subset and value indices of ``d^g`` (-1 pad).
-Checkpointed after every generation like :mod:`.chains`.
+Checkpointed after every generation (:mod:`.generational`).
+
+``protocol: paper`` runs the original game instead (:mod:`.rules_paper` holds its templates):
+objects ``A, B, C, D, screen``; cells = bias × position (start / end / both; ``none`` once) ×
+interaction × h* (``h_indices``: the original's ``H_INDEX`` into the 162 rules with screen ≠
+off, product order) × temperature × d⁰ seed × chain. d⁰ = ``d0_size`` inputs on which h* and
+h̄ (h* with screen off) agree. Generation g: the rule request (system = game prompt, the last
+``look_back`` rounds of history, user = ``HD`` with ``d^g``), P(h) read exactly over the 243
+rules stated as ``Rule: {"A": ..., "screen": ...}``; the stated rule
+``h_g ~ softmax(log P_eff / T)``; interaction ``self`` / ``hypothesis`` as model turns (the
+refined rule is read exactly the same way after the refinement prompt and drawn likewise;
+``hypothesis`` only when h_g misses an example of d⁰); then the model **writes** ``examples``
+new examples from the passed rule (one seeded sample of the reply at temperature T, redrawn
+up to ``max_redraws`` times while fewer than M parse), and the first M valid ones are
+``d^{g+1}``. Extra paper arrays: ``probs_refined``, ``rule_passed``, ``refined``,
+``n_examples``, ``n_invalid``, ``redraws``, ``n_consistent`` (examples the passed rule
+reproduces), ``carried`` (no valid example: d^g kept) and ``reply`` (the accepted reply text).
 """
 
 from __future__ import annotations
@@ -52,7 +68,7 @@ from __future__ import annotations
 import itertools
 import json
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -60,10 +76,11 @@ from pydantic import Field, field_validator
 from ..bayes import entropy as _entropy
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
-from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, encode_prompt, render
+from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, render
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .checkpoint import start_or_resume, maybe_interrupt
+from . import rules_paper as RP
+from .base import ArraySpec, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .generational import GenerationalFamily, GenState
 
 OBJECTS = ("A", "B", "C", "D", "E")
 VALUES = ("on", "off", "und")
@@ -89,15 +106,15 @@ def hypotheses() -> tuple[tuple[str, ...], ...]:
     return tuple(itertools.product(VALUES, repeat=len(OBJECTS)))
 
 
-@lru_cache(maxsize=1)
-def subsets() -> tuple[tuple[str, ...], ...]:
-    """The 31 non-empty subsets of A..E, by size then lexicographically."""
-    return tuple(s for r in range(1, len(OBJECTS) + 1) for s in itertools.combinations(OBJECTS, r))
+@lru_cache(maxsize=4)
+def subsets(objects: tuple[str, ...] = OBJECTS) -> tuple[tuple[str, ...], ...]:
+    """The 31 non-empty subsets of the objects, by size then in object order (A..E: lexicographic)."""
+    return tuple(s for r in range(1, len(objects) + 1) for s in itertools.combinations(objects, r))
 
 
-def rule_output(rule: dict | tuple, subset) -> str:
+def rule_output(rule: dict | tuple, subset, objects: tuple[str, ...] = OBJECTS) -> str:
     """on if any object of the subset is on, else und if any is und, else off."""
-    vals = [rule[o] if isinstance(rule, dict) else rule[OBJECTS.index(o)] for o in subset]
+    vals = [rule[o] if isinstance(rule, dict) else rule[objects.index(o)] for o in subset]
     if "on" in vals:
         return "on"
     if "und" in vals:
@@ -116,12 +133,13 @@ def output_table() -> np.ndarray:
     return np.array([[VALUES.index(rule_output(h, s)) for s in subsets()] for h in hypotheses()], dtype=np.int64)
 
 
-def parse_subset(text: str) -> int:
+def parse_subset(text: str, objects: tuple[str, ...] = OBJECTS) -> int:
     """``"A, C"`` → index into :func:`subsets`."""
-    objs = tuple(sorted(x.strip() for x in text.split(",") if x.strip()))
-    if objs not in subsets():
-        raise ValueError(f"{text!r} is not a non-empty set of distinct objects from {', '.join(OBJECTS)}")
-    return subsets().index(objs)
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    objs = tuple(sorted(names, key=lambda o: objects.index(o) if o in objects else -1))
+    if objs not in subsets(objects):
+        raise ValueError(f"{text!r} is not a non-empty set of distinct objects from {', '.join(objects)}")
+    return subsets(objects).index(objs)
 
 
 def render_examples(inputs, outputs) -> str:
@@ -140,6 +158,27 @@ def next_examples(h: int, m: int, rng: np.random.Generator) -> tuple[np.ndarray,
     return ins, output_table()[h, ins]
 
 
+def consistent_pair(h_star: int, screen: int) -> np.ndarray:
+    """Subset indices on which h* and h̄ (h* with the screen off) give the same output."""
+    h = hypotheses()[h_star]
+    bar = hypotheses().index(tuple("off" if k == screen else v for k, v in enumerate(h)))
+    tab = output_table()
+    return np.flatnonzero(tab[h_star] == tab[bar])
+
+
+def tempered_pick(w: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """One draw from ``w^(1/T)`` renormalised (T = 0: the first argmax, no uniform used)."""
+    w = np.asarray(w, dtype=np.float64)
+    if temperature == 0:
+        return int(np.argmax(w))
+    with np.errstate(divide="ignore"):
+        z = np.log(w) / temperature
+    z = np.exp(z - z.max())
+    cdf = np.cumsum(z / z.sum())
+    cdf[-1] = 1.0
+    return int(min(np.searchsorted(cdf, rng.random(), side="right"), len(w) - 1))
+
+
 def metrics(P: np.ndarray, acc0: np.ndarray, screen: int) -> dict[str, float]:
     """entropy, p_screen_off, acc_d0, both of a distribution over the 243 rules."""
     off = np.array([h[screen] == "off" for h in hypotheses()])
@@ -149,11 +188,15 @@ def metrics(P: np.ndarray, acc0: np.ndarray, screen: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- params
+Interaction = Literal["none", "self_check", "refine", "self", "hypothesis"]
+PAPER_INTERACTIONS = ("self", "hypothesis")            # model turns of the original (paper protocol only)
+
+
 class RulesParams(Params):
+    protocol: Protocol = "clean"
     biases: list[str] = Field(default_factory=lambda: ["strong", "medium", "weak", "none"], min_length=1)
     bias_sentences: dict[str, str] = Field(default_factory=lambda: dict(BIAS_SENTENCES))
-    interactions: list[Literal["none", "self_check", "refine"]] = Field(default_factory=lambda: ["none"],
-                                                                         min_length=1)
+    interactions: list[Interaction] = Field(default_factory=lambda: ["none"], min_length=1)
     screen: Literal["A", "B", "C", "D", "E"] = "A"
     true_rule: dict[str, Literal["on", "off", "und"]] = Field(
         default_factory=lambda: {"A": "off", "B": "on", "C": "off", "D": "und", "E": "off"})
@@ -168,6 +211,16 @@ class RulesParams(Params):
     check_answers: tuple[str, str] = (" yes", " no")
     choice_chunk: int = Field(81, ge=1, le=243)       # rules per engine call (each copies the context's KV cache)
     variant: Literal["auto", "base", "instruct"] = "auto"
+    # ---- paper protocol only (the original game, rules_paper.py)
+    positions: list[Literal["start", "end", "both"]] = Field(default_factory=lambda: ["start"], min_length=1)
+    h_indices: list[Annotated[int, Field(ge=0, le=161)]] = Field(default_factory=lambda: [0, 33], min_length=1)
+    d0_size: int = Field(4, ge=1, le=30)
+    d0_seeds: list[int] = Field(default_factory=lambda: [10086, 14843, 42, 1314, 916, 1024], min_length=1)
+    temperatures: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [1.0, 0.5, 0.1],
+                                                                   min_length=1)
+    look_back: int = Field(2, ge=0)
+    max_new_tokens: int = Field(160, ge=8)
+    max_redraws: int = Field(3, ge=0)
 
     @field_validator("true_rule")
     @classmethod
@@ -183,18 +236,40 @@ def _init_data(p: RulesParams) -> tuple[np.ndarray, np.ndarray]:
     return ins, outs
 
 
+def feasible_rules() -> list[int]:
+    """The original's ``hcomp_df``: indices (into the 243) of the rules whose last object (screen) is not off."""
+    return [k for k, h in enumerate(hypotheses()) if h[-1] != "off"]
+
+
+def paper_d0(p: RulesParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """d⁰ of a paper cell: ``d0_size`` inputs where h* and h̄ agree, by (experiment seed, h_index, d0 seed)."""
+    h = feasible_rules()[cell["h_index"]]
+    rng = np.random.default_rng(cell_seed(seed, "rules-d0", cell["h_index"], cell["d0_seed"]))
+    ins = RP.sample_d0(consistent_pair(h, len(OBJECTS) - 1), p.d0_size, rng)
+    return ins.astype(np.int64), output_table()[h, ins]
+
+
+# ---------------------------------------------------------------------------- family
 @register
-class RulesFamily(Family):
+class RulesFamily(GenerationalFamily):
     name = "rules"
     Params = RulesParams
 
     def cells(self, p: RulesParams) -> list[dict]:
-        return [{"bias": b, "interaction": it, "sample": s}
-                for b, it, s in itertools.product(p.biases, p.interactions, range(p.chains))]
+        if p.protocol == "clean":
+            return [{"bias": b, "interaction": it, "sample": s}
+                    for b, it, s in itertools.product(p.biases, p.interactions, range(p.chains))]
+        conds = [(b, pos) for b in p.biases for pos in (["none"] if b == "none" else p.positions)]
+        return [{"bias": b, "position": pos, "interaction": it, "h_index": h, "temperature": float(t),
+                 "d0_seed": d, "sample": s}
+                for (b, pos), it, h, t, d, s in itertools.product(conds, p.interactions, p.h_indices, p.temperatures,
+                                                                   p.d0_seeds, range(p.chains))]
+
+    def _m(self, p: RulesParams) -> int:
+        return max(p.examples, p.d0_size if p.protocol == "paper" else len(p.init_inputs))
 
     def arrays(self, p: RulesParams) -> dict[str, ArraySpec]:
-        g, H = p.generations + 1, len(hypotheses())
-        m = max(p.examples, len(p.init_inputs))
+        g, H, m = p.generations + 1, len(hypotheses()), self._m(p)
         out = {"probs": ArraySpec(("generation", "hypothesis"), (g, H), "float64"),
                "check_yes": ArraySpec(("generation", "hypothesis"), (g, H), "float32"),
                "on_mass": ArraySpec(("generation",), (g,), "float64"),
@@ -204,11 +279,30 @@ class RulesFamily(Family):
         for pre in ("", "eff_"):
             for k in ("entropy", "p_screen_off", "acc_d0", "both"):
                 out[pre + k] = ArraySpec(("generation",), (g,), "float64")
+        if p.protocol == "paper":
+            out.update({"probs_refined": ArraySpec(("generation", "hypothesis"), (g, H), "float64"),
+                        "rule_passed": ArraySpec(("generation",), (g,), "int32"),
+                        "refined": ArraySpec(("generation",), (g,), "bool"),
+                        "n_examples": ArraySpec(("generation",), (g,), "int32"),
+                        "n_invalid": ArraySpec(("generation",), (g,), "int32"),
+                        "redraws": ArraySpec(("generation",), (g,), "int32"),
+                        "n_consistent": ArraySpec(("generation",), (g,), "int32"),
+                        "carried": ArraySpec(("generation",), (g,), "bool"),
+                        "reply": ArraySpec(("generation",), (g,), "str")})
         return out
 
+    def objects(self, p: RulesParams) -> tuple[str, ...]:
+        return RP.OBJECTS if p.protocol == "paper" else OBJECTS
+
+    def rule_texts(self, p: RulesParams) -> list[str]:
+        """The 243 teacher-forced continuations of the prefill ``Rule:``."""
+        if p.protocol == "paper":
+            return [" " + RP.rule_json(h) for h in hypotheses()]
+        return [" " + rule_text(h) for h in hypotheses()]
+
     def coords(self, p: RulesParams) -> dict[str, list]:
-        return {"hypothesis": [rule_text(h) for h in hypotheses()], "generation": list(range(p.generations + 1)),
-                "example": list(range(max(p.examples, len(p.init_inputs))))}
+        return {"hypothesis": [t[1:] for t in self.rule_texts(p)], "generation": list(range(p.generations + 1)),
+                "example": list(range(self._m(p)))}
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, p: RulesParams, bias: str, inputs, outputs, model_kind: str) -> Prompt:
@@ -226,15 +320,25 @@ class RulesFamily(Family):
         for b in p.biases:
             if b not in p.bias_sentences:
                 raise ConfigError("params.biases", f"unknown bias {b!r}", allowed=sorted(p.bias_sentences))
-        for s in p.init_inputs:
-            try:
-                parse_subset(s)
-            except ValueError as e:
-                raise ConfigError("params.init_inputs", str(e), allowed=["'A'", "'A, C'", "... (subsets of A-E)"]) \
-                    from None
-        ins, outs = _init_data(p)
-        texts = [" " + rule_text(h) for h in hypotheses()]
-        ctx_text = render(self.prompt(p, p.biases[0], ins, outs, model_kind), tokenizer)
+        if p.protocol == "clean":
+            bad = [i for i in p.interactions if i in PAPER_INTERACTIONS]
+            if bad:
+                raise ConfigError("params.interactions", f"{bad} are model turns of the paper protocol",
+                                  allowed=["none", "self_check", "refine"])
+            for s in p.init_inputs:
+                try:
+                    parse_subset(s)
+                except ValueError as e:
+                    raise ConfigError("params.init_inputs", str(e),
+                                      allowed=["'A'", "'A, C'", "... (subsets of A-E)"]) from None
+        else:
+            for h in p.h_indices:
+                n = len(consistent_pair(feasible_rules()[h], len(OBJECTS) - 1))
+                if n < p.d0_size:
+                    raise ConfigError("params.d0_size", f"h_index {h} has only {n} inputs on which h* and h-bar "
+                                      f"agree", allowed=[f"[1, {n}]"])
+        texts = self.rule_texts(p)
+        ctx_text = self.render(p, self.cells(p)[:1], tokenizer, model_kind, 0)[0].text
         encode_choices(tokenizer, texts, context_text=ctx_text)  # boundary after the prefill, prefix-free
         if "self_check" in p.interactions:
             for t in texts[:1] + texts[-1:]:
@@ -245,12 +349,34 @@ class RulesFamily(Family):
             if any(len(a) != 1 for a in a_ids) or a_ids[0] == a_ids[1]:
                 raise ConfigError("params.check_answers", f"{p.check_answers} must be two distinct single tokens")
 
-    # ------------------------------------------------------------------ run
+    def render(self, p: RulesParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """Generation 0's belief read (the 243 rule strings are the choices)."""
+        from .rules_run import paper_rule_prompt
+
+        out = []
+        for c in cells:
+            if p.protocol == "paper":
+                ins, outs = paper_d0(p, c, seed)
+                pr = paper_rule_prompt(p, c, [], ins, outs, model_kind)
+            else:
+                ins, outs = _init_data(p)
+                pr = self.prompt(p, c["bias"], ins, outs, model_kind)
+            out.append(RenderedCell(cell={**c, "generation": 0}, text=render(pr, tokenizer),
+                                    choices=self.rule_texts(p)))
+        return out
+
+    # ------------------------------------------------------------------ run (GenerationalFamily)
+    def rng_key(self, p: RulesParams, cell: dict) -> tuple:
+        return ("rules", sorted(cell.items()))
+
+    def last_generation(self, p: RulesParams) -> int:
+        return p.generations
+
     def read_beliefs(self, p: RulesParams, ctx: RunContext, context: list[int], self_check: bool
                      ) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw summed log-prob l_h of every rule after ``context`` and (self_check) y(h)."""
         tok = ctx.tokenizer
-        rules = [encode_piece(tok, " " + rule_text(h)) for h in hypotheses()]
+        rules = [encode_piece(tok, t) for t in self.rule_texts(p)]
         H = len(rules)
         lp = np.zeros(H)
         yes = np.full(H, np.nan) if self_check else None
@@ -268,48 +394,16 @@ class RulesFamily(Family):
                 yes[lo: lo + n] = 1.0 / (1.0 + np.exp(vals[2 * n: 3 * n] - vals[n: 2 * n]))  # type: ignore[index]
         return lp, yes
 
-    def run(self, p: RulesParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
-        G, C, H = p.generations, len(cells), len(hypotheses())
-        screen = OBJECTS.index(p.screen)
-        ins0, outs0 = _init_data(p)
-        acc0 = accuracy(ins0, outs0)
-        consistent0 = (acc0 == 1.0).astype(float)
-        rngs = [np.random.default_rng(cell_seed(ctx.seed, "rules", sorted(c.items()))) for c in cells]
-        arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)
-        if start is None:
-            arr["inputs"][:, 0, : len(ins0)] = ins0
-            arr["outputs"][:, 0, : len(outs0)] = outs0
-            start = 0
-        for g in range(start, G + 1):
-            for i, c in enumerate(cells):
-                m = p.examples if g > 0 else len(ins0)
-                ins, outs = arr["inputs"][i, g, :m], arr["outputs"][i, g, :m]
-                context = encode_prompt(ctx.tokenizer, self.prompt(p, c["bias"], ins, outs, ctx.model_kind))
-                lp, yes = self.read_beliefs(p, ctx, context, c["interaction"] == "self_check")
-                on_mass = float(np.exp(lp).sum())
-                P = np.exp(lp - lp.max())
-                P /= P.sum()
-                if c["interaction"] == "self_check":
-                    w = P * yes
-                    arr["check_yes"][i, g] = yes
-                elif c["interaction"] == "refine":
-                    w = P * consistent0
-                else:
-                    w = P
-                eff = w / w.sum()
-                arr["probs"][i, g] = P
-                arr["on_mass"][i, g] = on_mass
-                for pre, dist in (("", P), ("eff_", eff)):
-                    for k, v in metrics(dist, acc0, screen).items():
-                        arr[pre + k][i, g] = v
-                cdf = np.cumsum(eff)
-                cdf[-1] = 1.0
-                h = int(min(np.searchsorted(cdf, rngs[i].random(), side="right"), H - 1))
-                arr["rule"][i, g] = h
-                if g < G:
-                    new_in, new_out = next_examples(h, p.examples, rngs[i])
-                    arr["inputs"][i, g + 1, : p.examples] = new_in
-                    arr["outputs"][i, g + 1, : p.examples] = new_out
-            ck.save(arr, g + 1, rngs)
-            maybe_interrupt(g)
-        return arr
+    def init(self, s: GenState) -> None:
+        p = s.p
+        for i, c in enumerate(s.cells):
+            ins, outs = paper_d0(p, c, s.ctx.seed) if p.protocol == "paper" else _init_data(p)
+            s.arr["inputs"][i, 0, : len(ins)] = ins
+            s.arr["outputs"][i, 0, : len(outs)] = outs
+            if p.protocol == "paper":
+                s.arr["n_examples"][i, 0] = len(ins)
+
+    def step(self, s: GenState, g: int) -> None:
+        from .rules_run import clean_step, paper_step
+
+        (paper_step if s.p.protocol == "paper" else clean_step)(self, s, g)

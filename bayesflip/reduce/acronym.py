@@ -93,7 +93,25 @@ def _fig(inp: FamilyInput, exp: str, tab: pd.DataFrame) -> Figure:
 
 @register_reducer("acronym")
 def reduce_acronym(inp: FamilyInput) -> ReducedFamily:
-    cells = pd.concat([cell_table(st) for st in inp.stores], ignore_index=True)
+    """Clean stores here; ``protocol: paper`` stores in :mod:`.acronym_paper` (own tables, figures, section)."""
+    from . import acronym_paper
+
+    paper = [st for st in inp.stores if str(st.params.get("protocol", "clean")) == "paper"]
+    clean = [st for st in inp.stores if str(st.params.get("protocol", "clean")) != "paper"]
+    out = _reduce_clean(inp, clean) if clean else ReducedFamily(tables={}, figures=[], summary={"models": {}},
+                                                                sections=[])
+    if paper:
+        tables, figs, summ, sec = acronym_paper.section(inp, paper)
+        out.tables.update(tables)
+        out.figures.extend(figs)
+        for m, v in summ.items():
+            out.summary["models"].setdefault(m, {}).update(v)
+        out.sections.append(sec)
+    return out
+
+
+def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:
+    cells = pd.concat([cell_table(st) for st in stores], ignore_index=True)
     tab = by_generation(cells)
     figs = [_fig(inp, e, tab) for e in sorted(tab["experiment"].unique())]
     last = tab.loc[tab.groupby(["experiment", "model", "filter"])["generation"].idxmax()]

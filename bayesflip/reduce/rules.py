@@ -149,11 +149,33 @@ def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
                   "(solid none, dashed self-check, dotted refinement).")
 
 
+def _protocol(st: StoreData) -> str:
+    return str(st.params.get("protocol", "clean"))
+
+
 @register_reducer("rules")
 def reduce_rules(inp: FamilyInput) -> ReducedFamily:
-    cells = pd.concat([cell_table(st) for st in inp.stores], ignore_index=True)
+    """Clean stores here; ``protocol: paper`` stores in :mod:`.rules_paper` (own tables, figures, section)."""
+    from . import rules_paper
+
+    paper = [st for st in inp.stores if _protocol(st) == "paper"]
+    clean = [st for st in inp.stores if _protocol(st) != "paper"]
+    out = _reduce_clean(inp, clean) if clean else ReducedFamily(tables={}, figures=[], summary={"models": {}},
+                                                                sections=[])
+    if paper:
+        tables, figs, summ, sec = rules_paper.section(inp, paper)
+        out.tables.update(tables)
+        out.figures.extend(figs)
+        for m, v in summ.items():
+            out.summary["models"].setdefault(m, {}).update(v)
+        out.sections.append(sec)
+    return out
+
+
+def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:
+    cells = pd.concat([cell_table(st) for st in stores], ignore_index=True)
     tab = by_generation(cells)
-    figs = [_fig(inp, e, m, tab) for e, m in sorted({(st.experiment, st.model) for st in inp.stores})]
+    figs = [_fig(inp, e, m, tab) for e, m in sorted({(st.experiment, st.model) for st in stores})]
     last = tab.loc[tab.groupby(["experiment", "model", "bias", "interaction"])["generation"].idxmax()]
     first = tab[tab["generation"] == 0]
     show_cols = ["experiment", "model", "bias", "interaction", "generation", "n_chains", "entropy", "p_screen_off",
