@@ -61,7 +61,7 @@ def test_markov_cells_and_matrices_are_deterministic():
     ({"kinds": ["uniform", "zigzag"]}, "params.kinds.1", "'uniform', 'sticky' or 'random'"),
     ({"sticky_prob": 1.3}, "params.sticky_prob", "[0, 1]"),
     ({"sticky_prob": -0.2}, "params.sticky_prob", "[0, 1]"),
-    ({"init": "first"}, "params.init", "'stationary' or 'uniform'"),
+    ({"init": "first"}, "params.init", "'stationary', 'uniform' or 'start'"),
 ])
 def test_markov_bad_config_names_key_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as ei:
