@@ -3,6 +3,7 @@
 A family's params inherit :class:`GenerationFields`::
 
     generation: explicit | model_defaults   (default explicit)
+    do_sample: bool | null                   (null: temperature > 0, or the model's under model_defaults)
     temperature: float ≥ 0 | null            (0 = greedy; null = 1.0, or the model's under model_defaults)
     top_k: int ≥ 0 | null                    (null / 0 = no top-k cut)
     top_p: float in (0, 1] | null            (null / 1 = no nucleus cut)
@@ -11,9 +12,12 @@ A family's params inherit :class:`GenerationFields`::
 ``generation: explicit`` uses exactly these fields. ``generation: model_defaults`` starts from
 the model's own ``generation_config`` the way a ``transformers`` text-generation pipeline does
 (``do_sample``, ``temperature``, ``top_k``, ``top_p``; an unset ``top_k`` is HF's default 50), and
-then applies every field that is not null on top (so ``temperature: 1.0`` in a config means ``do_sample=True, temperature=1.0`` as in the coin-flip study's
-``pipe(..., temperature=1.0, do_sample=True)``). A model whose generation config does not sample
-decodes greedily unless the config sets a temperature > 0.
+then applies every field that is not null on top, as keyword arguments of ``generate`` do: the
+coin-flip study's ``pipe(..., temperature=1.0, do_sample=True)`` is ``generation: model_defaults,
+temperature: 1.0, do_sample: true``, and its ``model.generate(..., temperature=0.7)`` (which samples
+only when the model's generation config says ``do_sample``) is ``generation: model_defaults,
+temperature: 0.7``. A model whose generation config does not sample decodes greedily unless
+``do_sample: true``.
 
 :meth:`GenerationSettings.engine_kwargs` gives the keyword arguments of
 :meth:`bayesflip.engine.Scorer.generate` (``temperature`` 0 for greedy, ``top_k``, ``top_p``).
@@ -56,6 +60,7 @@ class GenerationFields(BaseModel):
     """Mixin for family params (see module docstring)."""
 
     generation: Literal["explicit", "model_defaults"] = "explicit"
+    do_sample: Optional[bool] = None
     temperature: Optional[Annotated[float, Field(ge=0.0)]] = None
     top_k: Optional[Annotated[int, Field(ge=0)]] = None
     top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
@@ -78,13 +83,13 @@ def resolve(p: GenerationFields, model=None) -> GenerationSettings:
     """The settings of ``p`` for ``model`` (``model`` only matters for ``generation: model_defaults``)."""
     if p.generation == "explicit":
         t = 1.0 if p.temperature is None else p.temperature
-        return GenerationSettings(do_sample=t > 0, temperature=t, top_k=p.top_k, top_p=p.top_p,
+        return GenerationSettings(do_sample=t > 0 if p.do_sample is None else p.do_sample, temperature=t, top_k=p.top_k, top_p=p.top_p,
                                   max_new_tokens=p.max_new_tokens)
     base = model_generation_defaults(model) if model is not None else {
         "do_sample": False, "temperature": 1.0, "top_k": HF_DEFAULT_TOP_K, "top_p": 1.0}
     for k in _FIELDS:
         if getattr(p, k) is not None:
             base[k] = getattr(p, k)
-    if p.temperature is not None:
-        base["do_sample"] = p.temperature > 0
+    if p.do_sample is not None:
+        base["do_sample"] = p.do_sample
     return GenerationSettings(max_new_tokens=p.max_new_tokens, **base)

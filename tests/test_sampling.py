@@ -99,14 +99,15 @@ def test_generation_settings_resolve():
     s = resolve(P(generation="model_defaults"), M())
     assert (s.do_sample, s.temperature, s.top_k, s.top_p) == (True, 0.6, 50, 0.9)
     s = resolve(P(generation="model_defaults", temperature=1.0), M())
-    assert (s.temperature, s.top_k, s.top_p) == (1.0, 50, 0.9)
+    assert (s.do_sample, s.temperature, s.top_k, s.top_p) == (True, 1.0, 50, 0.9)
 
     class G:
         class generation_config:
             do_sample = False
 
     assert resolve(P(generation="model_defaults"), G()).engine_kwargs()["temperature"] == 0.0
-    assert resolve(P(generation="model_defaults", temperature=1.0), G()).describe() == {
+    assert resolve(P(generation="model_defaults", temperature=0.7), G()).engine_kwargs()["temperature"] == 0.0
+    assert resolve(P(generation="model_defaults", temperature=1.0, do_sample=True), G()).describe() == {
         "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": None, "max_new_tokens": 128}
     assert isinstance(s, GenerationSettings)
     with pytest.raises(Exception):

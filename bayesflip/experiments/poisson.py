@@ -67,7 +67,7 @@ coordinate ``prefix_words``); with ``insertion: paper`` one marker follows **eac
 one too) when a Poisson(λ) draw is > 0 (per-word rate 1 − e^−λ); ``insertion: gaps`` puts
 k ~ Poisson(λ) markers in each gap instead. One marked story per (marker, λ, n), shared by its samples
 (as the original drew it once per condition). Sampling defaults to ``generation: model_defaults``
-with ``temperature: 1.0`` (the HF pipeline call), 100 new tokens, 10 samples. Counting is the
+with ``temperature: 1.0, do_sample: true`` (the HF pipeline call), 100 new tokens, 10 samples. Counting is the
 paper's on the continuation alone: ``n_markers`` = number of marker characters, ``n_gaps`` = words
 of the continuation with the markers removed (``λ̂ = n_markers / n_gaps``); a sample with no word
 is invalid and is redrawn (seed attempt a = 1, 2, … up to ``max_attempts``; ``n_attempts`` records
@@ -106,7 +106,7 @@ PAPER_ICL_USER = "Complete the following story: {story}"
 STORY = "file:stimuli/poisson_story.txt"
 # what `protocol: paper` sets when the config leaves the key out
 PAPER_DEFAULTS = {"markers": list(PAPER_MARKERS), "lambdas": [0.1, 0.3, 0.5, 0.7, 0.9], "samples": 10,
-                  "max_new_tokens": 100, "generation": "model_defaults", "temperature": 1.0,
+                  "max_new_tokens": 100, "generation": "model_defaults", "temperature": 1.0, "do_sample": True,
                   "story_words": [100, 250, 500], "insertion": "paper"}
 
 INSTRUCTION = ('Write a short story. As you write, insert the "{marker}" character between words at a frequency '
