@@ -400,6 +400,16 @@ class Scorer:
         mass[g][q] = mean over the chosen layers and all heads of Σ_{k∈group g} A[layer, head, q, k].
         Needs eager attention; only these reduced numbers leave this function.
         """
+        return self.attention_stats(ids, query_positions, key_groups, layers)["mean"]
+
+    def attention_stats(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],
+                        layers: Sequence[int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Both reductions of one eager forward pass, per group g and query q:
+
+        * ``mean``: mean over the chosen layers and all heads of Σ_{k∈g} A[l, h, q, k];
+        * ``max``:  Σ_{k∈g} max_l max_h A[l, h, q, k] — per key, the coin-flip study's metric
+          (``get_attention_weight_icl.py``: max over heads, then over layers), summed over the group.
+        """
         self._check_len(len(ids), "attention prompt")
         model = getattr(self.model, "module", self.model)
         prev = getattr(model.config, "_attn_implementation", "sdpa")
@@ -417,13 +427,17 @@ class Scorer:
             # the mean over heads and layers commutes with the sum over keys: reduce every layer
             # to its head-averaged query rows (Q, T) once, then sum each group's columns
             rows = torch.zeros((len(q), len(ids)), dtype=torch.float32)
+            rows_max = torch.zeros((len(q), len(ids)), dtype=torch.float32)  # attention weights are ≥ 0
             for li in chosen:
-                rows += atts[li][0][:, q.to(atts[li].device)].float().mean(0).cpu()  # (heads, Q, T) -> (Q, T)
+                a = atts[li][0][:, q.to(atts[li].device)].float()  # (heads, Q, T)
+                rows += a.mean(0).cpu()
+                rows_max = torch.maximum(rows_max, a.amax(0).cpu())
             rows /= len(chosen)
-            res = {}
+            res: dict[str, dict[str, np.ndarray]] = {"mean": {}, "max": {}}
             for g, keys in key_groups.items():
                 k = torch.tensor(list(keys), dtype=torch.long)
-                res[g] = (rows[:, k].sum(-1) if len(k) else torch.zeros(len(q))).numpy().astype(np.float64)
+                for how, r in (("mean", rows), ("max", rows_max)):
+                    res[how][g] = (r[:, k].sum(-1) if len(k) else torch.zeros(len(q))).numpy().astype(np.float64)
             return res
         finally:
             if prev != "eager":
