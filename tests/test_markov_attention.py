@@ -176,3 +176,18 @@ def test_attention_family_masses_and_logprobs(smol):
     assert np.array_equal(out["outcomes"], ref["outcomes"])
     assert np.abs(out["logprobs"] - ref["logprobs"]).max() < 1e-5
     assert np.allclose(out["p_true"], 0.5)
+
+
+def test_markov_clean_render_is_the_scored_sequence(tiny):
+    from bayesflip.experiments.seq import build_curve
+    from bayesflip.prompts import encode_text
+
+    fam = get_family("markov")
+    p = fam.Params(kinds=["sticky"], samples=1, n_steps=5)
+    cells = fam.cells(p)
+    assert cells == [{"kind": "sticky", "matrix_name": "sticky", "sample": 0}]
+    r = fam.render(p, cells, tiny.tokenizer, "std", 4)[0]
+    x = fam.trajectory(p, cells[0], 4)[2]
+    assert r.text == "Here is a sequence of states visited by a Markov chain over the states A, B, C and D:" + "".join(
+        p.states[s] + "," for s in x)
+    assert encode_text(tiny.tokenizer, r.text) == build_curve(tiny.tokenizer, fam.head(p, "std"), p.states, x, ",").ids
