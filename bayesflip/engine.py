@@ -13,8 +13,9 @@ Narrow interface (in the spirit of lm-evaluation-harness's ``loglikelihood`` /
   ``p+1``. A multi-token choice is read from the same pass when its leading tokens are the
   sequence's own next tokens; otherwise it branches from the cache (last position) or is
   scored as a separate context (rare; counted in ``stats.fallback_contexts``).
-* :meth:`Scorer.generate` — seeded sampling (one ``torch.Generator`` per row, so a row's
-  sample does not depend on the other rows of its batch).
+* :meth:`Scorer.generate` — seeded sampling on the model's device (one ``torch.Generator`` per
+  row, so a row's sample does not depend on the other rows of its batch; temperature, top-k,
+  top-p, inverse-CDF draw; only the sampled ids come back to the host).
 
 Batches are length-sorted and right-padded, with attention masks and explicit position
 ids; only the logits at the positions that are read are computed (``logits_to_keep``).

@@ -59,7 +59,7 @@ def test_poisson_paper_icl_story_from_file(tmp_path, tiny, smol):
     fam = get_family("poisson")
     p = fam.Params(protocol="paper", mode="icl", story=f"file:{path}", story_words=[8, 30], markers=["*", "<"],
                    lambdas=[0.5, 10.0], samples=2)
-    assert p.story.split() == words
+    assert p.story.split() == words and fam.Params(protocol="paper").story is None
     cells = fam.cells(p)
     assert {c["prefix_words"] for c in cells} == {8, 30} and len(cells) == 2 * 2 * 2 * 2
     base = fam.render(p, cells, tiny.tokenizer, "std", 11)

@@ -119,6 +119,13 @@ class MarkovParams(Params):
             data = {**{k: v for k, v in PAPER_DEFAULTS.items() if k not in data}, **data}
         return data
 
+    @model_validator(mode="after")
+    def _some_matrix(self):
+        if not (self.kinds or self.named or self.non_uniformity or self.custom):
+            raise ValueError("no matrices: kinds, named, non_uniformity and custom are all empty "
+                             "(allowed: at least one of them non-empty)")
+        return self
+
 
 def non_uniform_matrix(n_states: int, u: float, rng: np.random.Generator) -> np.ndarray:
     """The study's non-uniformity sweep: ``clip(1/S + U(−1, 1)·u, 0)``, rows renormalised (a zero row → uniform)."""

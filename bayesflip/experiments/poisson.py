@@ -81,7 +81,7 @@ import functools
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -89,7 +89,7 @@ from pydantic import Field, model_validator
 from ..errors import ConfigError
 from ..generation import GenerationFields
 from ..prompts import Prompt, render
-from ..stimuli import StimulusText
+from ..stimuli import StimulusText, load_text
 from . import register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
 from .gentext import sample_with
@@ -135,7 +135,7 @@ class PoissonParams(Params, GenerationFields):
     icl_user: str = "Please continue the story."
     filler: str = "pydoc"
     # protocol: paper
-    story: StimulusText = Field(STORY, validate_default=True)
+    story: Optional[StimulusText] = None   # None: bayesflip's own story (STORY)
     story_words: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100, 250, 500], min_length=1)
     insertion: Literal["paper", "gaps"] = "paper"
     max_attempts: int = Field(10, ge=1)
@@ -220,6 +220,11 @@ def make_prefix(n_words: int, marker: str, lam: float, rng: np.random.Generator,
 
 
 # ---------------------------------------------------------------------------- paper protocol
+def story_text(p: "PoissonParams") -> str:
+    """The ICL story of the paper protocol: ``params.story`` or bayesflip's own."""
+    return p.story if p.story is not None else load_text(STORY)
+
+
 def paper_lam(lam: float) -> str:
     """λ as the original's f-string prints a Python float: ``0.1`` → ``'0.1'``."""
     return f"{float(lam)}"
@@ -302,7 +307,7 @@ class PoissonFamily(Family):
         """The marked story of a paper icl cell: one per (marker, λ, story length), shared by its samples."""
         rng = np.random.default_rng(cell_seed(seed, "poisson-paper-story", p.insertion, cell["marker"], cell["lam"],
                                               cell["prefix_words"]))
-        return mark_story(p.story, cell["prefix_words"], cell["marker"], cell["lam"], rng, p.insertion)
+        return mark_story(story_text(p), cell["prefix_words"], cell["marker"], cell["lam"], rng, p.insertion)
 
     def prompt(self, p: PoissonParams, cell: dict, model_kind: str, seed: int) -> Prompt:
         chat = self.chat(p, model_kind)
@@ -331,7 +336,7 @@ class PoissonFamily(Family):
             raise ConfigError("params.variant", "instruct variant needs a tokenizer with a chat template",
                               allowed=["auto", "base"])
         if p.protocol == "paper":
-            n = len(p.story.split())
+            n = len(story_text(p).split())
             if p.mode == "icl" and max(p.story_words) > n:
                 raise ConfigError("params.story_words", f"{max(p.story_words)} words requested, the story has {n}",
                                   allowed=[f"[1, {n}]"])
