@@ -19,6 +19,9 @@ only when the model's generation config says ``do_sample``) is ``generation: mod
 temperature: 0.7``. A model whose generation config does not sample decodes greedily unless
 ``do_sample: true``.
 
+Under ``model_defaults`` the generating families also store the resolved settings per cell
+(string array ``generation_config``, JSON; :func:`provenance_array`).
+
 :meth:`GenerationSettings.engine_kwargs` gives the keyword arguments of
 :meth:`bayesflip.engine.Scorer.generate` (``temperature`` 0 for greedy, ``top_k``, ``top_p``).
 """
@@ -68,6 +71,16 @@ class GenerationFields(BaseModel):
 
     def generation_settings(self, model=None) -> GenerationSettings:
         return resolve(self, model)
+
+
+def provenance_array(p: GenerationFields, settings: GenerationSettings, n: int):
+    """Per-cell JSON of the resolved settings (families store it as ``generation_config`` under
+    ``generation: model_defaults``, where the values depend on the model)."""
+    import json
+
+    import numpy as np
+
+    return np.asarray([json.dumps(settings.describe(), sort_keys=True)] * n, dtype=str)
 
 
 def model_generation_defaults(model) -> dict:

@@ -92,6 +92,10 @@ def test_poisson_paper_run_counts_the_continuation(tiny):
         assert 1 <= out["n_attempts"][i] <= p.max_attempts
     again = fam.run(p, fam.cells(p), ctx)
     assert list(again["text"]) == list(out["text"])
+    import json
+    assert json.loads(str(out["generation_config"][0])) == {   # tiny's generation config: HF defaults
+        "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": None, "max_new_tokens": 12}
+    assert set(out) == set(fam.arrays(p))
 
 
 # ---------------------------------------------------------------------------- F: markov

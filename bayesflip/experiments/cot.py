@@ -66,7 +66,7 @@ from pydantic import model_validator
 
 from ..engine import score_prompts
 from ..errors import ConfigError
-from ..generation import GenerationFields
+from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, encode_choices, encode_piece, normalize_ws, render
 from ..stimuli import StimulusList
 from . import register
@@ -281,7 +281,8 @@ class CoTFamily(Family):
                 "p_stated": ArraySpec(("choice",), (k,), "float64"),
                 "cot": ArraySpec((), (), "str"),
                 "cot_tokens": ArraySpec((), (), "int32"),
-                "stopped": ArraySpec((), (), "bool")}
+                "stopped": ArraySpec((), (), "bool"),
+                **({"generation_config": ArraySpec((), (), "str")} if p.generation == "model_defaults" else {})}
 
     def coords(self, p: CoTParams) -> dict[str, list]:
         return {"choice": self.spec(p)["choices"]}
@@ -349,4 +350,6 @@ class CoTFamily(Family):
                 "p_stated": np.stack([self.p_stated(p, c) for c in cells]),
                 "cot": np.asarray(reasons, dtype=str),
                 "cot_tokens": np.asarray([len(encode_piece(tok, r)) if r else 0 for r in reasons], dtype=np.int32),
-                "stopped": np.asarray(stopped, dtype=bool)}
+                "stopped": np.asarray(stopped, dtype=bool),
+                **({"generation_config": provenance_array(p, p.generation_settings(ctx.scorer.model), len(cells))}
+                   if p.generation == "model_defaults" else {})}

@@ -87,7 +87,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from ..generation import GenerationFields
+from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, render
 from ..stimuli import StimulusText, load_text
 from . import register
@@ -293,6 +293,8 @@ class PoissonFamily(Family):
                         "prefix_n_gaps": ArraySpec((), (), "int32")})
         if p.protocol == "paper":
             out["n_attempts"] = ArraySpec((), (), "int32")
+        if p.generation == "model_defaults":
+            out["generation_config"] = ArraySpec((), (), "str")
         return out
 
     @staticmethod
@@ -396,5 +398,7 @@ class PoissonFamily(Family):
                 out["prefix_lambda_hat"].append(pc.lambda_hat)
                 out["prefix_n_markers"].append(pc.n_markers)
                 out["prefix_n_gaps"].append(pc.n_gaps)
+        if p.generation == "model_defaults":
+            out["generation_config"] = list(provenance_array(p, settings, len(cells)))
         dt = self.arrays(p)
         return {k: np.asarray(v, dtype=str if dt[k].dtype == "str" else dt[k].dtype) for k, v in out.items()}
