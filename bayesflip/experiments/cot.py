@@ -50,8 +50,8 @@ landed on `` and choices `` heads``/`` tails``; ``W(x)`` = ``' '.join(x.split())
 
 The baseline is ``W(N + " " + Q)`` (instruct: user ``W(N + " " + I)``, prefill ``W(Q)``). Paper
 defaults (keys the config leaves out): ``max_new_tokens: 20``, ``temperature: 0``, ``stop: []``,
-``no_needle: false`` for hard_coded / few_shot (they need a bias), ``samples: 1`` unless sampled
-reasoning is drawn at temperature > 0.
+``no_needle: false`` for hard_coded / few_shot (they need a bias), ``samples: 1`` for those and for
+greedy ``generation: explicit`` (10 otherwise).
 """
 
 from __future__ import annotations
