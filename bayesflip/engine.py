@@ -13,8 +13,9 @@ Narrow interface (in the spirit of lm-evaluation-harness's ``loglikelihood`` /
   ``p+1``. A multi-token choice is read from the same pass when its leading tokens are the
   sequence's own next tokens; otherwise it branches from the cache (last position) or is
   scored as a separate context (rare; counted in ``stats.fallback_contexts``).
-* :meth:`Scorer.generate` — seeded sampling (one ``torch.Generator`` per row, so a row's
-  sample does not depend on the other rows of its batch).
+* :meth:`Scorer.generate` — seeded sampling on the model's device (one ``torch.Generator`` per
+  row, so a row's sample does not depend on the other rows of its batch; temperature, top-k,
+  top-p, inverse-CDF draw; only the sampled ids come back to the host).
 
 Batches are length-sorted and right-padded, with attention masks and explicit position
 ids; only the logits at the positions that are read are computed (``logits_to_keep``).
@@ -331,38 +332,55 @@ class Scorer:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Ids], max_new_tokens: int, seeds: Sequence[int],
-                 temperature: float = 1.0, stop_strings: Sequence[str] = (), stop_at_eos: bool = True
-                 ) -> list[Ids]:
-        """Sample continuations; row i uses ``torch.Generator().manual_seed(seeds[i])``.
+                 temperature: float = 1.0, stop_strings: Sequence[str] = (), stop_at_eos: bool = True,
+                 top_k: int | None = None, top_p: float | None = None) -> list[Ids]:
+        """Sample continuations; row i draws from its own ``torch.Generator`` seeded with ``seeds[i]``.
 
-        ``temperature == 0`` is greedy decoding. Returns the new token ids of each prompt
-        (up to and including the first stop string / EOS).
+        ``temperature == 0`` is greedy decoding (argmax, equal to HF ``generate(do_sample=False)``).
+        Otherwise, on the model's device, per step: ``z = logits / temperature`` (float32), then
+        the top-k cut (``top_k``: keep the k largest, the rest −inf), then the nucleus cut
+        (``top_p``: keep the smallest set of most probable tokens whose mass reaches top_p, at
+        least one), ``p = softmax(z)``, and **inverse-CDF sampling** with one uniform u per row and
+        step from that row's generator: ``token = #{k : F_k ≤ u·F_V}`` (F the float64 cumulative
+        sum in vocabulary order), so a row's sample does not depend on the other rows of its batch.
+        Only the sampled ids leave the device. Returns the new token ids of each prompt, up to and
+        including the first EOS (``stop_at_eos``) or the token that completes a stop string; stop
+        strings are looked for in the decoded text of the last few tokens only.
         """
         if len(seeds) != len(prompts):
             raise ValueError("generate needs one seed per prompt")
+        if top_k is not None and top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 or None: no cut)")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError("top_p must lie in (0, 1] (None or 1: no cut)")
         for n, p in enumerate(prompts):
             self._check_len(len(p) + max_new_tokens, f"prompt {n} + max_new_tokens")
         eos = self.tokenizer.eos_token_id
+        stops = [s for s in stop_strings if s]
+        # a stop string of c characters lies within the decoded text of its last c + 1 tokens
+        window = max((len(s) for s in stops), default=0) + 1
         out: list[Ids] = [[] for _ in prompts]
         batches = _batches([len(p) for p in prompts], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "generate"):
             rows = [list(prompts[i]) for i in batch]
-            gens = [torch.Generator().manual_seed(int(seeds[i])) for i in batch]
             ids, mask, pos = self._pad(rows)
             lens = mask.sum(1)
             keep = torch.tensor(sorted(set((lens - 1).tolist())))
             logits, cache = self._call(ids, mask, pos, keep, use_cache=True)
             kidx = {int(p): j for j, p in enumerate(keep.tolist())}
-            step_logits = torch.stack([logits[i, kidx[int(lens[i]) - 1]] for i in range(len(rows))])
+            sel = torch.tensor([kidx[int(n) - 1] for n in lens.tolist()], device=logits.device)
+            step_logits = logits[torch.arange(len(rows), device=logits.device), sel]
+            gens = [torch.Generator(device=step_logits.device).manual_seed(int(seeds[i])) for i in batch]
             done = [False] * len(rows)
             for step in range(max_new_tokens):
-                nxt = self._sample(step_logits, temperature, gens)
+                nxt = sample_next(step_logits, temperature, gens, top_k, top_p).tolist()
                 for i, t in enumerate(nxt):
                     if done[i]:
                         continue
-                    out[batch[i]].append(t)
-                    if (stop_at_eos and t == eos) or (stop_strings and any(
-                            s in self.tokenizer.decode(out[batch[i]]) for s in stop_strings)):
+                    row = out[batch[i]]
+                    row.append(t)
+                    if (stop_at_eos and t == eos) or (stops and any(
+                            s in self.tokenizer.decode(row[-window:]) for s in stops)):
                         done[i] = True
                 if all(done) or step == max_new_tokens - 1:
                     break
@@ -375,14 +393,6 @@ class Scorer:
                 step_logits = logits[:, -1]
         return out
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> list[int]:
-        logits = logits.float().cpu()
-        if temperature == 0:
-            return logits.argmax(-1).tolist()
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]
-
     # ------------------------------------------------------------------ attention (family G)
     def attention_mass(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],
                        layers: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -390,6 +400,16 @@ class Scorer:
 
         mass[g][q] = mean over the chosen layers and all heads of Σ_{k∈group g} A[layer, head, q, k].
         Needs eager attention; only these reduced numbers leave this function.
+        """
+        return self.attention_stats(ids, query_positions, key_groups, layers)["mean"]
+
+    def attention_stats(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],
+                        layers: Sequence[int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Both reductions of one eager forward pass, per group g and query q:
+
+        * ``mean``: mean over the chosen layers and all heads of Σ_{k∈g} A[l, h, q, k];
+        * ``max``:  Σ_{k∈g} max_l max_h A[l, h, q, k] — per key, the coin-flip study's metric
+          (``get_attention_weight_icl.py``: max over heads, then over layers), summed over the group.
         """
         self._check_len(len(ids), "attention prompt")
         model = getattr(self.model, "module", self.model)
@@ -408,17 +428,54 @@ class Scorer:
             # the mean over heads and layers commutes with the sum over keys: reduce every layer
             # to its head-averaged query rows (Q, T) once, then sum each group's columns
             rows = torch.zeros((len(q), len(ids)), dtype=torch.float32)
+            rows_max = torch.zeros((len(q), len(ids)), dtype=torch.float32)  # attention weights are ≥ 0
             for li in chosen:
-                rows += atts[li][0][:, q.to(atts[li].device)].float().mean(0).cpu()  # (heads, Q, T) -> (Q, T)
+                a = atts[li][0][:, q.to(atts[li].device)].float()  # (heads, Q, T)
+                rows += a.mean(0).cpu()
+                rows_max = torch.maximum(rows_max, a.amax(0).cpu())
             rows /= len(chosen)
-            res = {}
+            res: dict[str, dict[str, np.ndarray]] = {"mean": {}, "max": {}}
             for g, keys in key_groups.items():
                 k = torch.tensor(list(keys), dtype=torch.long)
-                res[g] = (rows[:, k].sum(-1) if len(k) else torch.zeros(len(q))).numpy().astype(np.float64)
+                for how, r in (("mean", rows), ("max", rows_max)):
+                    res[how][g] = (r[:, k].sum(-1) if len(k) else torch.zeros(len(q))).numpy().astype(np.float64)
             return res
         finally:
             if prev != "eager":
                 model.set_attn_implementation(prev)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Float32 ``logits / temperature`` with the top-k and nucleus (top-p) cuts as −inf (HF's order)."""
+    z = logits.float() / temperature
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(srt, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs       # mass of the more probable tokens
+        drop = before >= top_p
+        drop[..., 0] = False                                # always keep the most probable token
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return z
+
+
+def sample_next(logits: torch.Tensor, temperature: float, gens: Sequence[torch.Generator],
+                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next token per row of ``logits`` (B, V), on their device; greedy when ``temperature == 0``.
+
+    Sampling is inverse CDF with one uniform per row from that row's generator:
+    ``token = #{k : F_k ≤ u · F_V}``, F the float64 cumulative sum of the filtered probabilities.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in gens]).to(cdf.device)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
 
 
 def choice_distribution(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

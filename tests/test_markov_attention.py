@@ -61,7 +61,7 @@ def test_markov_cells_and_matrices_are_deterministic():
     ({"kinds": ["uniform", "zigzag"]}, "params.kinds.1", "'uniform', 'sticky' or 'random'"),
     ({"sticky_prob": 1.3}, "params.sticky_prob", "[0, 1]"),
     ({"sticky_prob": -0.2}, "params.sticky_prob", "[0, 1]"),
-    ({"init": "first"}, "params.init", "'stationary' or 'uniform'"),
+    ({"init": "first"}, "params.init", "'stationary', 'uniform' or 'start'"),
 ])
 def test_markov_bad_config_names_key_and_allowed(override, key, allowed):
     with pytest.raises(ConfigError) as ei:
@@ -125,6 +125,13 @@ def test_attention_mass_matches_plain_eager_and_restores_impl(smol):
         m.set_attn_implementation(before)
     ref = np.mean([att[layer][0, :, T - 1, 0].float().mean().item() for layer in (2, 17)])
     assert abs(res["first"][0] - ref) < 1e-5
+    # the paper's metric (get_attention_weight_icl.py): max over heads, then max over layers, per key
+    st = sc.attention_stats(ids, [T - 1, 5], groups, layers=[2, 17])
+    assert all(np.array_equal(st["mean"][k], res[k]) for k in groups)
+    per_key = torch.stack([att[layer][0, :, T - 1, :].float().amax(0) for layer in (2, 17)]).amax(0)  # (T,)
+    assert abs(st["max"]["first"][0] - per_key[0].item()) < 1e-6
+    assert abs(st["max"]["upto5"][0] - per_key[:6].sum().item()) < 1e-5
+    assert st["max"]["future"][1] == 0.0 and (st["max"]["all"] >= st["mean"]["all"] - 1e-6).all()
     with pytest.raises(IndexError):                      # an error inside still restores the implementation
         sc.attention_mass(ids, [T - 1], {"all": range(T)}, layers=[999])
     assert _attn_impl(smol) == before
@@ -154,6 +161,9 @@ def test_attention_family_masses_and_logprobs(smol):
     assert np.abs(parts - 1).max() < TOL
     assert np.abs(mass[..., g["heads_outcomes"]] + mass[..., g["tails_outcomes"]] - mass[..., g["outcomes"]]).max() < 1e-5
     assert np.abs(per.sum(-1) - mass[..., g["outcomes"]]).max() < 1e-5
+    amax, amax_o = out["attn_max"][0].astype(np.float64), out["attn_max_outcome"][0].astype(np.float64)
+    assert amax.shape == mass.shape and amax_o.shape == per.shape
+    assert (amax >= mass - 1e-6).all() and np.abs(amax_o.sum(-1) - amax[..., g["outcomes"]]).max() < 1e-5
     future = np.arange(n)[None, :] >= np.arange(n + 1)[:, None]               # outcome j ≥ read i
     assert np.all(per[:, future] == 0) and per[:, ~future].min() > 0           # causal mask: exactly 0
     for i in range(n + 1):
@@ -166,3 +176,18 @@ def test_attention_family_masses_and_logprobs(smol):
     assert np.array_equal(out["outcomes"], ref["outcomes"])
     assert np.abs(out["logprobs"] - ref["logprobs"]).max() < 1e-5
     assert np.allclose(out["p_true"], 0.5)
+
+
+def test_markov_clean_render_is_the_scored_sequence(tiny):
+    from bayesflip.experiments.seq import build_curve
+    from bayesflip.prompts import encode_text
+
+    fam = get_family("markov")
+    p = fam.Params(kinds=["sticky"], samples=1, n_steps=5)
+    cells = fam.cells(p)
+    assert cells == [{"kind": "sticky", "matrix_name": "sticky", "sample": 0}]
+    r = fam.render(p, cells, tiny.tokenizer, "std", 4)[0]
+    x = fam.trajectory(p, cells[0], 4)[2]
+    assert r.text == "Here is a sequence of states visited by a Markov chain over the states A, B, C and D:" + "".join(
+        p.states[s] + "," for s in x)
+    assert encode_text(tiny.tokenizer, r.text) == build_curve(tiny.tokenizer, fam.head(p, "std"), p.states, x, ",").ids

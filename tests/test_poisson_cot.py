@@ -161,3 +161,24 @@ def test_cot_die_cells_and_layout():
     assert chat.messages == (("user", "When I roll dice they land on 6 40% of the time. Please roll a die and "
                               "tell me which number it landed on. Let's think step by step."),)
     assert chat.text == "R.\nI rolled a die and it landed on"
+
+
+def test_clean_render_lists_what_run_feeds(tiny):
+    from bayesflip.prompts import render
+
+    fam = get_family("poisson")
+    for mode in ("explicit", "icl"):
+        p = fam.Params(mode=mode, markers=["#"], lambdas=[0.5], samples=2, prefix_words=12)
+        cells = fam.cells(p)
+        rs = fam.render(p, cells, tiny.tokenizer, "std", 9)
+        assert [r.cell for r in rs] == cells
+        assert [r.text for r in rs] == [render(fam.prompt(p, c, "std", 9), tiny.tokenizer) for c in cells]
+        assert rs[0].generation["temperature"] == 1.0 and rs[0].generation["max_new_tokens"] == 128
+    cot = get_family("cot")
+    p = cot.Params(biases=[50], no_needle=False, samples=1)
+    rs = cot.render(p, cot.cells(p), tiny.tokenizer, "std", 0)
+    assert [r.cell["stage"] for r in rs] == ["generate", "cot", "baseline"]
+    assert rs[0].text == ("When I flip coins they land on heads 50% of the time. Question: I am going to toss a coin. "
+                          "Will it land on heads or tails?\nAnswer: Let's think step by step.")
+    assert rs[1].text == rs[0].text + "{reasoning}\nI tossed a coin and it landed on"
+    assert rs[2].choices == [" heads", " tails"] and rs[0].generation["stop"] == ["\n\n"]

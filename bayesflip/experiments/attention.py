@@ -22,11 +22,23 @@ Layer sets (``layer_sets``) are relative depth ranges ``[lo, hi)`` so one config
 of any depth: layer l of L belongs to a set if ``lo·L ≤ l < hi·L`` (``hi = 1`` includes the
 last layer). Each set costs one eager forward pass.
 
-Arrays per cell: ``mass`` (layer_set, position, group); ``mass_outcome`` (layer_set,
-position, flip) = mass on outcome j's tokens (if ``per_outcome``); ``logprobs`` (position,
+The coin-flip study's metric (``get_attention_weight_icl.py``: attention from the last position to
+every input token, maximum over heads, then maximum over layers) is stored next to the mean, from
+the same pass: ``attn_max(i, K) = Σ_{k ∈ K} max_{l ∈ layer set} max_h A[l, h, q_i, k]`` (the
+study's per-token values summed over the group; the read at q_i is the last position of the
+prefix prompt of i outcomes, since causal attention at q_i ignores later tokens).
+
+Arrays per cell: ``mass`` (layer_set, position, group); ``attn_max`` (layer_set, position,
+group); ``mass_outcome`` / ``attn_max_outcome`` (layer_set, position, flip) = mean / max mass on
+outcome j's tokens (if ``per_outcome``); ``logprobs`` (position,
 choice) choice log-probs at the same read positions (``score_curves``), ``outcomes`` (flip,),
 ``p_true`` (position, choice) as in ``icl``, and ``layer_range`` (layer_set, bound) = the
 [first, last+1) layer indices used for this model.
+
+``protocol`` (``clean`` | ``paper``) selects the ICL family's prompts: the sequences are built by
+:class:`~bayesflip.experiments.icl.ICLFamily` (``head``, ``sample_outcomes``, ``build_curve``), so
+the paper's ICL rendering applies here as soon as the icl family implements it; until then
+``paper`` is refused in :meth:`AttentionFamily.validate`.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from ..engine import CurveRequest
 from ..errors import ConfigError
 from ..prompts import encode_piece, encode_prompt
 from . import register
-from .base import ArraySpec, RunContext
+from .base import ArraySpec, Protocol, RunContext
 from .icl import ICLFamily, ICLParams, _spec, per_flip_probs
 from .seq import build_curve
 
@@ -55,6 +67,7 @@ class AttentionParams(ICLParams):
     layer_sets: dict[str, tuple[Frac, Frac]] = Field(default_factory=lambda: {"all": (0.0, 1.0)}, min_length=1)
     read_stride: int = Field(1, ge=1)   # read positions 0, s, 2s, ... ≤ n_flips
     per_outcome: bool = True
+    protocol: Protocol = "clean"
 
 
 def read_indices(p: AttentionParams) -> list[int]:
@@ -103,12 +116,14 @@ class AttentionFamily(ICLFamily):
     def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:
         k, n, r, ls = len(_spec(p)["choices"]), p.n_flips, len(read_indices(p)), len(p.layer_sets)
         out = {"mass": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
+               "attn_max": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
                "logprobs": ArraySpec(("position", "choice"), (r, k)),
                "outcomes": ArraySpec(("flip",), (n,), "int32"),
                "p_true": ArraySpec(("position", "choice"), (r, k)),
                "layer_range": ArraySpec(("layer_set", "bound"), (ls, 2), "int32")}
         if p.per_outcome:
             out["mass_outcome"] = ArraySpec(("layer_set", "position", "flip"), (ls, r, n))
+            out["attn_max_outcome"] = ArraySpec(("layer_set", "position", "flip"), (ls, r, n))
         return out
 
     def coords(self, p: AttentionParams) -> dict[str, list]:
@@ -120,6 +135,9 @@ class AttentionFamily(ICLFamily):
             if not lo < hi:
                 raise ConfigError(f"params.layer_sets.{name}", f"range [{lo}, {hi}) is empty",
                                   allowed=["[lo, hi) with 0 <= lo < hi <= 1"])
+        if p.protocol == "paper" and "protocol" not in ICLParams.model_fields:
+            raise ConfigError("params.protocol", "the icl family has no paper rendering in this version",
+                              allowed=["clean"])
         super().validate(p, tokenizer, model_kind)
 
     def resolve_layers(self, p: AttentionParams, n_layers: int) -> dict[str, list[int]]:
@@ -149,8 +167,9 @@ class AttentionFamily(ICLFamily):
         head_len = len(encode_prompt(tok, head))
         sep_len = len(encode_piece(tok, p.separator))
         clens = [len(encode_piece(tok, c)) for c in choices]
-        mass = np.zeros((len(cells), len(sets), len(ridx), len(names)))
-        mass_o = np.zeros((len(cells), len(sets), len(ridx), p.n_flips))
+        shape = (len(cells), len(sets), len(ridx), len(names))
+        shape_o = (len(cells), len(sets), len(ridx), p.n_flips)
+        red = {"mean": (np.zeros(shape), np.zeros(shape_o)), "max": (np.zeros(shape), np.zeros(shape_o))}
         for ci, (r, o) in enumerate(zip(reqs, outs)):
             ospans, sspans = token_spans(head_len, clens, sep_len, o)
             groups = {"prompt": range(head_len), "all": range(len(r.ids)),
@@ -161,25 +180,29 @@ class AttentionFamily(ICLFamily):
             fixed = {g: groups[g] for g in names if g in groups}
             per = {f"o{j}": s for j, s in enumerate(ospans)} if need_per else {}
             for li, idx in enumerate(sets.values()):
-                res = ctx.scorer.attention_mass(r.ids, r.positions, {**fixed, **per}, layers=idx)
-                for gi, g in enumerate(names):
-                    if g in fixed:
-                        mass[ci, li, :, gi] = res[g]
-                if need_per:
-                    po = np.stack([res[f"o{j}"] for j in range(p.n_flips)], axis=1)  # (position, flip)
-                    mass_o[ci, li] = po
-                    if "recent" in p.key_groups:
-                        gi = names.index(f"recent_{p.recent_k}")
-                        for pi, i in enumerate(ridx):
-                            mass[ci, li, pi, gi] = po[pi, max(0, i - p.recent_k): i].sum()
+                stats = ctx.scorer.attention_stats(r.ids, r.positions, {**fixed, **per}, layers=idx)
+                for how, (mass, mass_o) in red.items():
+                    res = stats[how]
+                    for gi, g in enumerate(names):
+                        if g in fixed:
+                            mass[ci, li, :, gi] = res[g]
+                    if need_per:
+                        po = np.stack([res[f"o{j}"] for j in range(p.n_flips)], axis=1)  # (position, flip)
+                        mass_o[ci, li] = po
+                        if "recent" in p.key_groups:
+                            gi = names.index(f"recent_{p.recent_k}")
+                            for pi, i in enumerate(ridx):
+                                mass[ci, li, pi, gi] = po[pi, max(0, i - p.recent_k): i].sum()
         p_true = []
         for c in cells:
             rows = per_flip_probs(p, c)
             p_true.append(np.vstack([rows, rows[-1:]])[ridx])
         lr = np.array([[idx[0], idx[-1] + 1] for idx in sets.values()], dtype=np.int32)
-        out = {"mass": mass.astype(np.float32), "logprobs": np.stack(curves).astype(np.float32),
+        out = {"mass": red["mean"][0].astype(np.float32), "attn_max": red["max"][0].astype(np.float32),
+               "logprobs": np.stack(curves).astype(np.float32),
                "outcomes": np.stack(outs), "p_true": np.stack(p_true).astype(np.float32),
                "layer_range": np.repeat(lr[None], len(cells), axis=0)}
         if p.per_outcome:
-            out["mass_outcome"] = mass_o.astype(np.float32)
+            out["mass_outcome"] = red["mean"][1].astype(np.float32)
+            out["attn_max_outcome"] = red["max"][1].astype(np.float32)
         return out

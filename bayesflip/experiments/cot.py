@@ -29,6 +29,29 @@ Arrays per cell: ``logprobs`` (choice,) summed choice log-probs after the CoT pr
 ``logprobs_baseline`` (choice,) after the baseline prompt, ``p_stated`` (choice,) the stated
 distribution (coin [b, 1−b]; die b on ``face``, (1−b)/5 elsewhere; NaN without needle),
 ``cot`` (the text R), ``cot_tokens``, ``stopped``.
+
+**protocol: paper** (coin; the coin-flip study's ``cot_sample.py`` and
+``configs/exps/contextual/coin_flip_cot_*.yaml``, ``coin_flip_in_context.yaml``). Needle N =
+``When I flip coins they land on heads {b}% of the time.`` (instruct: ``When you flip coins, they
+land on heads {b}% of the time.``), cue C = ``Let’s think about what this means for my distribution
+of coin flips, `` (typographic apostrophe U+2019, trailing space), Q = ``I tossed a coin and it
+landed on `` and choices `` heads``/`` tails``; ``W(x)`` = ``' '.join(x.split())``. ``reasoning``:
+
+* ``sampled``: generate R from ``N + " " + C`` (base; instruct: user ``W(N + " " + I)``, prefill C,
+  I = ``Please toss a coin and tell me whether it landed on head or tails.``), ``max_new_tokens``
+  20, greedy (``temperature: 0``), no stop but EOS / end of turn; score after ``W(N + " " + C + R +
+  " " + Q)`` (instruct: prefill ``W(C + R + " " + Q)``);
+* ``hard_coded``: R is the fixed reasoning of bias b (``hard_coded``, one entry per bias, default
+  the study's texts), scored after ``W(N + " " + C + R + " " + Q)`` (instruct: user
+  ``W(N + " " + C + R + " " + I)``, prefill ``W(Q)``); nothing is generated;
+* ``few_shot``: scored after ``FEW_SHOT + "Premise: " + N + "\n" + Q`` with the two worked
+  ``Premise: … Reasoning: …`` examples of ``coin_flip_in_context.yaml`` (instruct: user
+  ``FEW_SHOT + "Premise: " + N + "\n" + I``, prefill ``W(Q)``); nothing is generated.
+
+The baseline is ``W(N + " " + Q)`` (instruct: user ``W(N + " " + I)``, prefill ``W(Q)``). Paper
+defaults (keys the config leaves out): ``max_new_tokens: 20``, ``temperature: 0``, ``stop: []``,
+``no_needle: false`` for hard_coded / few_shot (they need a bias), ``samples: 1`` for those and for
+greedy ``generation: explicit`` (10 otherwise).
 """
 
 from __future__ import annotations
@@ -39,12 +62,16 @@ from typing import Annotated, Literal, Optional
 import numpy as np
 from pydantic import Field
 
+from pydantic import model_validator
+
 from ..engine import score_prompts
 from ..errors import ConfigError
-from ..prompts import Prompt, encode_choices, encode_piece, render
+from ..generation import GenerationFields, provenance_array
+from ..prompts import Prompt, encode_choices, encode_piece, normalize_ws, render
+from ..stimuli import StimulusList
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .gentext import sample_texts
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .gentext import sample_with
 
 SPECS = {
     "coin": {"choices": [" heads", " tails"],
@@ -60,8 +87,45 @@ SPECS = {
 }
 NO_NEEDLE = -1
 
+PAPER_CUE = "Let\u2019s think about what this means for my distribution of coin flips, "
+PAPER_NEEDLE = "When I flip coins they land on heads {b}% of the time."
+PAPER_NEEDLE_INSTRUCT = "When you flip coins, they land on heads {b}% of the time."
+PAPER_QUERY = "I tossed a coin and it landed on "
+PAPER_INSTRUCT = "Please toss a coin and tell me whether it landed on head or tails."
+PAPER_FEW_SHOT = ("Premise: I have a weighted coin that lands on head 30% of the time and lands on tail 70% of the "
+                  "time.\nReasoning: When I toss this coin, I should expect to see tail more often and head less "
+                  "often.\n\nPremise: I have a weighted coin that lands on head 80% of the time and lands on tail 20% "
+                  "of the time.\nReasoning: When I toss this coin, I should expect to see head more often and tail "
+                  "less often.\n\n")
+# coin_flip_cot_sample_hard_coded.yaml: the text after the cue, for b = 0, 10, ..., 100
+PAPER_HARD_CODED = [
+    "it suggests that my coin is either biased or faulty, as a fair coin should land on heads about 50% of the time.",
+    "it suggests my coin flips are biased toward tails, with heads occurring much less frequently than expected in a "
+    "fair coin.",
+    "it suggests the coin is biased, favoring tails, and the probability distribution isn't uniform with a 20% chance "
+    "for heads and 80% for tails.",
+    "it suggests my coin flips are biased, with a 30% probability of landing heads and 70% for tails, rather than a "
+    "fair 50-50 distribution.",
+    "it suggests the coin is biased towards tails, with heads occurring less frequently than the 50% expected for a "
+    "fair coin.",
+    "it suggests that the distribution is likely fair, meaning the coin is balanced, and the outcomes are "
+    "approximately evenly split between heads and tails over many flips.",
+    "it suggests that the coin is biased towards heads, with a probability of 0.6 for heads and 0.4 for tails, instead "
+    "of an even 50-50 distribution.",
+    "it suggests that the distribution is biased towards heads, indicating a 70% probability for heads and 30% for "
+    "tails.",
+    "it suggests the coin is biased, with a higher probability of landing on heads than tails, deviating from a fair "
+    "50/50 distribution.",
+    "it suggests that the coin is biased, with a much higher probability of landing on heads than tails, deviating "
+    "from the expected 50-50 distribution of a fair coin.",
+    "it means the distribution is heavily skewed, indicating a biased or unfair coin.",
+]
 
-class CoTParams(Params):
+
+class CoTParams(Params, GenerationFields):
+    protocol: Protocol = "clean"
+    reasoning: Literal["sampled", "hard_coded", "few_shot"] = "sampled"
+    hard_coded: StimulusList = Field(default_factory=lambda: list(PAPER_HARD_CODED))
     process: Literal["coin", "die"] = "coin"
     biases: list[Annotated[int, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: list(range(0, 101, 10)), min_length=1)
@@ -69,17 +133,30 @@ class CoTParams(Params):
     faces: list[Annotated[int, Field(ge=1, le=6)]] = Field(default_factory=lambda: [1, 6], min_length=1)
     samples: int = Field(10, ge=1)
     max_new_tokens: int = Field(96, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0)
-    cue: str = "Let's think step by step."
+    cue: Optional[str] = None
     stop: list[str] = Field(default_factory=lambda: ["\n\n"])
     variant: Literal["auto", "base", "instruct"] = "auto"
     needle: Optional[str] = None
     task: Optional[str] = None
     query: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data):
+        if isinstance(data, dict) and data.get("protocol") == "paper":
+            fixed = data.get("reasoning", "sampled") != "sampled"
+            greedy = not data.get("temperature") and data.get("generation", "explicit") == "explicit"
+            defaults = {"max_new_tokens": 20, "temperature": 0.0, "stop": [], "no_needle": not fixed,
+                        "samples": 1 if fixed or greedy else 10}
+            data = {**{k: v for k, v in defaults.items() if k not in data}, **data}
+        return data
+
 
 def _join(*parts: str) -> str:
     return " ".join(x for x in parts if x)
+
+
+CLEAN_CUE = "Let's think step by step."
 
 
 @register
@@ -96,6 +173,14 @@ class CoTFamily(Family):
     def chat(p: CoTParams, model_kind: str) -> bool:
         return use_chat(p.variant, model_kind)
 
+    @staticmethod
+    def cue(p: CoTParams) -> str:
+        return p.cue if p.cue is not None else (PAPER_CUE if p.protocol == "paper" else CLEAN_CUE)
+
+    @staticmethod
+    def generates(p: CoTParams) -> bool:
+        return p.protocol == "clean" or p.reasoning == "sampled"
+
     def cells(self, p: CoTParams) -> list[dict]:
         biases = ([NO_NEEDLE] if p.no_needle else []) + list(p.biases)
         faces = p.faces if p.process == "die" else [None]
@@ -107,31 +192,74 @@ class CoTFamily(Family):
             out.append(c)
         return out
 
-    def needle_text(self, p: CoTParams, cell: dict) -> str:
+    def needle_text(self, p: CoTParams, cell: dict, chat: bool = False) -> str:
         if cell["bias"] == NO_NEEDLE:
             return ""
-        return (p.needle or self.spec(p)["needle"]).format(b=cell["bias"], face=cell.get("face", ""))
+        if p.needle is not None:
+            tpl = p.needle
+        elif p.protocol == "paper":
+            tpl = PAPER_NEEDLE_INSTRUCT if chat and p.reasoning != "hard_coded" else PAPER_NEEDLE
+        else:
+            tpl = self.spec(p)["needle"]
+        return tpl.format(b=cell["bias"], face=cell.get("face", ""))
 
     def task_text(self, p: CoTParams, chat: bool) -> str:
-        return p.task or self.spec(p)["task_instruct" if chat else "task_base"]
+        if p.task:
+            return p.task
+        if p.protocol == "paper":
+            return PAPER_INSTRUCT if chat else ""
+        return self.spec(p)["task_instruct" if chat else "task_base"]
+
+    def query_text(self, p: CoTParams) -> str:
+        return p.query or (PAPER_QUERY if p.protocol == "paper" else self.spec(p)["query"])
+
+    def hard_coded_text(self, p: CoTParams, cell: dict) -> str:
+        return p.hard_coded[list(p.biases).index(cell["bias"])]
 
     def gen_prompt(self, p: CoTParams, cell: dict, model_kind: str) -> Prompt:
         chat = self.chat(p, model_kind)
-        head = _join(self.needle_text(p, cell), self.task_text(p, chat), p.cue)
+        if p.protocol == "paper":
+            n = normalize_ws(self.needle_text(p, cell, chat))
+            if chat:
+                return Prompt(text=self.cue(p), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
+            return Prompt(text=f"{n} {self.cue(p)}" if n else self.cue(p))
+        head = _join(self.needle_text(p, cell), self.task_text(p, chat), self.cue(p))
         return Prompt(text="", messages=(("user", head),)) if chat else Prompt(text=head)
 
     def cot_prompt(self, p: CoTParams, cell: dict, model_kind: str, reasoning: str) -> Prompt:
+        """The scored prompt after the reasoning (paper: per ``p.reasoning``; ``reasoning`` is R when sampled)."""
+        if p.protocol == "paper":
+            chat = self.chat(p, model_kind)
+            n, q, task, cue = self.needle_text(p, cell, chat), self.query_text(p), self.task_text(p, chat), self.cue(p)
+            if p.reasoning == "few_shot":
+                ctx = f"{PAPER_FEW_SHOT}Premise: {n}\n"
+                return (Prompt(text=normalize_ws(q), messages=(("user", ctx + task),)) if chat
+                        else Prompt(text=ctx + q.rstrip(" ")))
+            if p.reasoning == "hard_coded":
+                ctx = f"{n} {cue}{self.hard_coded_text(p, cell)}"
+                return (Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{ctx} {task}")),)) if chat
+                        else Prompt(text=normalize_ws(f"{ctx} {q}")))
+            if chat:
+                g = self.gen_prompt(p, cell, model_kind)
+                return Prompt(text=normalize_ws(f"{cue}{reasoning} {q}"), messages=g.messages)
+            return Prompt(text=normalize_ws(f"{n} {cue}{reasoning} {q}"))
         g = self.gen_prompt(p, cell, model_kind)
-        q = p.query or self.spec(p)["query"]
-        return Prompt(text=g.text + reasoning + "\n" + q, messages=g.messages)
+        return Prompt(text=g.text + reasoning + "\n" + self.query_text(p), messages=g.messages)
 
     def baseline_prompt(self, p: CoTParams, cell: dict, model_kind: str) -> Prompt:
         chat = self.chat(p, model_kind)
+        q = self.query_text(p)
+        if p.protocol == "paper":
+            n = self.needle_text(p, cell, chat)
+            if chat:
+                return Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
+            return Prompt(text=normalize_ws(f"{n} {q}"))
         head = _join(self.needle_text(p, cell), self.task_text(p, chat))
-        q = p.query or self.spec(p)["query"]
         return Prompt(text=q, messages=(("user", head),)) if chat else Prompt(text=head + "\n" + q)
 
-    def clean_reasoning(self, text: str, chat: bool) -> str:
+    def clean_reasoning(self, p: CoTParams, text: str, chat: bool) -> str:
+        if p.protocol == "paper":
+            return text  # the decoded continuation as is; the scored prompt is whitespace-normalised
         return text.strip() if chat else text.rstrip()
 
     def p_stated(self, p: CoTParams, cell: dict) -> np.ndarray:
@@ -153,7 +281,8 @@ class CoTFamily(Family):
                 "p_stated": ArraySpec(("choice",), (k,), "float64"),
                 "cot": ArraySpec((), (), "str"),
                 "cot_tokens": ArraySpec((), (), "int32"),
-                "stopped": ArraySpec((), (), "bool")}
+                "stopped": ArraySpec((), (), "bool"),
+                **({"generation_config": ArraySpec((), (), "str")} if p.generation == "model_defaults" else {})}
 
     def coords(self, p: CoTParams) -> dict[str, list]:
         return {"choice": self.spec(p)["choices"]}
@@ -162,6 +291,15 @@ class CoTFamily(Family):
         if self.chat(p, model_kind) and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("params.variant", "instruct variant needs a tokenizer with a chat template",
                               allowed=["auto", "base"])
+        if p.protocol == "paper":
+            if p.process != "coin":
+                raise ConfigError("params.process", "the paper's chain-of-thought runs were coin only", allowed=["coin"])
+            if p.reasoning != "sampled" and p.no_needle:
+                raise ConfigError("params.no_needle", f"reasoning {p.reasoning!r} needs a bias statement",
+                                  allowed=[False])
+            if p.reasoning == "hard_coded" and len(p.hard_coded) != len(p.biases):
+                raise ConfigError("params.hard_coded", f"{len(p.hard_coded)} texts for {len(p.biases)} biases",
+                                  allowed=["one text per entry of params.biases, in order"])
         if p.needle is not None:
             try:
                 p.needle.format(b=50, face=1)
@@ -172,14 +310,36 @@ class CoTFamily(Family):
         encode_choices(tokenizer, choices, context_text=render(self.cot_prompt(p, cell, model_kind, " x."), tokenizer))
         encode_choices(tokenizer, choices, context_text=render(self.baseline_prompt(p, cell, model_kind), tokenizer))
 
+    def render(self, p: CoTParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """Per cell: the generation prompt (sampled reasoning), then the prompts scored (``stage`` cot / baseline;
+        the cot prompt of sampled reasoning shows ``{reasoning}`` where R goes)."""
+        gen = {**p.generation_settings(None).describe(), "generation": p.generation, "stop": list(p.stop)}
+        choices = list(self.spec(p)["choices"])
+        out = []
+        for c in cells:
+            if self.generates(p):
+                out.append(RenderedCell(cell={**c, "stage": "generate"},
+                                        text=render(self.gen_prompt(p, c, model_kind), tokenizer), generation=gen))
+            out.append(RenderedCell(cell={**c, "stage": "cot"}, choices=choices,
+                                    text=render(self.cot_prompt(p, c, model_kind, "{reasoning}"), tokenizer)))
+            out.append(RenderedCell(cell={**c, "stage": "baseline"}, choices=choices,
+                                    text=render(self.baseline_prompt(p, c, model_kind), tokenizer)))
+        return out
+
     def run(self, p: CoTParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         tok = ctx.tokenizer
         chat = self.chat(p, ctx.model_kind)
         choices = self.spec(p)["choices"]
-        seeds = [cell_seed(ctx.seed, "cot", p.process, c["bias"], c.get("face"), c["sample"]) for c in cells]
-        gens = sample_texts(ctx.scorer, [self.gen_prompt(p, c, ctx.model_kind) for c in cells], seeds,
-                            p.max_new_tokens, p.temperature, extra_stops=p.stop)
-        reasons = [self.clean_reasoning(g.text, chat) for g in gens]
+        if self.generates(p):
+            settings = p.generation_settings(ctx.scorer.model)
+            seeds = [cell_seed(ctx.seed, "cot", p.process, c["bias"], c.get("face"), c["sample"]) for c in cells]
+            gens = sample_with(ctx.scorer, [self.gen_prompt(p, c, ctx.model_kind) for c in cells], seeds, settings,
+                               extra_stops=p.stop)
+            reasons = [self.clean_reasoning(p, g.text, chat) for g in gens]
+            stopped = [g.stopped for g in gens]
+        else:
+            reasons = [self.hard_coded_text(p, c) if p.reasoning == "hard_coded" else "" for c in cells]
+            stopped = [True] * len(cells)
         cot = score_prompts(ctx.scorer, [self.cot_prompt(p, c, ctx.model_kind, r) for c, r in zip(cells, reasons)],
                             choices)
         base_prompts = [self.baseline_prompt(p, c, ctx.model_kind) for c in cells]
@@ -190,4 +350,6 @@ class CoTFamily(Family):
                 "p_stated": np.stack([self.p_stated(p, c) for c in cells]),
                 "cot": np.asarray(reasons, dtype=str),
                 "cot_tokens": np.asarray([len(encode_piece(tok, r)) if r else 0 for r in reasons], dtype=np.int32),
-                "stopped": np.asarray([g.stopped for g in gens], dtype=bool)}
+                "stopped": np.asarray(stopped, dtype=bool),
+                **({"generation_config": provenance_array(p, p.generation_settings(ctx.scorer.model), len(cells))}
+                   if p.generation == "model_defaults" else {})}

@@ -59,17 +59,25 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def sample_texts(scorer, prompts: Sequence[Prompt], seeds: Sequence[int], max_new_tokens: int,
-                 temperature: float, extra_stops: Sequence[str] = ()) -> list[Sample]:
-    """One seeded sample per prompt (same seed and prompt → identical sample)."""
+                 temperature: float, extra_stops: Sequence[str] = (), top_k: int | None = None,
+                 top_p: float | None = None) -> list[Sample]:
+    """One seeded sample per prompt (same seed and prompt → identical sample); ``temperature`` 0 = greedy."""
     tok = scorer.tokenizer
     ids = [encode_prompt(tok, p) for p in prompts]
     stops = [stop_strings(tok, p, extra_stops) for p in prompts]
     gen_stops = sorted({s for ss in stops for s in ss})
     news = scorer.generate(ids, max_new_tokens, seeds=list(seeds), temperature=temperature,
-                           stop_strings=gen_stops, stop_at_eos=True)
+                           stop_strings=gen_stops, stop_at_eos=True, top_k=top_k, top_p=top_p)
     out = []
     for pid, new, st in zip(ids, news, stops):
         text, hit = cut_at_stops(continuation_text(tok, pid, new), st)
         hit = hit or (len(new) > 0 and new[-1] == tok.eos_token_id)
         out.append(Sample(text=text, n_tokens=len(new), stopped=hit))
     return out
+
+
+def sample_with(scorer, prompts: Sequence[Prompt], seeds: Sequence[int], settings, extra_stops: Sequence[str] = ()
+                ) -> list[Sample]:
+    """:func:`sample_texts` under resolved :class:`~bayesflip.generation.GenerationSettings`."""
+    return sample_texts(scorer, prompts, seeds, settings.max_new_tokens, extra_stops=extra_stops,
+                        **settings.engine_kwargs())

@@ -26,7 +26,26 @@ Arrays per cell (position i = the read before state i; i = N reads after the las
   position is the learning curve);
 * ``matrix`` (state, state2): the transition matrix ``P`` of the cell.
 
-Cells: matrix kind × matrix index (random only) × sample; the trajectory length is fixed.
+Cells: kind × ``matrix_name`` × sample (``matrix_name``: ``uniform``, ``sticky``, ``random0``,
+``random1``, … for the generated kinds; the cell coordinate is not called ``matrix``, which is the
+stored array); the trajectory length is fixed. Besides ``kinds``, cells come from:
+
+* ``named``: matrices of the coin-flip study's ``configs/exps/mdp`` (:data:`NAMED`: ``uniform_mdp``,
+  ``simple_mdp``, ``all_hard_states``, ``last_hard_state``), kind ``named``;
+* ``non_uniformity``: the study's sweep u ∈ [0, 1] (``analysis/explore_mdp.ipynb``):
+  ``M = clip(1/S + U(−1, 1)·u, 0) `` row-normalised, one matrix per u seeded by the experiment seed
+  (the study's own draws were unseeded), kind ``non_uniform``, name ``non_uniform_{u:.1f}``;
+* ``custom``: ``{name: S×S rows}`` from the config (rows must sum to 1), kind ``custom``.
+
+``init: start`` starts every trajectory in state ``start_state`` (1-based), as the study did.
+
+**protocol: paper** (``mdp.py``): states are the raw digit tokens ``1``..``S`` (the last token of
+``tokenizer.tokenize(str(state))``, as the original), the sequence is ``[BOS] x_0 x_1 … x_{N−1}``
+with no text, no separator and no chat template (EOS stands in for a tokenizer without BOS); the
+read at position i is the logit row after BOS + i states, so ``logprobs`` keeps its (N+1, S) shape.
+Paper defaults (when the config leaves the key out): ``named`` all four, ``non_uniformity``
+0.0..1.0 step 0.1, ``kinds: []``, ``init: start``, ``start_state: 1``, ``n_steps: 1000``,
+``samples: 1000``.
 """
 
 from __future__ import annotations
@@ -35,12 +54,14 @@ import itertools
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
-from ..prompts import Prompt
+from ..engine import CurveRequest
+from ..errors import ConfigError
+from ..prompts import Prompt, render
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .seq import build_curve, validate_sequence_pieces
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 
 
@@ -59,20 +80,58 @@ USER = ("Please simulate a Markov chain over the states {names} and list the sta
         "separated by commas.")
 PREFILL = "The chain visited the states:"
 
+# the coin-flip study's configs/exps/mdp/*.yaml (states 1..4)
+NAMED: dict[str, list[list[float]]] = {
+    "uniform_mdp": [[0.25] * 4] * 4,
+    "simple_mdp": [[0.0, 0.5, 0.0, 0.5], [0.2, 0.0, 0.8, 0.0], [0.1, 0.2, 0.1, 0.6], [0.1, 0.1, 0.1, 0.7]],
+    "all_hard_states": [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]],
+    "last_hard_state": [[0.1, 0.1, 0.1, 0.7]] * 4,
+}
+PAPER_DEFAULTS = {"kinds": [], "named": list(NAMED), "non_uniformity": [round(0.1 * i, 1) for i in range(11)],
+                  "states": ["1", "2", "3", "4"], "init": "start", "start_state": 1, "n_steps": 1000,
+                  "samples": 1000}
+
 
 class MarkovParams(Params):
-    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS), min_length=1)
+    protocol: Protocol = "clean"
+    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))
+    named: list[Literal["uniform_mdp", "simple_mdp", "all_hard_states", "last_hard_state"]] = Field(
+        default_factory=list)
+    non_uniformity: list[Prob] = Field(default_factory=list)
+    custom: dict[str, list[list[float]]] = Field(default_factory=dict)
+    start_state: int = Field(1, ge=1)
     states: list[str] = Field(default_factory=lambda: [" A", " B", " C", " D"], min_length=2)
     sticky_prob: Prob = 0.7
     dirichlet_alpha: float = Field(1.0, gt=0.0)
     random_matrices: int = Field(3, ge=1)
-    init: Literal["stationary", "uniform"] = "stationary"
+    init: Literal["stationary", "uniform", "start"] = "stationary"
     n_steps: int = Field(100, ge=1, le=4000)
     samples: int = Field(10, ge=1)
     separator: str = ","
     head: Optional[str] = None      # base prompt / instruct prefill; "{names}" is replaced by "A, B, C and D"
     user: Optional[str] = None      # instruct user message
     variant: Literal["auto", "base", "instruct"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data):
+        if isinstance(data, dict) and data.get("protocol") == "paper":
+            data = {**{k: v for k, v in PAPER_DEFAULTS.items() if k not in data}, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _some_matrix(self):
+        if not (self.kinds or self.named or self.non_uniformity or self.custom):
+            raise ValueError("no matrices: kinds, named, non_uniformity and custom are all empty "
+                             "(allowed: at least one of them non-empty)")
+        return self
+
+
+def non_uniform_matrix(n_states: int, u: float, rng: np.random.Generator) -> np.ndarray:
+    """The study's non-uniformity sweep: ``clip(1/S + U(−1, 1)·u, 0)``, rows renormalised (a zero row → uniform)."""
+    m = np.maximum(np.full((n_states, n_states), 1.0 / n_states) + rng.uniform(-1, 1, (n_states, n_states)) * u, 0)
+    s = m.sum(axis=1, keepdims=True)
+    return np.where(s > 0, m / np.where(s > 0, s, 1), 1.0 / n_states)
 
 
 def transition_matrix(kind: str, n_states: int, sticky_prob: float = 0.7, alpha: float = 1.0,
@@ -125,6 +184,19 @@ def _names(states: list[str]) -> str:
     return ", ".join(n[:-1]) + " and " + n[-1]
 
 
+def paper_state_ids(tokenizer, states: list[str]) -> list[int]:
+    """Token id of each state as ``mdp.py`` took it: the last token of ``tokenizer.tokenize(str(state))``."""
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(str(s)))[-1] for s in states]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("params.states", f"states {states!r} do not map to distinct tokens",
+                          allowed=["states whose last tokens differ, e.g. '1'..'4'"])
+    return ids
+
+
+def paper_bos(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 @register
 class MarkovFamily(Family):
     name = "markov"
@@ -133,9 +205,13 @@ class MarkovFamily(Family):
     def cells(self, p: MarkovParams) -> list[dict]:
         out = []
         for kind in p.kinds:
-            mats = range(p.random_matrices) if kind == "random" else [0]
-            for mi, s in itertools.product(mats, range(p.samples)):
-                out.append({"kind": kind, "matrix": mi, "sample": s})
+            names = [f"random{i}" for i in range(p.random_matrices)] if kind == "random" else [kind]
+            for nm, s in itertools.product(names, range(p.samples)):
+                out.append({"kind": kind, "matrix_name": nm, "sample": s})
+        for kind, names in (("named", list(p.named)), ("non_uniform", [f"non_uniform_{u:.1f}" for u in p.non_uniformity]),
+                            ("custom", list(p.custom))):
+            for nm, s in itertools.product(names, range(p.samples)):
+                out.append({"kind": kind, "matrix_name": nm, "sample": s})
         return out
 
     def arrays(self, p: MarkovParams) -> dict[str, ArraySpec]:
@@ -156,16 +232,43 @@ class MarkovFamily(Family):
         return Prompt(text=text, messages=(("user", (p.user or USER).replace("{names}", names)),) if chat else None)
 
     def validate(self, p: MarkovParams, tokenizer, model_kind: str) -> None:
-        from ..errors import ConfigError
         if len(set(p.states)) != len(p.states):
             raise ConfigError("params.states", f"duplicate state in {p.states!r}", allowed=["distinct strings"])
-        validate_sequence_pieces(tokenizer, self.head(p, model_kind), p.states, p.separator)
+        if not self.cells(p):
+            raise ConfigError("params.kinds", "no matrices: kinds, named, non_uniformity and custom are all empty",
+                              allowed=list(KINDS))
+        S = len(p.states)
+        if p.named and S != 4:
+            raise ConfigError("params.named", f"the study's matrices have 4 states, params.states has {S}",
+                              allowed=["4 states"])
+        for nm, rows in p.custom.items():
+            m = np.asarray(rows, dtype=float)
+            if m.shape != (S, S) or (m < 0).any() or not np.allclose(m.sum(1), 1.0, atol=1e-6):
+                raise ConfigError(f"params.custom.{nm}", f"must be {S}×{S} with non-negative rows summing to 1",
+                                  allowed=[f"{S} rows of {S} probabilities"])
+        if p.start_state > S:
+            raise ConfigError("params.start_state", f"state {p.start_state} of {S}", allowed=[f"[1, {S}]"])
+        if p.protocol == "paper":
+            paper_state_ids(tokenizer, p.states)
+        else:
+            validate_sequence_pieces(tokenizer, self.head(p, model_kind), p.states, p.separator)
 
     def matrix(self, p: MarkovParams, cell: dict, seed: int) -> np.ndarray:
-        return transition_matrix(cell["kind"], len(p.states), p.sticky_prob, p.dirichlet_alpha,
-                                 seed=cell_seed(seed, "markov-matrix", len(p.states), p.dirichlet_alpha, cell["matrix"]))
+        kind, nm, S = cell["kind"], cell["matrix_name"], len(p.states)
+        if kind == "named":
+            return np.asarray(NAMED[nm], dtype=float)
+        if kind == "custom":
+            return np.asarray(p.custom[nm], dtype=float)
+        if kind == "non_uniform":
+            u = float(nm.rsplit("_", 1)[1])
+            return non_uniform_matrix(S, u, np.random.default_rng(cell_seed(seed, "markov-non-uniform", S, nm)))
+        index = int(nm[len("random"):]) if kind == "random" else 0
+        return transition_matrix(kind, S, p.sticky_prob, p.dirichlet_alpha,
+                                 seed=cell_seed(seed, "markov-matrix", S, p.dirichlet_alpha, index))
 
     def init(self, p: MarkovParams, m: np.ndarray) -> np.ndarray:
+        if p.init == "start":
+            return np.eye(m.shape[0])[p.start_state - 1]
         return stationary(m) if p.init == "stationary" else np.full(m.shape[0], 1.0 / m.shape[0])
 
     def trajectory(self, p: MarkovParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,10 +278,28 @@ class MarkovFamily(Family):
         rng = np.random.default_rng(cell_seed(seed, "markov", p.init, sorted(cell.items())))
         return m, init, sample_trajectory(m, init, p.n_steps, rng)
 
+    def request(self, p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> CurveRequest:
+        if p.protocol == "paper":
+            sid = paper_state_ids(tokenizer, p.states)
+            ids = [paper_bos(tokenizer)] + [sid[int(s)] for s in x]
+            return CurveRequest(ids=ids, positions=list(range(len(ids))), choices=[[t] for t in sid])
+        return build_curve(tokenizer, self.head(p, model_kind), p.states, x, p.separator)
+
+    def render(self, p: MarkovParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """One entry per cell: the whole sequence (every position is a read point); paper: its tokens decoded."""
+        out = []
+        for c in cells:
+            x = self.trajectory(p, c, seed)[2]
+            if p.protocol == "paper":
+                text = tokenizer.decode(self.request(p, tokenizer, model_kind, x).ids)
+            else:
+                text = sequence_text(tokenizer, self.head(p, model_kind), p.states, x, p.separator)
+            out.append(RenderedCell(cell={**c, "n": p.n_steps}, text=text, choices=list(p.states)))
+        return out
+
     def run(self, p: MarkovParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
-        head = self.head(p, ctx.model_kind)
         trajs = [self.trajectory(p, c, ctx.seed) for c in cells]
-        reqs = [build_curve(ctx.tokenizer, head, p.states, x, p.separator) for _, _, x in trajs]
+        reqs = [self.request(p, ctx.tokenizer, ctx.model_kind, x) for _, _, x in trajs]
         curves = ctx.scorer.score_curves(reqs)
         return {"logprobs": np.stack(curves).astype(np.float32),
                 "states": np.stack([x for _, _, x in trajs]),

@@ -48,6 +48,31 @@ character (for ``!`` these are usually exclamation marks; drop them in analysis 
 Arrays per cell: ``lambda_hat``, ``n_markers``, ``n_attached``, ``n_gaps``, ``n_tokens`` (sampled
 tokens), ``text`` (the continuation); icl also ``prefix_lambda_hat``, ``prefix_n_markers``,
 ``prefix_n_gaps`` (λ̂ of the prefix itself, by the same counter: exactly Σk / (prefix_words − 1)).
+
+**protocol: paper** (the coin-flip study's ``poisson.py``; docs/protocols/gen_families.md lists every
+difference). Markers ``* ^ # @ $ % & ! ~ <``, λ ∈ {0.1, 0.3, 0.5, 0.7, 0.9}, λ printed as Python
+prints the float (``lambda=0.1``)::
+
+    explicit, base      'I am going to tell you a long story and insert the "{c}" character between words
+                         at a frequency following a Poisson distribution with lambda={λ}.\nOnce upon a time '
+    explicit, instruct  user 'Generate a long, multi-paragraph story of your choice. You must insert the
+                         "{c}" character between words at a frequency following a Poisson distribution
+                         with lambda={λ}.'  (no prefill)
+    icl, base           the marked story
+    icl, instruct       user 'Complete the following story: {marked story}'
+
+The story (``story``: inline text or ``file:<path>``; default bayesflip's own
+``configs/stimuli/poisson_story.txt``) is cut to its first n words, n ∈ ``story_words`` (cells get the
+coordinate ``prefix_words``); with ``insertion: paper`` one marker follows **each** word (the last
+one too) when a Poisson(λ) draw is > 0 (per-word rate 1 − e^−λ); ``insertion: gaps`` puts
+k ~ Poisson(λ) markers in each gap instead. One marked story per (marker, λ, n), shared by its samples
+(as the original drew it once per condition). Sampling defaults to ``generation: model_defaults``
+with ``temperature: 1.0, do_sample: true`` (the HF pipeline call), 100 new tokens, 10 samples. Counting is the
+paper's on the continuation alone: ``n_markers`` = number of marker characters, ``n_gaps`` = words
+of the continuation with the markers removed (``λ̂ = n_markers / n_gaps``); a sample with no word
+is invalid and is redrawn (seed attempt a = 1, 2, … up to ``max_attempts``; ``n_attempts`` records
+how many draws the stored sample took). ``prefix_*`` hold the same counts of the marked story (the
+realised rate of the stimulus).
 """
 
 from __future__ import annotations
@@ -56,19 +81,33 @@ import functools
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from ..prompts import Prompt
+from ..generation import GenerationFields, provenance_array
+from ..prompts import Prompt, render
+from ..stimuli import StimulusText, load_text
 from . import register
-from .base import ArraySpec, Family, Params, RunContext, cell_seed, use_chat
-from .gentext import sample_texts
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .gentext import sample_with
 
 MARKERS = ("*", "^", "#", "@", "$", "%", "&", "!", "~")
-Marker = Literal["*", "^", "#", "@", "$", "%", "&", "!", "~"]
+PAPER_MARKERS = MARKERS + ("<",)
+Marker = Literal["*", "^", "#", "@", "$", "%", "&", "!", "~", "<"]
+
+PAPER_EXPLICIT_BASE = ('I am going to tell you a long story and insert the "{c}" character between words at a '
+                       'frequency following a Poisson distribution with lambda={lam}.\nOnce upon a time ')
+PAPER_EXPLICIT_USER = ('Generate a long, multi-paragraph story of your choice. You must insert the "{c}" character '
+                       'between words at a frequency following a Poisson distribution with lambda={lam}.')
+PAPER_ICL_USER = "Complete the following story: {story}"
+STORY = "file:stimuli/poisson_story.txt"
+# what `protocol: paper` sets when the config leaves the key out
+PAPER_DEFAULTS = {"markers": list(PAPER_MARKERS), "lambdas": [0.1, 0.3, 0.5, 0.7, 0.9], "samples": 10,
+                  "max_new_tokens": 100, "generation": "model_defaults", "temperature": 1.0, "do_sample": True,
+                  "story_words": [100, 250, 500], "insertion": "paper"}
 
 INSTRUCTION = ('Write a short story. As you write, insert the "{marker}" character between words at a frequency '
                'following a Poisson distribution with lambda={lam}: between any two consecutive words, put k '
@@ -78,14 +117,13 @@ INSTRUCTION = ('Write a short story. As you write, insert the "{marker}" charact
 _ALNUM = re.compile(r"[^\W_]")
 
 
-class PoissonParams(Params):
+class PoissonParams(Params, GenerationFields):
+    protocol: Protocol = "clean"
     mode: Literal["explicit", "icl"] = "explicit"
     markers: list[Marker] = Field(default_factory=lambda: list(MARKERS), min_length=1)
     lambdas: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     samples: int = Field(10, ge=1)
-    max_new_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0.0)
     variant: Literal["auto", "base", "instruct"] = "auto"
     # explicit
     instruction: str = INSTRUCTION
@@ -96,6 +134,18 @@ class PoissonParams(Params):
     icl_head: str = ""
     icl_user: str = "Please continue the story."
     filler: str = "pydoc"
+    # protocol: paper
+    story: Optional[StimulusText] = None   # None: bayesflip's own story (STORY)
+    story_words: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [100, 250, 500], min_length=1)
+    insertion: Literal["paper", "gaps"] = "paper"
+    max_attempts: int = Field(10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data):
+        if isinstance(data, dict) and data.get("protocol") == "paper":
+            data = {**{k: v for k, v in PAPER_DEFAULTS.items() if k not in data}, **data}
+        return data
 
 
 # ---------------------------------------------------------------------------- counting
@@ -169,6 +219,49 @@ def make_prefix(n_words: int, marker: str, lam: float, rng: np.random.Generator,
     return Prefix(text=" ".join(parts), counts=k)
 
 
+# ---------------------------------------------------------------------------- paper protocol
+def story_text(p: "PoissonParams") -> str:
+    """The ICL story of the paper protocol: ``params.story`` or bayesflip's own."""
+    return p.story if p.story is not None else load_text(STORY)
+
+
+def paper_lam(lam: float) -> str:
+    """λ as the original's f-string prints a Python float: ``0.1`` → ``'0.1'``."""
+    return f"{float(lam)}"
+
+
+def paper_count(text: str, marker: str) -> MarkerCount:
+    """The coin-flip study's counts: every ``marker`` character, and the words of ``text`` with the markers
+    removed (``n_gaps`` holds that denominator); ``n_attached`` = markers in a whitespace token with a word character."""
+    attached = sum(tok.count(marker) for tok in text.split() if _ALNUM.search(tok))
+    return MarkerCount(n_markers=text.count(marker), n_attached=attached,
+                       n_gaps=len(text.replace(marker, "").split()))
+
+
+def mark_story(story: str, n_words: int, marker: str, lam: float, rng: np.random.Generator,
+               insertion: str = "paper") -> str:
+    """The first ``n_words`` words of ``story`` with markers inserted.
+
+    ``paper``: after **each** word one marker when a Poisson(λ) draw is > 0 (``poisson.py``'s
+    ``modify_story_with_poisson``); ``gaps``: k ~ Poisson(λ) markers in each of the n − 1 gaps.
+    Words are joined by single spaces either way.
+    """
+    words = story.split()[:n_words]
+    out: list[str] = []
+    if insertion == "paper":
+        for w, k in zip(words, rng.poisson(lam, size=len(words))):
+            out.append(w)
+            if k > 0:
+                out.append(marker)
+    else:
+        ks = rng.poisson(lam, size=max(len(words) - 1, 0))
+        for j, w in enumerate(words):
+            if j:
+                out += [marker] * int(ks[j - 1])
+            out.append(w)
+    return " ".join(out)
+
+
 # ---------------------------------------------------------------------------- family
 def _lam_text(lam: float) -> str:
     return f"{lam:g}"
@@ -179,7 +272,14 @@ class PoissonFamily(Family):
     name = "poisson"
     Params = PoissonParams
 
+    @staticmethod
+    def paper_icl(p: PoissonParams) -> bool:
+        return p.protocol == "paper" and p.mode == "icl"
+
     def cells(self, p: PoissonParams) -> list[dict]:
+        if self.paper_icl(p):
+            return [{"marker": m, "lam": float(lam), "prefix_words": n, "sample": s}
+                    for m, lam, n, s in itertools.product(p.markers, p.lambdas, p.story_words, range(p.samples))]
         return [{"marker": m, "lam": float(lam), "sample": s}
                 for m, lam, s in itertools.product(p.markers, p.lambdas, range(p.samples))]
 
@@ -191,6 +291,10 @@ class PoissonFamily(Family):
             out.update({"prefix_lambda_hat": ArraySpec((), (), "float64"),
                         "prefix_n_markers": ArraySpec((), (), "int32"),
                         "prefix_n_gaps": ArraySpec((), (), "int32")})
+        if p.protocol == "paper":
+            out["n_attempts"] = ArraySpec((), (), "int32")
+        if p.generation == "model_defaults":
+            out["generation_config"] = ArraySpec((), (), "str")
         return out
 
     @staticmethod
@@ -201,8 +305,24 @@ class PoissonFamily(Family):
         rng = np.random.default_rng(cell_seed(seed, "poisson-prefix", cell["marker"], cell["lam"], cell["sample"]))
         return make_prefix(p.prefix_words, cell["marker"], cell["lam"], rng, p.filler)
 
+    def paper_story(self, p: PoissonParams, cell: dict, seed: int) -> str:
+        """The marked story of a paper icl cell: one per (marker, λ, story length), shared by its samples."""
+        rng = np.random.default_rng(cell_seed(seed, "poisson-paper-story", p.insertion, cell["marker"], cell["lam"],
+                                              cell["prefix_words"]))
+        return mark_story(story_text(p), cell["prefix_words"], cell["marker"], cell["lam"], rng, p.insertion)
+
     def prompt(self, p: PoissonParams, cell: dict, model_kind: str, seed: int) -> Prompt:
         chat = self.chat(p, model_kind)
+        if p.protocol == "paper":
+            if p.mode == "explicit":
+                fill = {"c": cell["marker"], "lam": paper_lam(cell["lam"])}
+                if chat:
+                    return Prompt(text="", messages=(("user", PAPER_EXPLICIT_USER.format(**fill)),))
+                return Prompt(text=PAPER_EXPLICIT_BASE.format(**fill))
+            story = self.paper_story(p, cell, seed)
+            if chat:
+                return Prompt(text="", messages=(("user", PAPER_ICL_USER.format(story=story)),))
+            return Prompt(text=story)
         if p.mode == "explicit":
             instr = p.instruction.format(marker=cell["marker"], lam=_lam_text(cell["lam"]))
             if chat:
@@ -217,7 +337,12 @@ class PoissonFamily(Family):
         if self.chat(p, model_kind) and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("params.variant", "instruct variant needs a tokenizer with a chat template",
                               allowed=["auto", "base"])
-        if p.mode == "explicit":
+        if p.protocol == "paper":
+            n = len(story_text(p).split())
+            if p.mode == "icl" and max(p.story_words) > n:
+                raise ConfigError("params.story_words", f"{max(p.story_words)} words requested, the story has {n}",
+                                  allowed=[f"[1, {n}]"])
+        elif p.mode == "explicit":
             try:
                 p.instruction.format(marker="#", lam="0.5")
             except (KeyError, IndexError) as e:
@@ -226,24 +351,54 @@ class PoissonFamily(Family):
         else:
             self.prefix(p, self.cells(p)[0], 0)  # the prose source can supply prefix_words words
 
+    def render(self, p: PoissonParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        gen = {**p.generation_settings(None).describe(), "generation": p.generation}
+        return [RenderedCell(cell=dict(c), text=render(self.prompt(p, c, model_kind, seed), tokenizer), generation=gen)
+                for c in cells]
+
+    def seed_of(self, p: PoissonParams, cell: dict, seed: int, attempt: int = 0) -> int:
+        if p.protocol == "paper":
+            return cell_seed(seed, "poisson-paper", p.mode, cell["marker"], cell["lam"], cell.get("prefix_words"),
+                             cell["sample"], attempt)
+        return cell_seed(seed, "poisson", p.mode, cell["marker"], cell["lam"], cell["sample"])
+
     def run(self, p: PoissonParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+        settings = p.generation_settings(ctx.scorer.model)
         prompts = [self.prompt(p, c, ctx.model_kind, ctx.seed) for c in cells]
-        seeds = [cell_seed(ctx.seed, "poisson", p.mode, c["marker"], c["lam"], c["sample"]) for c in cells]
-        samples = sample_texts(ctx.scorer, prompts, seeds, p.max_new_tokens, p.temperature)
+        samples = sample_with(ctx.scorer, prompts, [self.seed_of(p, c, ctx.seed) for c in cells], settings)
+        counts, attempts = [], [1] * len(cells)
+        if p.protocol == "paper":
+            # the original kept sampling until a continuation had at least one word
+            counts = [paper_count(smp.text, c["marker"]) for c, smp in zip(cells, samples)]
+            for a in range(1, p.max_attempts):
+                redo = [i for i, mc in enumerate(counts) if mc.n_gaps == 0]
+                if not redo:
+                    break
+                new = sample_with(ctx.scorer, [prompts[i] for i in redo],
+                                  [self.seed_of(p, cells[i], ctx.seed, a) for i in redo], settings)
+                for i, smp in zip(redo, new):
+                    samples[i], counts[i], attempts[i] = smp, paper_count(smp.text, cells[i]["marker"]), a + 1
+        else:
+            for c, pr, smp in zip(cells, prompts, samples):
+                tail = re.search(r"\S*$", pr.text).group(0)  # type: ignore[union-attr]
+                counts.append(count_markers(tail + smp.text, c["marker"]))
         out: dict[str, list] = {k: [] for k in self.arrays(p)}
-        for c, pr, smp in zip(cells, prompts, samples):
-            tail = re.search(r"\S*$", pr.text).group(0)  # type: ignore[union-attr]
-            mc = count_markers(tail + smp.text, c["marker"])
+        for c, smp, mc, att in zip(cells, samples, counts, attempts):
             out["lambda_hat"].append(mc.lambda_hat)
             out["n_markers"].append(mc.n_markers)
             out["n_attached"].append(mc.n_attached)
             out["n_gaps"].append(mc.n_gaps)
             out["n_tokens"].append(smp.n_tokens)
             out["text"].append(smp.text)
+            if p.protocol == "paper":
+                out["n_attempts"].append(att)
             if p.mode == "icl":
-                pc = count_markers(self.prefix(p, c, ctx.seed).text, c["marker"])
+                pc = (paper_count(self.paper_story(p, c, ctx.seed), c["marker"]) if p.protocol == "paper"
+                      else count_markers(self.prefix(p, c, ctx.seed).text, c["marker"]))
                 out["prefix_lambda_hat"].append(pc.lambda_hat)
                 out["prefix_n_markers"].append(pc.n_markers)
                 out["prefix_n_gaps"].append(pc.n_gaps)
+        if p.generation == "model_defaults":
+            out["generation_config"] = list(provenance_array(p, settings, len(cells)))
         dt = self.arrays(p)
         return {k: np.asarray(v, dtype=str if dt[k].dtype == "str" else dt[k].dtype) for k, v in out.items()}

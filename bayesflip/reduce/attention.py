@@ -18,6 +18,10 @@ Per store (experiment × model), cell, layer set and read position n (n outcomes
   both the mass on outcomes and the error change with n), and Pearson r on the residuals from each
   (θ, position) mean ("within θ"; the generating θ drives both the heads mass and, for a model with a
   fixed bias, the error; NaN with one sample per θ).
+
+Stores with ``attn_max`` (the coin-flip study's metric: per key, max over heads then over the layers
+of the set; summed over the group) add one measure ``max_<group>`` per group, reduced and
+correlated exactly like the mean masses (the mass figure shows the mean masses only).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, regi
 from .load import StoreData
 
 DERIVED = ("heads_share", "recent_share")
+MAX = "max_"  # prefix of the attn_max measures
 
 
 def _labels(st: StoreData, dim: str) -> list[str]:
@@ -75,6 +80,10 @@ def _points(st: StoreData) -> pd.DataFrame:
     })
     for gi, g in enumerate(groups):
         df[g] = mass[..., gi].reshape(-1)
+    if "attn_max" in st.arrays:  # the coin-flip study's max-over-heads-then-layers metric, per group
+        amax = st.arrays["attn_max"].astype(np.float64)
+        for gi, g in enumerate(groups):
+            df[MAX + g] = amax[..., gi].reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         tot = df["outcomes"].to_numpy() if "outcomes" in df else None
         if tot is not None and "heads_outcomes" in df:
@@ -137,7 +146,7 @@ def _fig_mass(inp: FamilyInput, exp: str, points: pd.DataFrame) -> Figure:
     d = points[points["experiment"] == exp]
     models = sorted(d["model"].unique())
     sets = list(dict.fromkeys(d["layer_set"]))
-    groups = [g for g in measures(d) if g not in DERIVED]
+    groups = [g for g in measures(d) if g not in DERIVED and not g.startswith(MAX)]
     cmap = F.plt.get_cmap("tab10")
     fig, axes = F.grid(len(models) * len(sets), ncols=len(sets), squeeze_cols=False, panel=(3.6, 2.8))
     for i, m in enumerate(models):
@@ -235,7 +244,8 @@ def reduce_attention(inp: FamilyInput) -> ReducedFamily:
                                                                sort=False)["mean"].agg(["mean", "max"])
                 .rename(columns={"mean": "mean over n", "max": "max over n"}).reset_index()
                 if (mass["measure"] == "outcomes").any() else pd.DataFrame())
-    show = corr[corr["measure"].isin(_scatter_measures(points) + list(DERIVED))]
+    shown = _scatter_measures(points) + list(DERIVED)
+    show = corr[corr["measure"].isin(shown + [MAX + m for m in shown])]
     section = Section("Attention", [
         Text("The attention mass of the read position after n outcomes on each key group (mean over the heads and "
              "the layers of a layer set) is compared with the Bayesian error at the same position, "

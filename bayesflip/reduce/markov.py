@@ -14,6 +14,10 @@ Per store (experiment × model), cell and read position i (i = 0..N; the read be
   ``TVD(p_i, b_i)`` how far the model is from it;
 * summary: early = mean over positions 1..q, late = mean over positions N − q + 1..N,
   q = max(1, ⌊N / 4⌋).
+
+Tables group by ``kind``: the generated kinds (uniform, sticky, random — the random matrices
+pooled) by kind, every named / non-uniform / custom matrix by its ``matrix_name`` (the cell
+coordinate; ``matrix`` is the stored transition-matrix array).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from . import figures as F
 from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
 
+POOLED_KINDS = ("uniform", "sticky", "random")
 METRICS = ["tvd_true", "kl_true", "tvd_bayes", "tvd_bayes_true", "off_choice_mass", "p_next"]
 
 
@@ -59,10 +64,15 @@ def _curve_table(st: StoreData) -> pd.DataFrame:
     p_next = np.where(nxt >= 0, np.take_along_axis(probs, np.clip(nxt, 0, None)[..., None], axis=2)[..., 0], np.nan)
     prev = np.concatenate([np.full((C, 1), -1), states], axis=1)
     cells = st.cells
+    kind = cells["kind"].astype(str).to_numpy()
+    name = (cells["matrix_name"].astype(str).to_numpy() if "matrix_name" in cells
+            else kind)  # stores written before the rename carry an integer "matrix" index
+    # group label: the generated kinds pool their matrices; named / non-uniform / custom matrices stand alone
+    group = np.where(np.isin(kind, list(POOLED_KINDS)), kind, name)
     return pd.DataFrame({
         "experiment": st.experiment, "model": st.model,
-        "kind": np.repeat(cells["kind"].astype(str).to_numpy(), P),
-        "matrix": np.repeat(cells["matrix"].to_numpy(dtype=int), P),
+        "kind": np.repeat(group, P),
+        "matrix_name": np.repeat(name, P),
         "sample": np.repeat(cells["sample"].to_numpy(dtype=int), P),
         "cell": np.repeat(cells["cell"].to_numpy(dtype=int), P),
         "position": np.tile(np.arange(P), C), "prev_state": prev.reshape(-1), "next_state": nxt.reshape(-1),
@@ -104,8 +114,7 @@ def _summary_table(curves: pd.DataFrame, n_steps: dict[str, int]) -> pd.DataFram
 def _fig_tvd(inp: FamilyInput, exp: str, curves: pd.DataFrame) -> Figure:
     d = curves[curves["experiment"] == exp]
     models = sorted(d["model"].unique())
-    kinds = sorted(d["kind"].unique(), key=lambda k: ("uniform", "sticky", "random").index(k)
-                   if k in ("uniform", "sticky", "random") else 9)
+    kinds = sorted(d["kind"].unique(), key=lambda k: (POOLED_KINDS.index(k), k) if k in POOLED_KINDS else (9, k))
     cmap = F.plt.get_cmap("tab10")
     fig, axes = F.grid(len(models), ncols=3)
     for ax, m in zip(axes, models):

@@ -19,6 +19,11 @@ Per store: least-squares line ``λ̂ = a λ + c`` (``numpy.polyfit``, degree 1) 
 per-(marker, λ) pooled points, and their Pearson correlation ``r`` (NaN with fewer than two
 distinct λ); the same for ``λ̂_excl``; icl also the line of the per-sample ``λ̂_s`` on the
 prefix's own ``λ̂`` of the same cell. A perfect simulator has slope 1, intercept 0.
+
+``protocol: paper`` stores hold the coin-flip study's counts in the same arrays (``n_markers`` =
+every marker character of the continuation, ``n_gaps`` = its words once the markers are removed),
+so the same formulas give the paper's λ̂ = count(marker) / words; their icl cells carry the story
+length ``prefix_words``, which becomes part of the mode (``icl_100w``, ``icl_250w``, ...).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def sample_table(st: StoreData) -> pd.DataFrame:
     """One row per trusted cell: coords, the stored counts, per-sample λ̂ and λ̂ with attached markers excluded."""
     a, c = st.arrays, st.cells
     mode = str(st.params.get("mode", "explicit"))
+    modes = np.full(len(c), mode, dtype=object)
+    if "prefix_words" in c:  # paper protocol, icl: one condition per story length ("icl_100w", ...)
+        modes = np.array([f"{mode}_{int(n)}w" for n in c["prefix_words"].to_numpy()], dtype=object)
     gaps = a["n_gaps"].astype(np.int64)
     markers = a["n_markers"].astype(np.int64)
     attached = a["n_attached"].astype(np.int64)
@@ -46,7 +54,7 @@ def sample_table(st: StoreData) -> pd.DataFrame:
         excl = np.where(gaps > 0, (markers - attached) / np.maximum(gaps, 1), np.nan)
         lhat = np.where(gaps > 0, markers / np.maximum(gaps, 1), np.nan)
     df = pd.DataFrame({
-        "experiment": st.experiment, "model": st.model, "mode": mode,
+        "experiment": st.experiment, "model": st.model, "mode": modes,
         "cell": c["cell"].to_numpy(), "marker": c["marker"].astype(str).to_numpy(),
         "lam": c["lam"].to_numpy(dtype=float), "sample": c["sample"].to_numpy(),
         "n_markers": markers, "n_attached": attached, "n_gaps": gaps,
@@ -121,8 +129,8 @@ def fit_table(cond: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
                    intercept_excl_attached=ie, r_excl_attached=re_,
                    mean_abs_error=float(np.nanmean(np.abs(g["lambda_hat"] - g["lam"])))
                    if g["lambda_hat"].notna().any() else np.nan)
-        sm = samples[(samples["experiment"] == key[0]) & (samples["model"] == key[1])]
-        if key[2] == "icl":
+        sm = samples[(samples["experiment"] == key[0]) & (samples["model"] == key[1]) & (samples["mode"] == key[2])]
+        if str(key[2]).startswith("icl"):
             ps, pi, pr, pn = fit_line(sm["prefix_lambda_hat"], sm["lambda_hat"])
         else:
             ps = pi = pr = np.nan
@@ -141,7 +149,7 @@ def _fig_lambda(inp: FamilyInput, cond: pd.DataFrame, fits: pd.DataFrame) -> Fig
     fig, axes = F.grid(len(exps), ncols=2, panel=(4.8, 3.8))
     top = 0.0
     for ax, (exp, mode) in zip(axes, exps):
-        d = cond[cond["experiment"] == exp]
+        d = cond[(cond["experiment"] == exp) & (cond["mode"] == mode)]
         lams = np.sort(d["lam"].unique())
         top = max(top, float(lams.max()))
         for k, m in enumerate(models):
@@ -154,7 +162,7 @@ def _fig_lambda(inp: FamilyInput, cond: pd.DataFrame, fits: pd.DataFrame) -> Fig
             ax.scatter(per["lam"] + jit, per["lambda_hat"], s=10, alpha=0.35, color=col,
                        label="pooled λ̂ per marker")
             al = dm[dm["marker"] == ALL].sort_values("lam")
-            f = fits[(fits["experiment"] == exp) & (fits["model"] == m)]
+            f = fits[(fits["experiment"] == exp) & (fits["model"] == m) & (fits["mode"] == mode)]
             slope = f["slope"].iloc[0] if len(f) else np.nan
             if np.isfinite(slope):
                 ax.text(0.03, 0.97 - 0.07 * k, f"{m}: slope {slope:.2f}, r {f['r'].iloc[0]:.2f}", color=col,
@@ -162,7 +170,7 @@ def _fig_lambda(inp: FamilyInput, cond: pd.DataFrame, fits: pd.DataFrame) -> Fig
             ax.plot(al["lam"], al["lambda_hat"], "o-", color=col, lw=1.8, ms=5, label=f"{m}: pooled λ̂, all markers")
             ax.plot(al["lam"], al["lambda_hat_excl_attached"], "o--", color=col, lw=1.0, ms=4, mfc="none",
                     label=f"{m}: attached markers excluded")
-            if mode == "icl":
+            if str(mode).startswith("icl"):
                 ax.plot(al["lam"], al["prefix_lambda_hat"], "x", color="grey", ms=7, mew=1.5,
                         label="ICL prefix's own λ̂")
             top = max(top, float(np.nanmax(np.r_[al["lambda_hat"].to_numpy(float), 0.0])))
@@ -191,7 +199,7 @@ def _fig_markers(inp: FamilyInput, cond: pd.DataFrame) -> Figure:
     per = cond[cond["marker"] != ALL]
     lim = 1.08 * max(float(np.nanmax(np.r_[per["lambda_hat"].to_numpy(float), per["lam"].to_numpy(float)])), 0.1)
     for ax, (exp, mode, model) in zip(axes, panels):
-        d = per[(per["experiment"] == exp) & (per["model"] == model)]
+        d = per[(per["experiment"] == exp) & (per["model"] == model) & (per["mode"] == mode)]
         for mk in markers:
             g = d[d["marker"] == mk].sort_values("lam")
             if len(g):
@@ -212,15 +220,17 @@ def _fig_markers(inp: FamilyInput, cond: pd.DataFrame) -> Figure:
 def _models_summary(cond: pd.DataFrame, fits: pd.DataFrame) -> dict:
     out: dict[str, dict] = {}
     for f in fits.itertuples(index=False):
-        al = cond[(cond["experiment"] == f.experiment) & (cond["model"] == f.model) & (cond["marker"] == ALL)]
+        al = cond[(cond["experiment"] == f.experiment) & (cond["model"] == f.model) & (cond["mode"] == f.mode)
+                  & (cond["marker"] == ALL)]
         e = {"mode": f.mode, "slope": f.slope, "intercept": f.intercept, "r": f.r,
              "slope_excl_attached": f.slope_excl_attached, "mean_abs_error": f.mean_abs_error,
              "lambda_hat_pooled": {f"{lam:g}": v for lam, v in zip(al["lam"], al["lambda_hat"])},
              "n_samples": f.n_samples, "frac_no_gaps": f.frac_no_gaps}
-        if f.mode == "icl":
+        if str(f.mode).startswith("icl"):
             e.update(slope_on_prefix=f.slope_on_prefix, r_on_prefix=f.r_on_prefix,
                      prefix_lambda_hat={f"{lam:g}": v for lam, v in zip(al["lam"], al["prefix_lambda_hat"])})
-        out.setdefault(f.model, {})[f.experiment] = e
+        name = f.experiment if f.mode in ("icl", "explicit") else f"{f.experiment}/{f.mode}"
+        out.setdefault(f.model, {})[name] = e
     return out
 
 
