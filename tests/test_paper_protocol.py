@@ -331,9 +331,12 @@ def test_cli_prompts_paper_coinflips():
                               f"{flips[0]}, then {flips[1]}, then {flips[2]}, then")
 
 
-def test_cli_prompts_family_without_renderer(capsys):
+def test_cli_prompts_family_without_renderer(capsys, monkeypatch):
     from bayesflip.cli import main
+    from bayesflip.experiments.base import Family
+    from bayesflip.experiments.markov import MarkovFamily
 
+    monkeypatch.setattr(MarkovFamily, "render", Family.render)  # every shipped family renders; fake one that does not
     assert main(["prompts", "--exp", "markov", "--model", "tiny-random", "--limit", "1"]) == 0
     out = capsys.readouterr().out
     assert "markov" in out and "cannot list its prompts" in out

@@ -35,10 +35,10 @@ choice) choice log-probs at the same read positions (``score_curves``), ``outcom
 ``p_true`` (position, choice) as in ``icl``, and ``layer_range`` (layer_set, bound) = the
 [first, last+1) layer indices used for this model.
 
-``protocol`` (``clean`` | ``paper``) selects the ICL family's prompts: the sequences are built by
-:class:`~bayesflip.experiments.icl.ICLFamily` (``head``, ``sample_outcomes``, ``build_curve``), so
-the paper's ICL rendering applies here as soon as the icl family implements it; until then
-``paper`` is refused in :meth:`AttentionFamily.validate`.
+``protocol`` (``clean`` | ``paper``) selects the ICL family's prompts: the sequences and heads are
+built by :class:`~bayesflip.experiments.icl.ICLFamily` (``cell_head``, ``sample_outcomes``,
+``build_curve``), so ``paper`` gives the study's statement + query paraphrase per cell, the one
+shared sequence per θ, and every (instruct prompt, query) pair. Permutations are not scored here.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from ..engine import CurveRequest
 from ..errors import ConfigError
 from ..prompts import encode_piece, encode_prompt
 from . import register
-from .base import ArraySpec, Protocol, RunContext
+from .base import ArraySpec, RunContext
 from .icl import ICLFamily, ICLParams, _spec, per_flip_probs
 from .seq import build_curve
 
@@ -67,7 +67,6 @@ class AttentionParams(ICLParams):
     layer_sets: dict[str, tuple[Frac, Frac]] = Field(default_factory=lambda: {"all": (0.0, 1.0)}, min_length=1)
     read_stride: int = Field(1, ge=1)   # read positions 0, s, 2s, ... ≤ n_flips
     per_outcome: bool = True
-    protocol: Protocol = "clean"
 
 
 def read_indices(p: AttentionParams) -> list[int]:
@@ -135,9 +134,6 @@ class AttentionFamily(ICLFamily):
             if not lo < hi:
                 raise ConfigError(f"params.layer_sets.{name}", f"range [{lo}, {hi}) is empty",
                                   allowed=["[lo, hi) with 0 <= lo < hi <= 1"])
-        if p.protocol == "paper" and "protocol" not in ICLParams.model_fields:
-            raise ConfigError("params.protocol", "the icl family has no paper rendering in this version",
-                              allowed=["clean"])
         super().validate(p, tokenizer, model_kind)
 
     def resolve_layers(self, p: AttentionParams, n_layers: int) -> dict[str, list[int]]:
@@ -153,24 +149,24 @@ class AttentionFamily(ICLFamily):
     def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         tok = ctx.tokenizer
         choices = _spec(p)["choices"]
-        head = self.head(p, ctx.model_kind)
         sets = self.resolve_layers(p, _n_layers(ctx.scorer.model))
         ridx = read_indices(p)
         names = group_names(p)
-        reqs, outs = [], []
-        for c in cells:
+        reqs, outs, head_lens = [], [], []
+        for c in cells:  # clean: one head for all cells; paper: the statement + query of the cell
+            head = self.cell_head(p, c, ctx.model_kind)
             o = self.sample_outcomes(p, c, ctx.seed)
             r = build_curve(tok, head, choices, o, p.separator)
             reqs.append(CurveRequest(ids=r.ids, positions=[r.positions[i] for i in ridx], choices=r.choices))
             outs.append(o)
+            head_lens.append(len(encode_prompt(tok, head)))
         curves = ctx.scorer.score_curves(reqs)
-        head_len = len(encode_prompt(tok, head))
         sep_len = len(encode_piece(tok, p.separator))
         clens = [len(encode_piece(tok, c)) for c in choices]
         shape = (len(cells), len(sets), len(ridx), len(names))
         shape_o = (len(cells), len(sets), len(ridx), p.n_flips)
         red = {"mean": (np.zeros(shape), np.zeros(shape_o)), "max": (np.zeros(shape), np.zeros(shape_o))}
-        for ci, (r, o) in enumerate(zip(reqs, outs)):
+        for ci, (r, o, head_len) in enumerate(zip(reqs, outs, head_lens)):
             ospans, sspans = token_spans(head_len, clens, sep_len, o)
             groups = {"prompt": range(head_len), "all": range(len(r.ids)),
                       "outcomes": [t for s in ospans for t in s], "separators": [t for s in sspans for t in s]}

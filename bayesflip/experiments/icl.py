@@ -208,8 +208,6 @@ class ICLFamily(Family):
 
     def validate(self, p: ICLParams, tokenizer, model_kind: str) -> None:
         if type(self).run is not ICLFamily.run:  # a subclass with its own run (attention)
-            if p.protocol == "paper":
-                raise ConfigError("params.protocol", f"family {self.name!r} supports only the clean protocol", allowed=["clean"])
             if p.permutations:
                 raise ConfigError("params.permutations", f"family {self.name!r} does not score permutations", allowed=[0])
         if p.shift != "none" and not p.theta2s:
