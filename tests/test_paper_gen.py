@@ -155,8 +155,8 @@ def test_cot_paper_render_base_and_instruct(tiny, smol):
             assert ri["cot"].text == _chat(smol, f"{nu} {task}") + CUE + "{reasoning} " + q
         elif reasoning == "hard_coded":
             orig = ("When I flip coins they land on heads 30% of the time. Let\u2019s think about what this means for my "
-                    "distribution of coin flips, it suggests my coin flips are biased, with a 30% probability of landing "
-                    "heads and 70% for tails, rather than a fair 50-50 distribution.")
+                    "distribution of coin flips, heads should appear about three times in ten flips, so tails remains "
+                    "the more likely outcome.")
             assert "generate" not in rb and rb["cot"].text == f"{orig} {q}"
             assert ri["cot"].text == _chat(smol, f"{orig} {task}") + q
         else:

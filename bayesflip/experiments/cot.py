@@ -68,7 +68,7 @@ from ..engine import score_prompts
 from ..errors import ConfigError
 from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, encode_choices, encode_piece, normalize_ws, render
-from ..stimuli import StimulusList
+from ..stimuli import StimulusList, load_list
 from . import register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
 from .gentext import sample_with
@@ -97,35 +97,15 @@ PAPER_FEW_SHOT = ("Premise: I have a weighted coin that lands on head 30% of the
                   "often.\n\nPremise: I have a weighted coin that lands on head 80% of the time and lands on tail 20% "
                   "of the time.\nReasoning: When I toss this coin, I should expect to see head more often and tail "
                   "less often.\n\n")
-# coin_flip_cot_sample_hard_coded.yaml: the text after the cue, for b = 0, 10, ..., 100
-PAPER_HARD_CODED = [
-    "it suggests that my coin is either biased or faulty, as a fair coin should land on heads about 50% of the time.",
-    "it suggests my coin flips are biased toward tails, with heads occurring much less frequently than expected in a "
-    "fair coin.",
-    "it suggests the coin is biased, favoring tails, and the probability distribution isn't uniform with a 20% chance "
-    "for heads and 80% for tails.",
-    "it suggests my coin flips are biased, with a 30% probability of landing heads and 70% for tails, rather than a "
-    "fair 50-50 distribution.",
-    "it suggests the coin is biased towards tails, with heads occurring less frequently than the 50% expected for a "
-    "fair coin.",
-    "it suggests that the distribution is likely fair, meaning the coin is balanced, and the outcomes are "
-    "approximately evenly split between heads and tails over many flips.",
-    "it suggests that the coin is biased towards heads, with a probability of 0.6 for heads and 0.4 for tails, instead "
-    "of an even 50-50 distribution.",
-    "it suggests that the distribution is biased towards heads, indicating a 70% probability for heads and 30% for "
-    "tails.",
-    "it suggests the coin is biased, with a higher probability of landing on heads than tails, deviating from a fair "
-    "50/50 distribution.",
-    "it suggests that the coin is biased, with a much higher probability of landing on heads than tails, deviating "
-    "from the expected 50-50 distribution of a fair coin.",
-    "it means the distribution is heavily skewed, indicating a biased or unfair coin.",
-]
+# hard_coded variant: the text after the cue, for b = 0, 10, ..., 100 (bayesflip's own set; the study's
+# texts from coin_flip_cot_sample_hard_coded.yaml are not shipped: point `hard_coded: file:<path>` at them)
+DEFAULT_HARD_CODED = "set:cot_hard_coded"
 
 
 class CoTParams(Params, GenerationFields):
     protocol: Protocol = "clean"
     reasoning: Literal["sampled", "hard_coded", "few_shot"] = "sampled"
-    hard_coded: StimulusList = Field(default_factory=lambda: list(PAPER_HARD_CODED))
+    hard_coded: StimulusList = Field(default_factory=lambda: load_list(DEFAULT_HARD_CODED))
     process: Literal["coin", "die"] = "coin"
     biases: list[Annotated[int, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: list(range(0, 101, 10)), min_length=1)
