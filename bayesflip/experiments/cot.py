@@ -194,7 +194,9 @@ class CoTFamily(Family):
         return p.query or (PAPER_QUERY if p.protocol == "paper" else self.spec(p)["query"])
 
     def hard_coded_text(self, p: CoTParams, cell: dict) -> str:
-        return p.hard_coded[list(p.biases).index(cell["bias"])]
+        if len(p.hard_coded) == len(p.biases):  # one text per listed bias, in order
+            return p.hard_coded[list(p.biases).index(cell["bias"])]
+        return p.hard_coded[cell["bias"] // 10]  # the 0, 10, ..., 100 set
 
     def gen_prompt(self, p: CoTParams, cell: dict, model_kind: str) -> Prompt:
         chat = self.chat(p, model_kind)
@@ -277,9 +279,11 @@ class CoTFamily(Family):
             if p.reasoning != "sampled" and p.no_needle:
                 raise ConfigError("params.no_needle", f"reasoning {p.reasoning!r} needs a bias statement",
                                   allowed=[False])
-            if p.reasoning == "hard_coded" and len(p.hard_coded) != len(p.biases):
+            if p.reasoning == "hard_coded" and len(p.hard_coded) != len(p.biases) and not (
+                    len(p.hard_coded) == 11 and all(b % 10 == 0 for b in p.biases)):
                 raise ConfigError("params.hard_coded", f"{len(p.hard_coded)} texts for {len(p.biases)} biases",
-                                  allowed=["one text per entry of params.biases, in order"])
+                                  allowed=["one text per entry of params.biases, in order",
+                                           "11 texts for b = 0, 10, ..., 100 (biases among them)"])
         if p.needle is not None:
             try:
                 p.needle.format(b=50, face=1)
