@@ -26,7 +26,8 @@ Arrays per cell (position i = the read before state i; i = N reads after the las
   position is the learning curve);
 * ``matrix`` (state, state2): the transition matrix ``P`` of the cell.
 
-Cells: matrix kind × matrix index (random only) × sample; the trajectory length is fixed.
+Cells: matrix kind × matrix index (coordinate ``matrix_name``; random only) × sample; the trajectory
+length is fixed.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class MarkovFamily(Family):
         for kind in p.kinds:
             mats = range(p.random_matrices) if kind == "random" else [0]
             for mi, s in itertools.product(mats, range(p.samples)):
-                out.append({"kind": kind, "matrix": mi, "sample": s})
+                out.append({"kind": kind, "matrix_name": mi, "sample": s})
         return out
 
     def arrays(self, p: MarkovParams) -> dict[str, ArraySpec]:
@@ -163,7 +164,7 @@ class MarkovFamily(Family):
 
     def matrix(self, p: MarkovParams, cell: dict, seed: int) -> np.ndarray:
         return transition_matrix(cell["kind"], len(p.states), p.sticky_prob, p.dirichlet_alpha,
-                                 seed=cell_seed(seed, "markov-matrix", len(p.states), p.dirichlet_alpha, cell["matrix"]))
+                                 seed=cell_seed(seed, "markov-matrix", len(p.states), p.dirichlet_alpha, cell["matrix_name"]))
 
     def init(self, p: MarkovParams, m: np.ndarray) -> np.ndarray:
         return stationary(m) if p.init == "stationary" else np.full(m.shape[0], 1.0 / m.shape[0])

@@ -62,7 +62,7 @@ def _curve_table(st: StoreData) -> pd.DataFrame:
     return pd.DataFrame({
         "experiment": st.experiment, "model": st.model,
         "kind": np.repeat(cells["kind"].astype(str).to_numpy(), P),
-        "matrix": np.repeat(cells["matrix"].to_numpy(dtype=int), P),
+        "matrix_name": np.repeat(cells["matrix_name"].to_numpy(dtype=int), P),
         "sample": np.repeat(cells["sample"].to_numpy(dtype=int), P),
         "cell": np.repeat(cells["cell"].to_numpy(dtype=int), P),
         "position": np.tile(np.arange(P), C), "prev_state": prev.reshape(-1), "next_state": nxt.reshape(-1),
