@@ -85,8 +85,13 @@ class SweepTask(Checkpointable):
 
         pairs = [(str(e), int(s)) for e, s in work]
         res = run_task(self.sweep, self.model, pairs, device=self.device, results_dir=Path(self.results_dir))
+        for e, s in res.done:       # one line per computed shard in the task's log (audit: computed once)
+            print(f"bayesflip: computed {e}:{s}", flush=True)
+        for e, s, why in res.held:
+            print(f"bayesflip: not computed {e}:{s}: held by {why}", flush=True)
         summary = {"sweep": self.sweep, "model": self.model, "done": [list(x) for x in res.done],
                    "skipped": [list(x) for x in res.skipped], "failed": [list(x) for x in res.failed],
+                   "held": [list(x) for x in res.held],
                    "seconds": round(res.seconds, 3), "load_seconds": round(res.load_seconds, 3),
                    "job_id": os.environ.get("SLURM_JOB_ID"), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    "host": socket.gethostname(), "deepspeed_loaded": "deepspeed" in sys.modules}
