@@ -279,7 +279,7 @@ def sweep_names(config_dir: Path = CONFIG_DIR) -> list[str]:
 
 
 def load_experiment(name: str, overrides: dict | None = None, config_dir: Path = CONFIG_DIR,
-                    prefix: str = "") -> ExperimentConfig:
+                    prefix: str = "", override_source: str | None = None) -> ExperimentConfig:
     from .experiments import get_family, family_names
 
     check_name(name, prefix + "experiment" if prefix else "--exp")
@@ -289,7 +289,8 @@ def load_experiment(name: str, overrides: dict | None = None, config_dir: Path =
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(prefix.rstrip(".") or "overrides", f"must be a mapping of overrides (got a {_kind(overrides)})")
     raw = deep_merge(read_yaml_mapping(path), overrides or {})
-    src = str(path) + (" (+ sweep overrides)" if overrides else "")
+    src = str(path) + ((f" + overrides in {override_source}" if override_source else " (+ sweep overrides)")
+                       if overrides else "")
     for k in raw:
         if k not in TOP_KEYS:
             raise ConfigError(prefix + k, "unknown key", allowed=sorted(TOP_KEYS), source=src)
@@ -335,7 +336,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
             if ov is not None and not isinstance(ov, dict):
                 raise ConfigError(f"experiments.{e}", f"must be a mapping of overrides (got a {_kind(ov)})",
                                   source=str(path))
-            exps.append(load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}."))
+            exps.append(load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}.", override_source=str(path)))
         models_raw = model_type or raw.get("models") or DEFAULT_MODEL
         if not isinstance(models_raw, str) and not (isinstance(models_raw, list)
                                                     and all(isinstance(m, str) for m in models_raw)):

@@ -325,8 +325,14 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     if overwrite and not dry_run:
         busy = active_jobs(sweep.name, root, units)
         if busy and cancel_running and executor == "slurm":
+            import time
+
             cancel_sweep_jobs(sweep.name, root, out)
+            end = time.time() + 120          # until their processes are gone too (leases released/dead)
             busy = active_jobs(sweep.name, root, units)
+            while busy and time.time() < end:
+                time.sleep(1)
+                busy = active_jobs(sweep.name, root, units)
         if busy:
             raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still "
                               f"active ({'; '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}); wait for them, "
