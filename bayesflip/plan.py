@@ -66,20 +66,28 @@ def _estimate(cells: list[dict], arrays: dict) -> tuple[float, float]:
 
 
 def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = True,
-               results_dir: Path | None = None, create: bool = True, warn=None) -> list[Unit]:
-    """Every (experiment, model) unit with its pending shards; creates the stores unless ``create=False``."""
-    warn = warn or (lambda msg: print(f"bayesflip: warning: {msg}", file=sys.stderr))
+               results_dir: Path | None = None, create: bool = True, warn=None,
+               cells_cache: dict | None = None) -> list[Unit]:
+    """Every (experiment, model) unit with its pending shards; creates the stores unless ``create=False``.
+
+    ``cells_cache`` (experiment name → cells) lets a second planning pass reuse the grids of the first."""
+    cells_cache = {} if cells_cache is None else cells_cache
+    if warn is None:
+        def warn(msg):
+            print(f"bayesflip: warning: {msg}", file=sys.stderr)
     units: list[Unit] = []
     tokenizers = {}
     for model_name in sweep.models:
         spec = get_model_spec(model_name)
         for exp in sweep.experiments:
             fam = get_family(exp.family)
-            cells = fam.cells(exp.params)
+            if exp.name not in cells_cache:
+                cells_cache[exp.name] = fam.cells(exp.params)
+            cells = cells_cache[exp.name]
             if not cells:
                 raise ConfigError(f"experiments.{exp.name}.params", "empty grid: this config expands to no cells")
             arrays = fam.arrays(exp.params)
-            if len(cells) > HUGE_GRID and spec.name == sweep.models[0]:
+            if len(cells) > HUGE_GRID and spec.name == sweep.models[0] and warn is not False:
                 mem, disk = _estimate(cells, arrays)
                 warn(f"experiment {exp.name}: huge grid of {len(cells):,} cells "
                      f"({(len(cells) + exp.shard_size - 1) // exp.shard_size:,} shards of {exp.shard_size}); "

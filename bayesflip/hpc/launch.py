@@ -321,7 +321,8 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
         check_partitions(templates)
     root = Path(results_dir or RESULTS_DIR).resolve()
     # 1. plan without writing anything: configs, tokenization, identity of existing stores
-    units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False)
+    cells: dict = {}
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False, cells_cache=cells)
     if overwrite and not dry_run:
         busy = active_jobs(sweep.name, root, units)
         if busy and cancel_running and executor == "slurm":
@@ -346,7 +347,8 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     n_split = bool(limit) and len(arrays) > len({a.model.name for a in arrays})
     if not dry_run:
         # 2. now create the stores (--overwrite deletes them first) and plan for real
-        units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, validate=False, create=True)
+        units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, validate=False, create=True,
+                           cells_cache=cells, warn=False)
         arrays = plan_arrays(sweep, units, templates, exclude, limit)
     sub = Submission(sweep, units, arrays, executor, root)
     n_pending = sum(len(u.pending) for u in units)

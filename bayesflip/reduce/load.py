@@ -218,6 +218,9 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
 
 
 def sweep_root(sweep: str, results_dir: Path | str | None = None) -> Path:
+    from ..config import check_name
+
+    check_name(sweep, "--sweep")
     base = Path(results_dir or RESULTS_DIR)
     root = base / sweep
     if not root.is_dir():
