@@ -181,9 +181,9 @@ def test_deleted_chunk_flipped_byte_deleted_store_reported_and_repaired(cluster,
     die = store_path("test_slurm", "icl_die", MODEL, root)
     assert coin.done_shards() == {0, 1, 2, 3}
     before = coin.records()
-    gone = coin.chunk_files(1)["logprobs"]
+    gone = coin.path / "logprobs" / "c" / "1" / "0" / "0"
     gone.unlink()                                                       # a deleted chunk
-    flipped = coin.chunk_files(2)["logprobs"]
+    flipped = coin.path / "logprobs" / "c" / "2" / "0" / "0"
     b = bytearray(flipped.read_bytes())
     b[-3] ^= 0x10                                                       # a flipped byte
     flipped.write_bytes(bytes(b))
@@ -271,6 +271,7 @@ def test_second_submit_of_running_sweep_computes_each_shard_once(cluster, tmp_pa
     assert r.returncode == 0, r.stderr
     r2 = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "16"], cfg)
     assert r2.returncode == 0, r2.stderr
+    assert "nothing to submit" in r2.stdout and re.search(r"\d+ still queued/running, skipped", r2.stdout), r2.stdout
     wait_sweep(root, "twice")
     r3 = bf(["resubmit", "--sweep", "twice", "--results-dir", str(root)], cfg)     # and a resubmit after it
     assert r3.returncode == 0 and "nothing to submit" in r3.stdout, r3.stdout + r3.stderr
