@@ -43,9 +43,9 @@ PY = sys.executable
 MODEL = "tiny-random"
 SLOW = """models: [tiny-random]
 experiments:
-  icl_coin: {{seed: {seed}, shard_size: 2, params: {{thetas: [0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9, 1.0], n_flips: 150, samples: 8}}}}
+  icl_coin: {{seed: {seed}, shard_size: 2, params: {{thetas: [0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9, 1.0], n_flips: 150, samples: 4}}}}
 """
-N = 32   # shards (64 cells, 2 per shard): ~20 s in one task, long enough to act while it runs
+N = 16   # shards (32 cells, 2 per shard); the old arrays run 2 shards per task, one task at a time
 
 
 # ---------------------------------------------------------------------- helpers
@@ -135,8 +135,8 @@ def wait_records(st_path: Path, n: int, deadline_s: float = 240) -> None:
 def test_overwrite_while_old_array_runs_keeps_only_new_config(cluster, tmp_path):
     cfg = configs(tmp_path, {"ow": SLOW.format(seed=1)})
     root = tmp_path / "res"
-    # 8 tasks of 4 shards, one at a time: the old array stays active while we act
-    r = bf(["submit", "--exp", "ow", "--results-dir", str(root), "--shards-per-task", "4", "--array-throttle", "1"], cfg)
+    # 8 tasks of 2 shards, one at a time: the old array stays active while we act
+    r = bf(["submit", "--exp", "ow", "--results-dir", str(root), "--shards-per-task", "2", "--array-throttle", "1"], cfg)
     assert r.returncode == 0, r.stderr
     path = store_path("ow", "icl_coin", MODEL, root)
     wait_records(path, 1)                                    # the old task runs, with the old config loaded
@@ -234,7 +234,7 @@ def test_deleted_chunk_flipped_byte_deleted_store_reported_and_repaired(cluster,
 def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_path):
     cfg = configs(tmp_path, {"dt": SLOW.format(seed=3)})
     root = tmp_path / "res"
-    r = bf(["submit", "--exp", "dt", "--results-dir", str(root), "--shards-per-task", "4", "--array-throttle", "1"], cfg)
+    r = bf(["submit", "--exp", "dt", "--results-dir", str(root), "--shards-per-task", "2", "--array-throttle", "1"], cfg)
     assert r.returncode == 0, r.stderr
     path = store_path("dt", "icl_coin", MODEL, root)
     wait_records(path, 1)
@@ -267,9 +267,9 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
 def test_second_submit_of_running_sweep_computes_each_shard_once(cluster, tmp_path):
     cfg = configs(tmp_path, {"twice": SLOW.format(seed=4)})
     root = tmp_path / "res"
-    r = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "16"], cfg)
+    r = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "8"], cfg)
     assert r.returncode == 0, r.stderr
-    r2 = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "16"], cfg)
+    r2 = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "8"], cfg)
     assert r2.returncode == 0, r2.stderr
     assert "nothing to submit" in r2.stdout and re.search(r"\d+ still queued/running, skipped", r2.stdout), r2.stdout
     wait_sweep(root, "twice")

@@ -107,6 +107,19 @@ def sacct_states(array_ids: list[str]) -> dict[str, str]:
                 out[f"{m.group(1)}_{t}"] = state
         else:
             out[jid] = state
+    # squeue knows a job the moment sbatch returns; sacct (slurmdbd) can lag by seconds
+    try:
+        q = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
+        lines = q.stdout.splitlines() if q.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        lines = []
+    wanted = set(ids)
+    for line in lines:
+        if "|" not in line:
+            continue
+        jid, state = (x.strip() for x in line.split("|", 1))
+        if jid.split("_")[0] in wanted and state in ACTIVE | QUEUED:
+            out[jid] = state
     return out
 
 
