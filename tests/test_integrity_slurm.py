@@ -91,11 +91,14 @@ def wait_sweep(root: Path, sweep: str, deadline_s: float = 300) -> dict[str, str
         time.sleep(1)
 
 
-def sacct_since(since: str) -> list[str]:
-    r = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-S", since, "-o", "JobID,JobName"],
+def sacct_since(since: str, prefixes: tuple[str, ...]) -> set[str]:
+    """Job ids (sacct since ``since`` + squeue) whose name starts with one of ``prefixes`` (other
+    helpers' tests share the cluster: only our job names count)."""
+    r = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-S", since, "-o", "JobID,JobName%100"],
                        capture_output=True, text=True, timeout=30, check=True)
     q = subprocess.run(["squeue", "-h", "-o", "%i|%j"], capture_output=True, text=True, timeout=30, check=True)
-    return sorted({ln.split("|")[0] for ln in r.stdout.splitlines() + q.stdout.splitlines() if "|bf-" in ln})
+    return {ln.split("|")[0] for ln in r.stdout.splitlines() + q.stdout.splitlines()
+            if "|" in ln and ln.split("|", 1)[1].startswith(prefixes)}
 
 
 def task_log_lines(root: Path, sweep: str, what: str = "computed") -> list[str]:
@@ -248,7 +251,7 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
     reg.write_text(text[:i] + text[i:].replace("dtype: float32", "dtype: bfloat16", 1))   # registry changed
 
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
-    jobs = sacct_since(since)
+    jobs = sacct_since(since, ("bf-dt-",))
     r = bf(["resubmit", "--sweep", "dt", "--results-dir", str(root)], cfg)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "dtype: store='float32' now='bfloat16'" in r.stderr
@@ -260,7 +263,8 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
     assert p.returncode != 0 and "StoreIdentityError" in p.stderr and "dtype: store='float32'" in p.stderr
     assert ResultStore(path).records() == recs_before                  # nothing written
     time.sleep(1.5)
-    assert sacct_since(since) == jobs                                   # nothing submitted
+    assert not sacct_since(since, ("bf-dt-",)) - jobs                   # nothing submitted
+    assert len(manifest(root, "dt")["submissions"]) == 1
 
 
 # ---------------------------------------------------------------------- 4. a second submit while the sweep runs
@@ -304,7 +308,8 @@ def test_bad_configs_exit_2_one_line_nothing_created_or_submitted(cluster, tmp_p
     res = tmp_path / "res"
     res.mkdir()
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
-    jobs = sacct_since(since)
+    mine = ("bf-bad_", "bf-big-", "bf-test_slurm-tiny-random")
+    jobs = sacct_since(since, mine)
     calls = [[name] for name in BAD] + [["../sweeps/test_slurm"], ["/etc/passwd"]]
     # every call in one process (start-up dominates): main() per call, stderr captured per call
     driver = ("import contextlib, io, json, sys\nfrom bayesflip.cli import main\nout = []\n"
@@ -334,4 +339,4 @@ def test_bad_configs_exit_2_one_line_nothing_created_or_submitted(cluster, tmp_p
     assert "1001 task(s)" in r.stdout and "1 task(s)" in r.stdout
     assert list(res.iterdir()) == []                                    # nothing under the results dir
     time.sleep(1.5)
-    assert sacct_since(since) == jobs                                   # nothing submitted
+    assert not sacct_since(since, mine) - jobs                          # nothing submitted
