@@ -430,6 +430,21 @@ class ResultStore:
             for p in (st.path, st.records_dir, st.path.with_suffix(".leases"), st.path.with_suffix(".work")):
                 if p.exists():
                     shutil.rmtree(p)
+        if st.path.exists():
+            damaged = st.damage()
+            if damaged:     # never trusted, never deleted: moved aside, then a fresh store (new uid)
+                aside = st.path.with_name(f"{st.path.name}.damaged-{_dt.datetime.now():%Y%m%dT%H%M%S}")
+                try:
+                    os.rename(st.path, aside)
+                except FileNotFoundError:       # a concurrent planner moved it first
+                    pass
+                except OSError as e:
+                    raise StoreWriteError(f"store {st.path} is damaged ({damaged}) and cannot be moved aside: "
+                                          f"{e.strerror or e}") from None
+                import logging
+                logging.getLogger(__name__).warning("store %s is damaged (%s): moved to %s, creating a fresh one",
+                                                    st.path, damaged, aside)
+                st._attrs = None
         if st.path.exists() and (st.path / "zarr.json").exists():
             old = st.attrs
             diff = identity_diff(old.get("identity"), attrs["identity"])
@@ -480,6 +495,25 @@ class ResultStore:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         return st
+
+    def damage(self) -> Optional[str]:
+        """None when the store's metadata (group, every array, coords, labels) opens, else why not."""
+        if not (self.path / "zarr.json").exists():
+            return "no zarr.json"
+        try:
+            g = zarr.open_group(self.path, mode="r")
+            attrs = dict(g.attrs)
+            for k in ("n_cells", "n_shards", "shard_size", "arrays"):
+                if k not in attrs:
+                    return f"attribute {k!r} missing"
+            for name in attrs["arrays"]:
+                g[name].metadata
+            for grp in ("coords", "labels"):
+                for k in g[grp].array_keys():
+                    g[grp][k].metadata
+        except Exception as e:  # any unreadable metadata means the store cannot be trusted
+            return f"{type(e).__name__}: {e}"
+        return None
 
     @property
     def group(self):

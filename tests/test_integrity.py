@@ -225,3 +225,14 @@ def test_full_disk_one_line_no_temp_files_shard_not_done(tmp_path):
         assert st.done_shards() == set()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_store_with_damaged_metadata_is_moved_aside_and_rebuilt(tmp_path):
+    st = _icl_store(tmp_path)
+    name = next(iter(st.attrs["arrays"]))
+    (st.path / name / "zarr.json").unlink()
+    assert st.damage() and "KeyError" in st.damage()
+    st2, *_ = synthetic_store(tmp_path, "sw", "icl_coin", "icl", {"thetas": [0.5], "n_flips": 4, "samples": 3}, 1, 0)
+    aside = list(st.path.parent.glob(f"{st.path.name}.damaged-*"))
+    assert len(aside) == 1 and not (aside[0] / name / "zarr.json").exists()     # kept, not deleted
+    assert st2.damage() is None and st2.pending_shards() == [0, 1, 2]          # old records not trusted
