@@ -119,7 +119,9 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
             if now.state == "done":
                 res.skipped.append((exp_name, shard))
                 continue
-            cells = cells_cache.setdefault(exp_name, fam.cells(exp.params))
+            if exp_name not in cells_cache:             # once per experiment (setdefault would rebuild it per shard)
+                cells_cache[exp_name] = fam.cells(exp.params)
+            cells = cells_cache[exp_name]
             sl = st.shard_slice(shard)
             ts = time.time()
             try:
