@@ -562,7 +562,8 @@ class ResultStore:
         rec = {"shard": shard, "status": status, "host": socket.gethostname(),
                "job_id": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "store_uid": self.uid, "identity_hash": self.attrs.get("identity_hash"),
+               "store_uid": self.uid if self.exists else None,
+               "identity_hash": self.attrs.get("identity_hash") if self.exists else None,
                "code_version": CODE_VERSION, **data}
         atomic_write_text(self._record_path(shard), json.dumps(rec, default=str))
 
