@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.func(args) or 0)
     except BayesflipError as e:
-        print(f"bayesflip: error: {e}", file=sys.stderr)
+        msg = str(e)
+        print(f"bayesflip: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)
+        return 2
+    except OSError as e:   # disk full, permissions, ...: one line naming the path, never a traceback chain
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bayesflip: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

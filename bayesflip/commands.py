@@ -16,11 +16,30 @@ def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:
     p.add_argument("--results-dir", default=None)
 
 
+def _refuse_busy_overwrite(sweep, args) -> None:
+    """--overwrite deletes stores: never while a job or process of the sweep still works on them."""
+    if not args.overwrite:
+        return
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .hpc.launch import active_jobs
+    from .paths import RESULTS_DIR
+    from .plan import plan_sweep
+
+    root = Path(args.results_dir or RESULTS_DIR)
+    busy = active_jobs(sweep.name, root, plan_sweep(sweep, overwrite=True, results_dir=root, create=False))
+    if busy:
+        raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still active "
+                          f"({'; '.join(busy[:5])}); wait for them or stop them first")
+
+
 def cmd_plan(args) -> int:
     from .config import load_sweep
     from .plan import plan_sweep, write_manifest
 
     sweep = load_sweep(args.sweep, args.model_type)
+    _refuse_busy_overwrite(sweep, args)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
     for u in units:
         print(f"{u.experiment.name:20s} {u.model.name:28s} shards {u.n_shards:5d} pending {len(u.pending):5d}  {u.store}")
@@ -35,18 +54,27 @@ def cmd_debug(args) -> int:
     from .plan import make_tasks, plan_sweep, write_manifest
 
     sweep = load_sweep(args.sweep, args.model_type)
+    _refuse_busy_overwrite(sweep, args)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
     write_manifest(sweep, units, {"mode": "debug"}, results_dir=args.results_dir)
     failed = 0
     tasks = make_tasks(sweep.name, units, shards_per_task=10**9)
     total = sum(u.n_shards for u in units)
+    n_held = sum(len(u.held) for u in units)
     if not tasks:
-        print(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done (--overwrite recomputes)")
+        print(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done"
+              + (f" or held by another live run ({n_held})" if n_held else "") + " (--overwrite recomputes)")
     for task in tasks:
         r = run_task(task.sweep, task.model, task.work, device=args.device, results_dir=args.results_dir)
-        already = sum(u.n_shards - len(u.pending) for u in units if u.model.name == task.model) + len(r.skipped)
-        print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed "
-              f"({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
+        held = sum(len(u.held) for u in units if u.model.name == task.model) + len(r.held)
+        already = sum(u.n_shards - len(u.pending) - len(u.held) for u in units if u.model.name == task.model) \
+            + len(r.skipped)
+        print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed"
+              + (f", {held} held by another live run (not computed here)" if held else "")
+              + f" ({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
+        if args.verbose_shards:
+            for exp, shard in r.done:
+                print(f"  computed {exp}:{shard}")
         for exp, shard, err in r.failed:
             print(f"  FAILED {exp}:{shard}: {err}")
         failed += len(r.failed)
@@ -116,6 +144,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("debug", help="run a sweep in-process (local GPU/CPU), same code as the cluster jobs")
     _sweep_args(p)
     p.add_argument("--device", default=None)
+    p.add_argument("--list-shards", dest="verbose_shards", action="store_true", help="print every computed shard")
     p.set_defaults(func=cmd_debug)
 
     p = sub.add_parser("prompts", help="list the exact prompts (text + choices) of an experiment or sweep; tokenizers only")
@@ -129,6 +158,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("submit", help="submit a sweep as SLURM job arrays (submitit)")
     _sweep_args(p)
     _slurm_args(p)
+    p.add_argument("--cancel-running", action="store_true",
+                   help="with --overwrite: scancel the sweep's queued/running jobs first (else refused)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("resubmit", help="submit only the shards that are not complete")
@@ -139,6 +170,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("status", help="per model × experiment: shards done / running / pending / failed")
     p.add_argument("--sweep", required=True)
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object: counts and problem shards per store")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("reduce", help="merge a sweep's stores, compare with Bayesian references, write the report")

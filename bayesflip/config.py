@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +83,81 @@ def pydantic_error(err: ValidationError, prefix: str, source: str | None = None,
                        allowed=allowed, source=source)
 
 
+def _json_types(node: dict, defs: dict) -> tuple[set[str], list[dict]]:
+    """(JSON types a schema node allows, its alternative nodes) — $ref and anyOf/oneOf resolved."""
+    if "$ref" in node:
+        node = defs.get(node["$ref"].split("/")[-1], {})
+    alts = node.get("anyOf") or node.get("oneOf")
+    if alts:
+        types: set[str] = set()
+        nodes: list[dict] = []
+        for a in alts:
+            t, n = _json_types(a, defs)
+            types |= t
+            nodes += n
+        return types, nodes
+    t = node.get("type")
+    types = set(t) if isinstance(t, list) else ({t} if t else set())
+    for v in node.get("enum", []) + ([node["const"]] if "const" in node else []):
+        types.add({bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(v), "other"))
+    return types, [node]
+
+
+def strict_type_error(schema: dict, value, loc: tuple = ()) -> tuple[tuple, str] | None:
+    """Where pydantic's lax mode would coerce YAML ``true`` or ``"3"`` into a number: (loc, message)."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: dict, v, where: tuple):
+        types, nodes = _json_types(node, defs)
+        if not types:
+            return None
+        if isinstance(v, bool):
+            if "boolean" not in types and types & {"integer", "number"}:
+                return where, f"expected a number, got a boolean ({v!r})"
+            return None
+        if isinstance(v, str) and "string" not in types and types & {"integer", "number", "boolean"}:
+            return where, f"expected a {'number' if types & {'integer', 'number'} else 'boolean'}, got a string ({v!r})"
+        if isinstance(v, list):
+            for n in nodes:
+                if n.get("type") == "array":
+                    pre = n.get("prefixItems") or []
+                    for i, x in enumerate(v):
+                        sub = pre[i] if i < len(pre) else n.get("items")
+                        if isinstance(sub, dict):
+                            r = walk(sub, x, where + (i,))
+                            if r:
+                                return r
+                    break
+        if isinstance(v, dict):
+            for n in nodes:
+                props = n.get("properties")
+                if props is not None or isinstance(n.get("additionalProperties"), dict):
+                    for k, x in v.items():
+                        sub = (props or {}).get(k, n.get("additionalProperties"))
+                        if isinstance(sub, dict):
+                            r = walk(sub, x, where + (k,))
+                            if r:
+                                return r
+                    break
+        return None
+
+    return walk(schema, value, loc)
+
+
 def validate_params(model_cls: type[BaseModel], raw: dict, prefix: str, source: str | None = None) -> BaseModel:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(prefix, f"must be a mapping of parameter names to values (got a {_kind(raw)})",
+                          source=source)
+    try:
+        schema = model_cls.model_json_schema()
+    except Exception as schema_err:  # a schema that cannot be rendered only costs the strict/range checks
+        schema = {"error": str(schema_err)}
+    bad = strict_type_error(schema, raw or {})
+    if bad:
+        raise ConfigError(".".join(str(x) for x in (prefix, *bad[0]) if x != ""), bad[1], source=source)
     try:
         return model_cls(**(raw or {}))
     except ValidationError as err:
-        try:
-            schema = model_cls.model_json_schema()
-        except Exception as schema_err:  # a schema that cannot be rendered only costs the range hint
-            schema = {"error": str(schema_err)}
         exc = pydantic_error(err, prefix, source, schema)
         if "unknown key" in str(exc):
             exc = ConfigError(exc.key, "unknown key", allowed=sorted(model_cls.model_fields), source=source)
@@ -124,14 +192,82 @@ class ExperimentConfig:
         return config_hash(self.raw)
 
 
-def read_yaml_mapping(path: Path) -> dict:
+def _kind(v) -> str:
+    return {list: "list", dict: "mapping", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (YAML would silently keep the last)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        except TypeError:   # unhashable key: the base constructor reports it
+            pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(path: Path):
+    """A YAML file → Python data; unreadable files, non-UTF-8 bytes, syntax errors and duplicate keys
+    are one-line :class:`ConfigError` naming the file (and line)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError("<file>", f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}, "
+                          f"line {line})", source=str(path)) from None
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read: {e.strerror or e}", source=str(path)) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError("<file>", f"invalid YAML: {e}", source=str(path)) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e)
+        key = "<file>"
+        m = re.match(r"duplicate key (.+?) \(", str(what))
+        if m:
+            key = m.group(1).strip("'\"")
+        raise ConfigError(key, f"invalid YAML: {' '.join(str(what).split())}{where}", source=str(path)) from None
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    data = load_yaml(path)
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError("<root>", "must be a mapping", source=str(path))
+        raise ConfigError("<root>", f"must be a mapping (got a {_kind(data)})", source=str(path))
     return data
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def check_name(name, key: str, source: str | None = None) -> str:
+    """Sweep / experiment / model names become directory names: plain names only (no '/', '..', absolute)."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise ConfigError(key, f"{name!r} is not a plain name (letters, digits, '_', '-', '.', '+'; no path "
+                          f"separators, '..' or absolute paths)", source=source)
+    return name
+
+
+def _int_key(raw: dict, key: str, default: int, lo: int, prefix: str, src: str) -> int:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = "a non-negative" if lo == 0 else "a positive"
+        raise ConfigError(prefix + key, f"must be {what} integer (got {_kind(v)} {v!r})", source=src)
+    return v
 
 
 def experiment_names(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -143,26 +279,26 @@ def sweep_names(config_dir: Path = CONFIG_DIR) -> list[str]:
 
 
 def load_experiment(name: str, overrides: dict | None = None, config_dir: Path = CONFIG_DIR,
-                    prefix: str = "") -> ExperimentConfig:
+                    prefix: str = "", override_source: str | None = None) -> ExperimentConfig:
     from .experiments import get_family, family_names
 
+    check_name(name, prefix + "experiment" if prefix else "--exp")
     path = Path(config_dir) / "experiments" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(prefix + "experiment", f"unknown experiment {name!r}", allowed=experiment_names(config_dir))
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(prefix.rstrip(".") or "overrides", f"must be a mapping of overrides (got a {_kind(overrides)})")
     raw = deep_merge(read_yaml_mapping(path), overrides or {})
-    src = str(path) + (" (+ sweep overrides)" if overrides else "")
+    src = str(path) + ((f" + overrides in {override_source}" if override_source else " (+ sweep overrides)")
+                       if overrides else "")
     for k in raw:
         if k not in TOP_KEYS:
             raise ConfigError(prefix + k, "unknown key", allowed=sorted(TOP_KEYS), source=src)
     fam_name = raw.get("family")
     if fam_name not in family_names():
         raise ConfigError(prefix + "family", f"unknown family {fam_name!r}", allowed=family_names(), source=src)
-    seed = raw.get("seed", 0)
-    shard = raw.get("shard_size", 16)
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(prefix + "seed", f"must be a non-negative integer (got {seed!r})", source=src)
-    if not isinstance(shard, int) or shard < 1:
-        raise ConfigError(prefix + "shard_size", f"must be a positive integer (got {shard!r})", source=src)
+    seed = _int_key(raw, "seed", 0, 0, prefix, src)
+    shard = _int_key(raw, "shard_size", 16, 1, prefix, src)
     fam = get_family(fam_name)
     params = validate_params(fam.Params, raw.get("params") or {}, prefix + "params", src)
     resolved = {"family": fam_name, "seed": seed, "shard_size": shard, "params": params.model_dump(mode="json")}
@@ -181,6 +317,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
     """A sweep by name, or a single experiment name (a sweep of one, named after it)."""
     from .models.registry import models_of_type
 
+    check_name(name, "--exp/--sweep")
     path = Path(config_dir) / "sweeps" / f"{name}.yaml"
     if path.exists():
         raw = read_yaml_mapping(path)
@@ -188,11 +325,27 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
             if k not in SWEEP_KEYS:
                 raise ConfigError(k, "unknown key", allowed=sorted(SWEEP_KEYS), source=str(path))
         exps_raw = raw.get("experiments") or {}
+        if not isinstance(exps_raw, dict):
+            raise ConfigError("experiments", f"must be a mapping of experiment name → overrides (got a "
+                              f"{_kind(exps_raw)}; write `experiments: {{name: {{}}}}`)", source=str(path))
         if not exps_raw:
             raise ConfigError("experiments", "empty grid: the sweep lists no experiments", source=str(path))
-        exps = [load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}.") for e, ov in exps_raw.items()]
+        exps = []
+        for e, ov in exps_raw.items():
+            check_name(e, f"experiments.{e}", str(path))
+            if ov is not None and not isinstance(ov, dict):
+                raise ConfigError(f"experiments.{e}", f"must be a mapping of overrides (got a {_kind(ov)})",
+                                  source=str(path))
+            exps.append(load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}.", override_source=str(path)))
         models_raw = model_type or raw.get("models") or DEFAULT_MODEL
+        if not isinstance(models_raw, str) and not (isinstance(models_raw, list)
+                                                    and all(isinstance(m, str) for m in models_raw)):
+            raise ConfigError("models", f"must be a MODEL_TYPE string or a list of model names (got "
+                              f"{_kind(models_raw)} {models_raw!r})", source=str(path))
         throttle = raw.get("array_throttle")
+        if throttle is not None and (isinstance(throttle, bool) or not isinstance(throttle, int) or throttle < 1):
+            raise ConfigError("array_throttle", f"must be a positive integer (got {_kind(throttle)} {throttle!r})",
+                              source=str(path))
     elif (Path(config_dir) / "experiments" / f"{name}.yaml").exists():
         exps = [load_experiment(name, None, config_dir)]
         models_raw = model_type or DEFAULT_MODEL

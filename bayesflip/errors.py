@@ -35,3 +35,15 @@ class ChoiceError(BayesflipError, ValueError):
 
 class ContextLengthError(BayesflipError, ValueError):
     """A prompt (plus choice) is longer than the model's context window; we never truncate silently."""
+
+
+class StoreIdentityError(BayesflipError):
+    """A store was made by another config / model spec / code version than this run (or was replaced)."""
+
+
+class StoreWriteError(BayesflipError):
+    """Writing a shard, record or store failed (full disk, permissions, ...); nothing is marked done."""
+
+
+class LeaseLost(BayesflipError):
+    """Another live job took over a shard this process was computing; it writes nothing."""

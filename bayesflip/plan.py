@@ -2,13 +2,17 @@
 
 Stores are created by the planner, before anything runs or is submitted, so that array
 tasks never race to create them; every check that can fail (configs, model names,
-tokenization of choices, empty grids) runs here, before submission.
+tokenization of choices, empty grids, store identity) runs here, before submission.
+``plan_sweep(..., create=False)`` plans without writing anything (dry runs, and the
+array-size checks that must pass before any store is created). A shard is pending when it
+is not verified done (see :mod:`bayesflip.store`) and no live job holds its lease.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,8 @@ from .errors import ConfigError
 from .experiments import get_family
 from .models.registry import ModelSpec, get_model_spec
 from .paths import RESULTS_DIR
-from .store import ResultStore, provenance, store_path
+from .store import ResultStore, atomic_write_text, identity, identity_diff, provenance, store_path
+from .errors import StoreIdentityError
 
 
 @dataclass
@@ -29,6 +34,8 @@ class Unit:
     store: Path
     n_shards: int
     pending: list[int] = field(default_factory=list)
+    held: dict[int, str] = field(default_factory=dict)      # shard → live holder (not pending)
+    n_cells: int = 0
 
 
 @dataclass
@@ -43,26 +50,75 @@ class Task:
         return {"sweep": self.sweep, "model": self.model, "work": [list(w) for w in self.work]}
 
 
+HUGE_GRID = 1_000_000   # cells of one store above which the planner warns (time + memory)
+
+
+def _estimate(cells: list[dict], arrays: dict) -> tuple[float, float]:
+    """(GB of memory the planner holds for the cells, GB of the store's arrays uncompressed)."""
+    import numpy as np
+
+    n = len(cells)
+    c0 = cells[0]
+    per_cell = sys.getsizeof(c0) + sum(sys.getsizeof(v) for v in c0.values())
+    per_arr = sum(int(np.prod(a.shape or (1,))) * (8 if a.dtype in ("str", "float64", "int64") else 4)
+                  for a in arrays.values())
+    return n * per_cell / 1e9, n * per_arr / 1e9
+
+
 def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = True,
-               results_dir: Path | None = None) -> list[Unit]:
+               results_dir: Path | None = None, create: bool = True, warn=None,
+               cells_cache: dict | None = None) -> list[Unit]:
+    """Every (experiment, model) unit with its pending shards; creates the stores unless ``create=False``.
+
+    ``cells_cache`` (experiment name → cells) lets a second planning pass reuse the grids of the first."""
+    cells_cache = {} if cells_cache is None else cells_cache
+    if warn is None:
+        def warn(msg):
+            print(f"bayesflip: warning: {msg}", file=sys.stderr)
     units: list[Unit] = []
     tokenizers = {}
     for model_name in sweep.models:
         spec = get_model_spec(model_name)
         for exp in sweep.experiments:
             fam = get_family(exp.family)
-            cells = fam.cells(exp.params)
+            if exp.name not in cells_cache:
+                cells_cache[exp.name] = fam.cells(exp.params)
+            cells = cells_cache[exp.name]
             if not cells:
                 raise ConfigError(f"experiments.{exp.name}.params", "empty grid: this config expands to no cells")
+            arrays = fam.arrays(exp.params)
+            if len(cells) > HUGE_GRID and spec.name == sweep.models[0] and warn is not False:
+                mem, disk = _estimate(cells, arrays)
+                warn(f"experiment {exp.name}: huge grid of {len(cells):,} cells "
+                     f"({(len(cells) + exp.shard_size - 1) // exp.shard_size:,} shards of {exp.shard_size}); "
+                     f"planning holds ~{mem:.1f} GB of cell dicts per job, the arrays take ~{disk:.1f} GB per model "
+                     f"uncompressed; consider a coarser grid or a larger shard_size")
             if validate:
                 if spec.name not in tokenizers:
                     from .models.loader import load_tokenizer
                     tokenizers[spec.name] = load_tokenizer(spec)
                 fam.validate(exp.params, tokenizers[spec.name], spec.kind)
             path = store_path(sweep.name, exp.name, spec.name, results_dir)
-            st = ResultStore.create(path, fam.arrays(exp.params), cells, exp.shard_size, fam.coords(exp.params),
-                                    provenance(exp, spec), overwrite=overwrite)
-            units.append(Unit(exp, spec, path, st.n_shards, st.pending_shards()))
+            n_shards = (len(cells) + exp.shard_size - 1) // exp.shard_size
+            if create:
+                st = ResultStore.create(path, arrays, cells, exp.shard_size, fam.coords(exp.params),
+                                        provenance(exp, spec), overwrite=overwrite)
+            else:
+                st = ResultStore(path)
+                clash = sorted(set(cells[0]) & set(arrays))
+                if clash:
+                    raise ConfigError("coords", f"per-cell coordinate(s) {clash} have the name of a data array")
+                if st.exists and not overwrite:
+                    diff = identity_diff(st.attrs.get("identity"), identity(exp.hash, spec))
+                    if diff:
+                        raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)}); "
+                                                 f"re-run with --overwrite or use another sweep name")
+            if st.exists and not (overwrite and not create):
+                held = {s: h.get("why", "") for s, h in st.leases.live_holders().items()}
+                pending = [s for s in st.pending_shards() if s not in held]
+            else:
+                held, pending = {}, list(range(n_shards))
+            units.append(Unit(exp, spec, path, n_shards, pending, held, len(cells)))
     return units
 
 
@@ -82,18 +138,20 @@ def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, onl
 def write_manifest(sweep: SweepConfig, units: list[Unit], extra: dict | None = None,
                    results_dir: Path | None = None) -> Path:
     path = Path(results_dir or RESULTS_DIR) / sweep.name / "manifest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise StoreIdentityError(f"{path}: unreadable manifest ({e}); move it away to start the sweep afresh") from None
     doc = {
         "sweep": sweep.name,
         "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "models": sweep.models,
         "experiments": {e.name: e.raw for e in sweep.experiments},
-        "units": [{"experiment": u.experiment.name, "model": u.model.name, "store": str(u.store),
+        "units": [{"experiment": u.experiment.name, "model": u.model.name, "store": f"{u.experiment.name}/{u.model.name}.zarr",
                    "n_shards": u.n_shards, "template": u.model.template} for u in units],
         "submissions": old.get("submissions", []),
     }
     if extra:
         doc["submissions"].append(extra)
-    path.write_text(json.dumps(doc, indent=2, default=str))
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str))
     return path

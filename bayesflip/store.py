@@ -5,18 +5,27 @@ Layout of ``results/<sweep>/<experiment>/<model>.zarr``::
     <array>            (cell, *dims)   chunk = (shard_size, *dims)   dimension_names set
     coords/<field>     (cell,)         condition fields of every cell (theta, depth, sample, ...)
     labels/<dim>       (n,)            labels of a per-cell dim (choice strings, positions)
-    attrs              provenance: config + hash, seed, model id + revision, versions, git commit
+    attrs              provenance: config + hash, seed, model id + revision, versions, git commit,
+                       ``identity`` (what determines the numbers) and ``store_uid`` (this store)
 
 Completion is recorded per shard, **after** its chunks are written, as an atomically
 renamed JSON file in ``<model>.records/shard-000012.json`` (status done|failed, timings,
-host, job id, error). A shard without a ``done`` record is recomputed and its chunk
-overwritten in place, so a crash mid-write never leaves duplicates or a half shard that
-reduce would trust. Concurrent array tasks write disjoint chunks and disjoint record files.
+host, job id, error). A ``done`` record carries the store's uid, its identity hash and a
+checksum (blake2b) of every chunk file of the shard as written. A shard is *done* only when
+its record is complete, belongs to this store (same uid) and every chunk still matches its
+checksum; anything else is ``corrupt`` (with the file named) and is recomputed.
+
+One writer per shard: a process computes a shard only while it holds the shard's lease
+``<model>.leases/shard-000012.lease`` (host, pid, SLURM job id; mtime = heartbeat). A lease
+whose holder is gone (SLURM job no longer active, local pid dead, or heartbeat older than
+``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import hashlib
 import json
 import os
 import platform
@@ -24,16 +33,26 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import zarr
 
-from .errors import ConfigError
+from . import __version__
+from .errors import ConfigError, LeaseLost, StoreIdentityError, StoreWriteError
 from .experiments.base import ArraySpec
 from .paths import REPO_ROOT, RESULTS_DIR
+
+STORE_FORMAT = 2
+CODE_VERSION = f"bayesflip-{__version__}+store{STORE_FORMAT}"
+IDENTITY_FIELDS = ("config_hash", "model_id", "model_revision", "dtype", "backend", "tp", "attn_implementation",
+                   "code_version")
+DONE_FIELDS = ("shard", "status", "store_uid", "identity_hash", "checksums", "n_cells")
 
 
 def git_commit() -> str:
@@ -60,12 +79,32 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def identity(config_hash: str, model_spec) -> dict[str, Any]:
+    """What determines a store's numbers: config, resolved model spec, code version."""
+    return {"config_hash": config_hash, "model_id": model_spec.id, "model_revision": model_spec.revision,
+            "dtype": model_spec.dtype, "backend": model_spec.backend, "tp": model_spec.tp,
+            "attn_implementation": model_spec.attn_implementation, "code_version": CODE_VERSION}
+
+
+def identity_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity_diff(old: Optional[dict], new: dict) -> list[str]:
+    """``field: store=<old> now=<new>`` for every differing identity field."""
+    if not old:
+        return ["identity: store has none (written by an older bayesflip)"]
+    return [f"{k}: store={old.get(k)!r} now={new.get(k)!r}" for k in IDENTITY_FIELDS if old.get(k) != new.get(k)]
+
+
 def provenance(exp, model_spec) -> dict[str, Any]:
+    ident = identity(exp.hash, model_spec)
     return {
         "experiment": exp.name, "family": exp.family, "config": exp.raw, "config_hash": exp.hash,
         "seed": exp.seed, "shard_size": exp.shard_size,
         "model": model_spec.name, "model_id": model_spec.id, "model_revision": model_spec.revision,
         "model_spec": model_spec.model_dump(mode="json"),
+        "identity": ident, "identity_hash": identity_hash(ident),
         "versions": library_versions(), "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
     }
@@ -85,6 +124,38 @@ def _np_coord(values: list) -> np.ndarray:
     return np.asarray(["" if v is None else str(v) for v in values], dtype=str)
 
 
+def checksum_file(path: Path) -> Optional[str]:
+    """blake2b of a file's bytes, or None when the file does not exist (an all-fill chunk is not written)."""
+    try:
+        with open(path, "rb") as f:
+            return "blake2b:" + hashlib.blake2b(f.read(), digest_size=20).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file + rename; on any OSError the temp file is removed and StoreWriteError names the path."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise StoreWriteError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
 @dataclass
 class ShardRecord:
     shard: int
@@ -92,54 +163,357 @@ class ShardRecord:
     data: dict
 
 
+@dataclass
+class ShardState:
+    """``state``: done | failed | corrupt | pending; ``kind`` the finer reason (reduce's coverage status)."""
+
+    state: str
+    kind: str
+    message: str = ""
+    record: Optional[dict] = None
+
+
+# ---------------------------------------------------------------------- leases
+LEASE_TTL_S = float(os.environ.get("BAYESFLIP_LEASE_TTL", "120"))
+HEARTBEAT_S = max(1.0, LEASE_TTL_S / 6)
+_TOKEN = uuid.uuid4().hex          # this process
+SLURM_ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED",
+                "REQUEUED", "PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "STOPPED", "RESV_DEL_HOLD"}
+_squeue_cache: dict[str, Any] = {"t": 0.0, "jobs": None}
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    return {"token": _TOKEN, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "procid": os.environ.get("SLURM_PROCID"),
+            "array_task": (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+                           if os.environ.get("SLURM_ARRAY_JOB_ID") else None),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def slurm_jobs() -> Optional[dict[str, str]]:
+    """{job id (unique per array task): state} of every job SLURM still knows; None if squeue is unavailable."""
+    now = time.time()
+    if _squeue_cache["jobs"] is not None and now - _squeue_cache["t"] < 3:
+        return _squeue_cache["jobs"]
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        r = subprocess.run(["squeue", "-h", "-a", "-o", "%A|%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    jobs = {}
+    for ln in r.stdout.splitlines():
+        if "|" in ln:
+            jid, state = ln.split("|", 1)
+            jobs[jid.strip()] = state.strip()
+    _squeue_cache.update(t=now, jobs=jobs)
+    return jobs
+
+
+def lease_alive(info: dict, mtime: float) -> tuple[bool, str]:
+    """Is the holder of a lease still alive? (answer, why)."""
+    jid = info.get("job_id")
+    if jid:
+        jobs = slurm_jobs()
+        if jobs is not None:
+            state = jobs.get(str(jid))
+            return (state in SLURM_ACTIVE, f"SLURM job {jid} {state or 'ended'}")
+    if info.get("host") == socket.gethostname() and info.get("pid"):
+        pid = int(info["pid"])
+        alive = _proc_start(pid) is not None and _proc_start(pid) == info.get("pid_start")
+        return alive, f"pid {pid} on {info['host']} {'running' if alive else 'gone'}"
+    age = time.time() - mtime
+    return age < LEASE_TTL_S, f"heartbeat {age:.0f} s ago (ttl {LEASE_TTL_S:.0f} s)"
+
+
+def describe_holder(info: dict) -> str:
+    job = f"SLURM job {info['job_id']}" + (f" (task {info['array_task']})" if info.get("array_task") else "") \
+        if info.get("job_id") else "in-process run"
+    return f"{job}, host {info.get('host')}, pid {info.get('pid')}, since {info.get('time')}"
+
+
+class _Heartbeat:
+    """One daemon thread per process: touches every held lease every HEARTBEAT_S seconds."""
+
+    def __init__(self):
+        self.paths: set[Path] = set()
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, p: Path) -> None:
+        with self.lock:
+            self.paths.add(p)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="bayesflip-lease-heartbeat", daemon=True)
+                self.thread.start()
+
+    def discard(self, p: Path) -> None:
+        with self.lock:
+            self.paths.discard(p)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                paths = list(self.paths)
+            for p in paths:
+                try:
+                    os.utime(p)
+                except OSError:   # the lease was broken or removed: the write-time check notices
+                    self.discard(p)
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+class Leases:
+    """Shard leases of one store (see the module docstring)."""
+
+    def __init__(self, store_path_: Path):
+        self.dir = Path(store_path_).with_suffix(".leases")
+
+    def path(self, shard: int) -> Path:
+        return self.dir / f"shard-{shard:06d}.lease"
+
+    @staticmethod
+    def _read(p: Path) -> Optional[tuple[dict, float]]:
+        try:
+            return json.loads(p.read_text()), p.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):      # torn / unreadable lease: treat as a dead holder
+            try:
+                return {"token": "unreadable"}, 0.0
+            except OSError:
+                return None
+
+    @staticmethod
+    def is_mine(info: dict) -> bool:
+        if info.get("token") == _TOKEN:
+            return True
+        jid = os.environ.get("SLURM_JOB_ID")
+        if jid and info.get("job_id") == jid:      # same SLURM job: a requeued run or another TP rank
+            other_live = (info.get("host") == socket.gethostname() and info.get("pid") != os.getpid()
+                          and info.get("procid") == os.environ.get("SLURM_PROCID")
+                          and _proc_start(int(info.get("pid") or 0)) == info.get("pid_start"))
+            return not other_live
+        return False
+
+    def _link_new(self, p: Path, me: dict, replace: bool = False) -> bool:
+        tmp = self.dir / f".tmp-{_TOKEN}-{p.stem}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(me))
+            if replace:
+                os.replace(tmp, p)
+                return True
+            try:
+                os.link(tmp, p)            # atomic create-if-absent, whole content at once
+                return True
+            except FileExistsError:
+                return False
+        except OSError as e:
+            raise StoreWriteError(f"cannot write lease {p}: {e.strerror or e}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def holder(self, shard: int) -> Optional[dict]:
+        """The live holder of a shard's lease that is not this process/job, else None."""
+        got = self._read(self.path(shard))
+        if got is None:
+            return None
+        info, mtime = got
+        if self.is_mine(info):
+            return None
+        alive, why = lease_alive(info, mtime)
+        return {**info, "why": why} if alive else None
+
+    def live_holders(self) -> dict[int, dict]:
+        out = {}
+        if self.dir.is_dir():
+            for p in self.dir.glob("shard-*.lease"):
+                try:
+                    shard = int(p.stem.split("-")[1])
+                except (IndexError, ValueError):
+                    continue
+                h = self.holder(shard)
+                if h is not None:
+                    out[shard] = h
+        return out
+
+    def acquire(self, shard: int) -> tuple[bool, Optional[dict]]:
+        """(True, None) when this process now holds the shard; (False, holder) when a live job does."""
+        p = self.path(shard)
+        me = _me()
+        for _ in range(5):
+            if self._link_new(p, me):
+                _HEARTBEAT.add(p)
+                return True, None
+            got = self._read(p)
+            if got is None:
+                continue
+            info, mtime = got
+            if self.is_mine(info):
+                self._link_new(p, me, replace=True)
+                _HEARTBEAT.add(p)
+                return True, None
+            alive, why = lease_alive(info, mtime)
+            if alive:
+                return False, {**info, "why": why}
+            broken = p.with_name(f"{p.name}.stale-{_TOKEN}")   # break it: rename, then make sure it was that one
+            try:
+                os.rename(p, broken)
+            except FileNotFoundError:
+                continue
+            got2 = self._read(broken)
+            if got2 is not None and got2[0].get("token") != info.get("token"):
+                try:                                           # a fresh lease slipped in: put it back
+                    os.link(broken, p)
+                except FileExistsError:
+                    pass
+                os.unlink(broken)
+                return False, {**got2[0], "why": "just taken"}
+            os.unlink(broken)
+        return False, {"why": "lease contended"}
+
+    def holds(self, shard: int) -> bool:
+        got = self._read(self.path(shard))
+        return got is not None and self.is_mine(got[0])
+
+    def release(self, shard: int) -> None:
+        p = self.path(shard)
+        _HEARTBEAT.discard(p)
+        if self.holds(shard):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------------- store
 class ResultStore:
-    """One Zarr store plus its per-shard completion records."""
+    """One Zarr store plus its per-shard completion records and leases."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.records_dir = self.path.with_suffix(".records")
+        self.leases = Leases(self.path)
+        self._attrs: Optional[dict] = None
 
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: Path, arrays: dict[str, ArraySpec], cells: list[dict], shard_size: int,
                labels: dict[str, list], attrs: dict, overwrite: bool = False) -> "ResultStore":
-        """Create (or re-open an identical) store. A different config hash is an error unless overwrite."""
+        """Create (or re-open an identical) store. A different identity is an error unless overwrite."""
         st = cls(path)
-        if overwrite and st.path.exists():
-            shutil.rmtree(st.path)
-            shutil.rmtree(st.records_dir, ignore_errors=True)
+        clash = sorted(set(cells[0] if cells else {}) & set(arrays))
+        if clash:
+            raise ConfigError("coords", f"per-cell coordinate(s) {clash} have the name of a data array of the "
+                              f"same store; rename the coordinate (family returns both)")
+        if "identity" not in attrs:   # synthetic / hand-made provenance: identity from what it has
+            ident = {k: attrs.get(k) for k in IDENTITY_FIELDS}
+            ident["code_version"] = CODE_VERSION
+            attrs = {**attrs, "identity": ident, "identity_hash": identity_hash(ident)}
+        if overwrite:
+            for p in (st.path, st.records_dir, st.path.with_suffix(".leases"), st.path.with_suffix(".work")):
+                if p.exists():
+                    shutil.rmtree(p)
+        if st.path.exists():
+            damaged = st.damage()
+            if damaged:     # never trusted, never deleted: moved aside, then a fresh store (new uid)
+                aside = st.path.with_name(f"{st.path.name}.damaged-{_dt.datetime.now():%Y%m%dT%H%M%S}")
+                try:
+                    os.rename(st.path, aside)
+                except FileNotFoundError:       # a concurrent planner moved it first
+                    pass
+                except OSError as e:
+                    raise StoreWriteError(f"store {st.path} is damaged ({damaged}) and cannot be moved aside: "
+                                          f"{e.strerror or e}") from None
+                import logging
+                logging.getLogger(__name__).warning("store %s is damaged (%s): moved to %s, creating a fresh one",
+                                                    st.path, damaged, aside)
+                st._attrs = None
         if st.path.exists() and (st.path / "zarr.json").exists():
-            old = st.attrs.get("config_hash")
-            if old != attrs["config_hash"]:
-                raise ConfigError("overwrite", f"{st.path} holds results of another config (hash {old}, now "
-                                  f"{attrs['config_hash']}); use --overwrite or another sweep name")
+            old = st.attrs
+            diff = identity_diff(old.get("identity"), attrs["identity"])
+            if diff:
+                raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)}); "
+                                         f"re-run with --overwrite or use another sweep name")
             return st
-        st.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=st.path.name + ".tmp-", dir=st.path.parent))
-        root = zarr.open_group(tmp, mode="w")
-        n = len(cells)
-        for name, spec in arrays.items():
-            dtype = str if spec.dtype == "str" else spec.dtype
-            root.create_array(name, shape=(n, *spec.shape), chunks=(shard_size, *spec.shape), dtype=dtype,
-                              fill_value=spec.fill, dimension_names=("cell", *spec.dims))
-        co = root.create_group("coords")
-        for field in cells[0].keys() if cells else []:
-            a = _np_coord([c[field] for c in cells])
-            co.create_array(field, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
-                            chunks=(max(1, len(a)),), dimension_names=("cell",))[:] = a
-        lb = root.create_group("labels")
-        for dim, vals in labels.items():
-            a = _np_coord(list(vals))
-            lb.create_array(dim, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
-                            chunks=(max(1, len(a)),), dimension_names=(dim,))[:] = a
-        n_shards = (n + shard_size - 1) // shard_size
-        root.attrs.update({**attrs, "n_cells": n, "n_shards": n_shards,
-                           "arrays": {k: {"dims": ["cell", *v.dims], "dtype": v.dtype} for k, v in arrays.items()}})
+        tmp = None
         try:
-            os.replace(tmp, st.path)  # atomic: concurrent creators see a whole store or none
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            st.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=st.path.name + ".tmp-", dir=st.path.parent))
+            root = zarr.open_group(tmp, mode="w")
+            n = len(cells)
+            for name, spec in arrays.items():
+                dtype = str if spec.dtype == "str" else spec.dtype
+                root.create_array(name, shape=(n, *spec.shape), chunks=(shard_size, *spec.shape), dtype=dtype,
+                                  fill_value=spec.fill, dimension_names=("cell", *spec.dims))
+            co = root.create_group("coords")
+            for field in cells[0].keys() if cells else []:
+                a = _np_coord([c[field] for c in cells])
+                co.create_array(field, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
+                                chunks=(max(1, len(a)),), dimension_names=("cell",))[:] = a
+            lb = root.create_group("labels")
+            for dim, vals in labels.items():
+                a = _np_coord(list(vals))
+                lb.create_array(dim, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
+                                chunks=(max(1, len(a)),), dimension_names=(dim,))[:] = a
+            n_shards = (n + shard_size - 1) // shard_size
+            root.attrs.update({**attrs, "n_cells": n, "n_shards": n_shards, "store_uid": uuid.uuid4().hex,
+                               "store_format": STORE_FORMAT,
+                               "arrays": {k: {"dims": ["cell", *v.dims], "dtype": v.dtype} for k, v in arrays.items()}})
+            try:
+                os.replace(tmp, st.path)  # atomic: concurrent creators see a whole store or none
+                tmp = None
+            except OSError as e:
+                if not (st.path / "zarr.json").exists():
+                    raise StoreWriteError(f"cannot create store {st.path}: the path exists but is not a Zarr store "
+                                          f"(no zarr.json); remove it or re-run with --overwrite") from None
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                diff = identity_diff(st.attrs.get("identity"), attrs["identity"])   # a concurrent creator won
+                if diff:
+                    raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)})")
+        except OSError as e:
+            raise StoreWriteError(f"cannot create store {st.path}: {e.strerror or e}"
+                                  + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return st
+
+    def damage(self) -> Optional[str]:
+        """None when the store's metadata (group, every array, coords, labels) opens, else why not."""
+        if not (self.path / "zarr.json").exists():
+            return "no zarr.json"
+        try:
+            g = zarr.open_group(self.path, mode="r")
+            attrs = dict(g.attrs)
+            for k in ("n_cells", "n_shards", "shard_size", "arrays"):
+                if k not in attrs:
+                    return f"attribute {k!r} missing"
+            for name in attrs["arrays"]:
+                g[name].metadata
+            for grp in ("coords", "labels"):
+                for k in g[grp].array_keys():
+                    g[grp][k].metadata
+        except Exception as e:  # any unreadable metadata means the store cannot be trusted
+            return f"{type(e).__name__}: {e}"
+        return None
 
     @property
     def group(self):
@@ -147,7 +521,21 @@ class ResultStore:
 
     @property
     def attrs(self) -> dict:
+        if self._attrs is None:
+            self._attrs = self.read_attrs()
+        return self._attrs
+
+    def read_attrs(self) -> dict:
+        """The attributes as they are on disk now (not cached)."""
         return dict(zarr.open_group(self.path, mode="r").attrs)
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").exists()
+
+    @property
+    def uid(self) -> Optional[str]:
+        return self.attrs.get("store_uid")
 
     @property
     def n_shards(self) -> int:
@@ -166,41 +554,146 @@ class ResultStore:
         n = self.attrs["n_cells"]
         return [{k: (cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]) for k in names} for i in range(n)]
 
-    # ------------------------------------------------------------------ shards
+    # ------------------------------------------------------------------ records
     def _record_path(self, shard: int) -> Path:
         return self.records_dir / f"shard-{shard:06d}.json"
 
     def write_record(self, shard: int, status: str, **data) -> None:
-        self.records_dir.mkdir(parents=True, exist_ok=True)
         rec = {"shard": shard, "status": status, "host": socket.gethostname(),
                "job_id": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
-               "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **data}
-        fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=".rec-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._record_path(shard))
+               "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "store_uid": self.uid if self.exists else None,
+               "identity_hash": self.attrs.get("identity_hash") if self.exists else None,
+               "code_version": CODE_VERSION, **data}
+        atomic_write_text(self._record_path(shard), json.dumps(rec, default=str))
 
     def records(self) -> dict[int, dict]:
+        """shard → record; a record that cannot be parsed or lacks ``shard``/``status`` becomes
+        ``{"status": "corrupt-record", "error": ...}`` for that shard only."""
         out = {}
         if self.records_dir.exists():
             for p in sorted(self.records_dir.glob("shard-*.json")):
                 try:
+                    shard = int(p.stem.split("-")[1])
+                except (IndexError, ValueError):
+                    continue
+                try:
                     rec = json.loads(p.read_text())
-                except (json.JSONDecodeError, OSError) as e:  # a torn record counts as not done
-                    rec = {"shard": int(p.stem.split("-")[1]), "status": "corrupt-record", "error": str(e)}
-                out[int(rec["shard"])] = rec
+                    if not isinstance(rec, dict):
+                        raise ValueError("not a JSON object")
+                    missing = [k for k in ("shard", "status") if k not in rec]
+                    if missing:
+                        raise ValueError(f"missing field(s) {missing}")
+                    if rec["shard"] != shard:
+                        raise ValueError(f"field shard={rec['shard']!r} in the file of shard {shard}")
+                except (ValueError, OSError, UnicodeDecodeError) as e:  # a torn record counts as not done
+                    rec = {"shard": shard, "status": "corrupt-record", "error": f"record {p}: {e}"}
+                out[shard] = rec
         return out
 
+    def chunk_files(self, shard: int) -> dict[str, Path]:
+        """array name → the file of its chunk for this shard."""
+        g = zarr.open_group(self.path, mode="r")
+        out = {}
+        for name in self.attrs["arrays"]:
+            a = g[name]
+            key = a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))
+            out[name] = self.path / a.path / key
+        return out
+
+    def verify(self, shard: int, rec: dict) -> Optional[str]:
+        """None when every chunk of the shard matches the record's checksums, else what is wrong."""
+        sums = rec.get("checksums")
+        if not isinstance(sums, dict):
+            return f"record {self._record_path(shard)} has no chunk checksums"
+        for name, path in self.chunk_files(shard).items():
+            if name not in sums:
+                return f"record {self._record_path(shard)} has no checksum of array {name!r}"
+            got = checksum_file(path)
+            if got != sums[name]:
+                if got is None:
+                    return f"chunk file {path} (array {name!r}) is missing"
+                if sums[name] is None:
+                    return f"chunk file {path} (array {name!r}) should not exist (all-fill chunk)"
+                return f"chunk file {path} (array {name!r}) does not match its checksum"
+        return None
+
+    def shard_states(self, verify: bool = True) -> dict[int, ShardState]:
+        """Every shard's state; ``done`` only for a complete record of this store whose chunks verify."""
+        recs = self.records()
+        uid = self.uid
+        out = {}
+        for s in range(self.n_shards):
+            out[s] = self.classify(s, recs.get(s), uid, verify)
+        return out
+
+    def classify(self, shard: int, rec: Optional[dict], uid: Optional[str] = None, verify: bool = True) -> ShardState:
+        uid = uid or self.uid
+        if rec is None:
+            return ShardState("pending", "missing", "", None)
+        status = rec.get("status")
+        if status == "corrupt-record":
+            return ShardState("corrupt", "corrupt-record", str(rec.get("error")), rec)
+        if rec.get("store_uid") not in (None, uid) or (status == "done" and rec.get("store_uid") != uid):
+            return ShardState("corrupt", "stale-record",
+                              f"record {self._record_path(shard)} belongs to another store (uid "
+                              f"{rec.get('store_uid')}, this store {uid}): not trusted", rec)
+        if status == "failed":
+            return ShardState("failed", "failed", str(rec.get("error", "failed")), rec)
+        if status != "done":
+            return ShardState("corrupt", "corrupt-record",
+                              f"record {self._record_path(shard)}: unknown status {status!r}", rec)
+        missing = [k for k in DONE_FIELDS if k not in rec]
+        if missing:
+            return ShardState("corrupt", "corrupt-record",
+                              f"record {self._record_path(shard)} lacks field(s) {missing}", rec)
+        if rec.get("identity_hash") != self.attrs.get("identity_hash"):
+            return ShardState("corrupt", "stale-record",
+                              f"record {self._record_path(shard)} has identity {rec.get('identity_hash')}, "
+                              f"store {self.attrs.get('identity_hash')}", rec)
+        if verify:
+            bad = self.verify(shard, rec)
+            if bad:
+                return ShardState("corrupt", "corrupt-chunk", bad, rec)
+        return ShardState("done", "done", "", rec)
+
+    def shard_state(self, shard: int) -> ShardState:
+        """One shard, read fresh from disk."""
+        recs = {}
+        p = self._record_path(shard)
+        if p.exists():
+            recs = {k: v for k, v in self.records().items() if k == shard}
+        return self.classify(shard, recs.get(shard))
+
     def done_shards(self) -> set[int]:
-        return {s for s, r in self.records().items() if r.get("status") == "done"}
+        return {s for s, r in self.shard_states().items() if r.state == "done"}
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
         return [s for s in range(self.n_shards) if s not in done]
 
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], **record) -> None:
+    # ------------------------------------------------------------------ writing
+    def check_writable(self, expect_uid: Optional[str] = None, expect_identity: Optional[dict] = None,
+                       shard: Optional[int] = None) -> None:
+        """Right before writing: the store on disk is still the one we planned against, of our identity,
+        and (when ``shard`` is given) we still hold its lease."""
+        if not self.exists:
+            raise StoreIdentityError(f"{self.path} no longer exists (deleted or overwritten): nothing written")
+        now = self.read_attrs()
+        if expect_uid is not None and now.get("store_uid") != expect_uid:
+            raise StoreIdentityError(f"{self.path} was replaced while this job ran (store uid {now.get('store_uid')}, "
+                                     f"the job started on {expect_uid}): nothing written")
+        if expect_identity is not None:
+            diff = identity_diff(now.get("identity"), expect_identity)
+            if diff:
+                raise StoreIdentityError(f"{self.path}: this job's identity differs from the store's "
+                                         f"({'; '.join(diff)}); nothing written (re-run with --overwrite or "
+                                         f"another sweep name)")
+        if shard is not None and not self.leases.holds(shard):
+            raise LeaseLost(f"{self.path} shard {shard}: lease lost to another job; nothing written")
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], expect_uid: Optional[str] = None,
+                    expect_identity: Optional[dict] = None, require_lease: bool = False, **record) -> None:
         g = self.group
         sl = self.shard_slice(shard)
         n = sl.stop - sl.start
@@ -208,11 +701,22 @@ class ResultStore:
         if set(arrays) != expected:
             raise ValueError(f"shard {shard}: family returned arrays {sorted(arrays)}, store has {sorted(expected)}")
         for name, a in arrays.items():
-            a = np.asarray(a)
-            if a.shape[0] != n:
-                raise ValueError(f"shard {shard}: array {name} has {a.shape[0]} cells, expected {n}")
-            g[name][sl] = a
-        self.write_record(shard, "done", n_cells=n, **record)
+            if np.asarray(a).shape[0] != n:
+                raise ValueError(f"shard {shard}: array {name} has {np.asarray(a).shape[0]} cells, expected {n}")
+        self.check_writable(expect_uid, expect_identity, shard if require_lease else None)
+        try:
+            try:                                  # not done while its chunks change
+                os.unlink(self._record_path(shard))
+            except FileNotFoundError:
+                pass
+            for name, a in arrays.items():
+                g[name][sl] = np.asarray(a)
+            sums = {name: checksum_file(p) for name, p in self.chunk_files(shard).items()}
+        except OSError as e:
+            raise StoreWriteError(f"cannot write shard {shard} of {self.path}: {e.strerror or e}"
+                                  + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
+        self.check_writable(expect_uid, expect_identity, shard if require_lease else None)
+        self.write_record(shard, "done", n_cells=n, checksums=sums, **record)
 
     def read(self, name: str) -> np.ndarray:
         return zarr.open_group(self.path, mode="r")[name][:]

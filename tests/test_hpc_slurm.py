@@ -282,7 +282,7 @@ def test_array_completes_and_equals_debug_run(launched, reference):
     assert [t["work"] for t in subm["arrays"][0]["tasks"]] == [[list(w) for w in ALL_WORK[:5]],
                                                                 [list(w) for w in ALL_WORK[5:]]]
     st = _settled_status(sub.results_dir)
-    assert st.totals() == {"done": 6, "running": 0, "pending": 0, "failed": 0}
+    assert st.totals() == {"done": 6, "running": 0, "pending": 0, "failed": 0, "corrupt": 0}
     assert sorted(st.tasks) == [f"{arr.array_id}_0", f"{arr.array_id}_1"]
     assert set(st.tasks.values()) == {"COMPLETED"}
 

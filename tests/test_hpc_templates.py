@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from bayesflip.config import load_sweep
@@ -84,12 +86,13 @@ def test_tp_degree_must_match_tasks():
 
 def test_status_from_records_and_task_states(tmp_path):
     """Classification without SLURM: records decide done/failed, the manifest the rest."""
-    from bayesflip.store import ResultStore
+    from conftest import synthetic_store
 
-    store = tmp_path / "s" / "icl_coin" / "m.zarr"
-    st = ResultStore(store)
-    store.mkdir(parents=True)
-    st.write_record(0, "done")
+    st, *_ = synthetic_store(tmp_path, "s", "icl_coin", "icl", {"thetas": [0.5], "n_flips": 4, "samples": 4}, 1, 0,
+                             model="m")
+    store = st.path
+    shapes = {k: st.group[k].shape[1:] for k in st.attrs["arrays"]}
+    st.write_shard(0, {k: np.zeros((1, *shapes[k]), dtype=st.group[k].dtype) for k in shapes})   # verified done
     st.write_record(1, "failed", error="RuntimeError: boom")
     log = tmp_path / "t.err"
     log.write_text("Traceback (most recent call last):\n  File x\nbayesflip.hpc.launch.ShardsFailed: 1 of 3 shard(s)"
@@ -100,11 +103,11 @@ def test_status_from_records_and_task_states(tmp_path):
                     {"model": "m", "array_id": "7", "tasks": [{"job_id": "7_0", "stderr": str(log),
                                                                "work": [["icl_coin", 0], ["icl_coin", 1],
                                                                         ["icl_coin", 2]]}]}]}]}
-    s = sweep_status(json.loads(json.dumps(manifest)))
+    s = sweep_status(json.loads(json.dumps(manifest)), results_dir=tmp_path)
     u = s.units[0]
     assert u.shards == {0: "done", 1: "failed", 2: "pending", 3: "pending"}
     assert "boom" in u.errors[1]
-    assert s.totals() == {"done": 1, "running": 0, "pending": 2, "failed": 1}
+    assert s.totals() == {"done": 1, "running": 0, "pending": 2, "failed": 1, "corrupt": 0}
     assert "1/4" in render(s) and "RuntimeError: boom" in render(s)
     msg = log_error(str(log))
     assert msg.splitlines()[0].startswith("bayesflip.hpc.launch.ShardsFailed") and "oom-kill" in msg

@@ -3,10 +3,16 @@
 Pipeline (nothing is submitted unless every step before submission succeeds)::
 
     load_sweep → templates per model (+ CLI overrides, checked against the partition)
-               → plan_sweep (validates configs + tokenization, creates every store up front)
-               → make_tasks per model (pending shards grouped by shards_per_task)
+               → plan_sweep(create=False) (configs, tokenization, store identity; writes nothing)
+               → arrays checked against SLURM's MaxArraySize (split into several arrays if larger)
+               → [--dry-run stops here]  plan_sweep (creates every store up front)
+               → make_tasks per model (pending shards grouped by shards_per_task), minus shards
+                 held by a live job (lease) or given to a queued/running task of the manifest
                → one submitit job array per (model, template), throttled to %N
                → manifest: job ids + each task's (experiment, shard) work list
+
+``--overwrite`` refuses while jobs of the sweep are queued/running or a live process holds a
+shard (``--cancel-running`` cancels the sweep's SLURM jobs first).
 
 Each array task is a :class:`SweepTask` — a ``submitit.helpers.Checkpointable`` whose
 ``__call__`` is :func:`bayesflip.job.run_task`. On preemption or time-out submitit calls
@@ -36,7 +42,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..config import SweepConfig, load_sweep
-from ..errors import BayesflipError, ConfigError
+from ..errors import BayesflipError, ConfigError, StoreWriteError
 from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
 from ..plan import Task, Unit, make_tasks, plan_sweep, write_manifest
@@ -79,8 +85,13 @@ class SweepTask(Checkpointable):
 
         pairs = [(str(e), int(s)) for e, s in work]
         res = run_task(self.sweep, self.model, pairs, device=self.device, results_dir=Path(self.results_dir))
+        for e, s in res.done:       # one line per computed shard in the task's log (audit: computed once)
+            print(f"bayesflip: computed {e}:{s}", flush=True)
+        for e, s, why in res.held:
+            print(f"bayesflip: not computed {e}:{s}: held by {why}", flush=True)
         summary = {"sweep": self.sweep, "model": self.model, "done": [list(x) for x in res.done],
                    "skipped": [list(x) for x in res.skipped], "failed": [list(x) for x in res.failed],
+                   "held": [list(x) for x in res.held],
                    "seconds": round(res.seconds, 3), "load_seconds": round(res.load_seconds, 3),
                    "job_id": os.environ.get("SLURM_JOB_ID"), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    "host": socket.gethostname(), "deepspeed_loaded": "deepspeed" in sys.modules}
@@ -175,8 +186,10 @@ def check_partitions(templates: dict[str, JobTemplate]) -> None:
 
 
 def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobTemplate],
-                exclude: Optional[set[tuple[str, str, int]]] = None) -> list[ArrayPlan]:
-    """Pending shards → tasks (per model, ``shards_per_task`` each) → one ArrayPlan per (model, template).
+                exclude: Optional[set[tuple[str, str, int]]] = None,
+                max_array_size: Optional[int] = None) -> list[ArrayPlan]:
+    """Pending shards → tasks (per model, ``shards_per_task`` each) → ArrayPlans per (model, template),
+    each of at most ``max_array_size`` tasks (SLURM's MaxArraySize).
 
     ``exclude``: (model, experiment, shard) triples not to submit (e.g. still queued/running)."""
     arrays = []
@@ -189,9 +202,76 @@ def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobT
             mine.append(dataclasses.replace(u, pending=pend))
         t = templates[model]
         tasks = make_tasks(sweep.name, mine, shards_per_task=t.shards_per_task)
-        if tasks:
-            arrays.append(ArrayPlan(get_model_spec(model), t, tasks))
+        step = max_array_size or len(tasks) or 1
+        for i in range(0, len(tasks), step):
+            arrays.append(ArrayPlan(get_model_spec(model), t, tasks[i: i + step]))
     return arrays
+
+
+def max_array_size() -> Optional[int]:
+    """SLURM's MaxArraySize (``scontrol show config``): an array holds at most this many tasks."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for ln in r.stdout.splitlines():
+        if ln.strip().startswith("MaxArraySize"):
+            try:
+                return int(ln.split("=", 1)[1].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def active_jobs(sweep_name: str, root: Path, units: list[Unit]) -> list[str]:
+    """Who is still working on the sweep: SLURM tasks of the manifest that are queued/running, and
+    live shard leases (in-process runs or tasks) in its stores; one description each."""
+    from ..store import ResultStore, describe_holder
+    from .status import ACTIVE, QUEUED, _slurm_arrays, sacct_states
+
+    out = []
+    mpath = root / sweep_name / "manifest.json"
+    if mpath.exists() and slurm_available():
+        try:
+            states = sacct_states(_slurm_arrays(json.loads(mpath.read_text())))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ConfigError("--overwrite", f"cannot tell whether jobs of {sweep_name} still run ({e}); "
+                              f"refusing to delete its stores") from None
+        out += [f"SLURM job {j} {v}" for j, v in sorted(states.items()) if v in ACTIVE | QUEUED]
+    seen = set()
+    for u in units:
+        st = ResultStore(u.store)
+        if u.store in seen or not st.records_dir.parent.exists():
+            continue
+        seen.add(u.store)
+        for shard, h in sorted(st.leases.live_holders().items()):
+            out.append(f"{u.experiment.name}:{shard} held by {describe_holder(h)}")
+    return out
+
+
+def cancel_sweep_jobs(sweep_name: str, root: Path, out=print, timeout_s: float = 120) -> None:
+    """scancel every queued/running SLURM task of the sweep's manifest and wait until they are gone."""
+    import subprocess
+    import time
+
+    from .status import ACTIVE, QUEUED, _slurm_arrays, sacct_states
+
+    mpath = root / sweep_name / "manifest.json"
+    if not mpath.exists():
+        return
+    arrays = _slurm_arrays(json.loads(mpath.read_text()))
+    if not arrays:
+        return
+    subprocess.run(["scancel", *arrays], capture_output=True, text=True, timeout=60)
+    out(f"cancelled the SLURM jobs of {sweep_name}: {', '.join(arrays)}")
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if not any(v in ACTIVE | QUEUED for v in sacct_states(arrays).values()):
+            return
+        time.sleep(1)
+    raise ConfigError("--cancel-running", f"jobs of {sweep_name} still active {timeout_s:.0f} s after scancel")
 
 
 def make_executor(kind: str, folder: Path, t: JobTemplate, job_name: str):
@@ -224,7 +304,8 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                  qos: Optional[str] = None, time_min: Optional[int] = None, array_throttle: Optional[int] = None,
                  shards_per_task: Optional[int] = None, template: Optional[str] = None, executor: str = "slurm",
                  dry_run: bool = False, sweep: Optional[SweepConfig] = None, command: str = "submit",
-                 exclude: Optional[set[tuple[str, str, int]]] = None, out=print) -> Submission:
+                 exclude: Optional[set[tuple[str, str, int]]] = None, cancel_running: bool = False,
+                 out=print) -> Submission:
     """Validate and plan everything, then submit one job array per (model, template).
 
     Raises (before anything is submitted) a :class:`ConfigError` naming the key for unknown
@@ -239,33 +320,63 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     if executor == "slurm":
         check_partitions(templates)
     root = Path(results_dir or RESULTS_DIR).resolve()
-    if dry_run and overwrite:
-        # never delete anything in a dry run: plan into a scratch dir (everything is pending anyway)
-        import tempfile
+    # 1. plan without writing anything: configs, tokenization, identity of existing stores
+    cells: dict = {}
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False, cells_cache=cells)
+    if overwrite and not dry_run:
+        busy = active_jobs(sweep.name, root, units)
+        if busy and cancel_running and executor == "slurm":
+            import time
 
-        with tempfile.TemporaryDirectory(prefix="bayesflip-dry-") as tmp:
-            units = plan_sweep(sweep, overwrite=True, results_dir=Path(tmp))
-    else:
-        units = plan_sweep(sweep, overwrite=overwrite and not dry_run, results_dir=root)
-    arrays = plan_arrays(sweep, units, templates, exclude)
+            cancel_sweep_jobs(sweep.name, root, out)
+            end = time.time() + 120          # until their processes are gone too (leases released/dead)
+            busy = active_jobs(sweep.name, root, units)
+            while busy and time.time() < end:
+                time.sleep(1)
+                busy = active_jobs(sweep.name, root, units)
+        if busy:
+            raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still "
+                              f"active ({'; '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}); wait for them, "
+                              f"scancel them, or pass --cancel-running")
+    if exclude is None and not overwrite and executor == "slurm" and (root / sweep.name / "manifest.json").exists():
+        from .status import active_shards
+
+        exclude = active_shards(read_manifest(sweep.name, root), root)     # queued/running tasks own these
+    limit = max_array_size() if executor == "slurm" else None
+    arrays = plan_arrays(sweep, units, templates, exclude, limit)
+    n_split = bool(limit) and len(arrays) > len({a.model.name for a in arrays})
+    if not dry_run:
+        # 2. now create the stores (--overwrite deletes them first) and plan for real
+        units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, validate=False, create=True,
+                           cells_cache=cells, warn=False)
+        arrays = plan_arrays(sweep, units, templates, exclude, limit)
     sub = Submission(sweep, units, arrays, executor, root)
     n_pending = sum(len(u.pending) for u in units)
     n_total = sum(u.n_shards for u in units)
+    n_held = sum(len(u.held) for u in units)
+    n_excl = sum(1 for u in units for s in u.pending if exclude and (u.model.name, u.experiment.name, s) in exclude)
     out(f"sweep {sweep.name}: {len(sweep.experiments)} experiment(s) × {len(sweep.models)} model(s); "
         f"{n_pending} of {n_total} shard(s) pending; {sum(a.n_shards for a in arrays)} to submit"
-        + (f" ({len(exclude)} still queued/running, skipped)" if exclude else ""))
+        + (f" ({n_excl} still queued/running, skipped)" if n_excl else "")
+        + (f" ({n_held} held by a live job, skipped)" if n_held else ""))
+    if n_split:
+        out(f"  more tasks than SLURM's MaxArraySize ({limit}): split into {len(arrays)} arrays "
+            f"(each throttled separately; raise --shards-per-task for fewer tasks)")
     for a in arrays:
         out(("would submit " if dry_run else "  ") + _describe(a))
     if dry_run or not arrays:
         if not arrays:
-            out("nothing to submit: every shard is done" + (" or queued/running" if exclude else ""))
+            out("nothing to submit: every shard is done" + (" or queued/running" if exclude or n_held else ""))
         return sub
     folder = root / sweep.name / "slurm" / "%j"
     try:
         for a in arrays:
             ex = make_executor(executor, folder, a.template, f"bf-{sweep.name}-{a.model.name}"[:100])
             fn = SweepTask(sweep.name, a.model.name, str(root), device="cpu" if a.template.gpus_per_node == 0 else None)
-            jobs = ex.map_array(fn, [t.to_json()["work"] for t in a.tasks])
+            try:
+                jobs = ex.map_array(fn, [t.to_json()["work"] for t in a.tasks])
+            except (submitit.core.utils.FailedJobError, OSError, RuntimeError) as e:
+                raise _sbatch_error(e) from None
             array_id = str(jobs[0].job_id).split("_")[0] if jobs else ""
             sub.submitted.append(SubmittedArray(a, array_id, jobs))
             out(f"submitted {'array' if executor == 'slurm' else 'local job'} {array_id} ({executor}): "
@@ -278,6 +389,11 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                      "arrays": [s.to_json() for s in sub.submitted]}
             sub.manifest = write_manifest(sweep, units, extra, results_dir=root)
     return sub
+
+
+def _sbatch_error(e: Exception) -> BayesflipError:
+    msg = " ".join(str(e).split())
+    return BayesflipError(f"sbatch refused the array: {msg[-400:]}")
 
 
 def wait_jobs(sub: Submission, out=print) -> int:
@@ -297,12 +413,18 @@ def wait_jobs(sub: Submission, out=print) -> int:
 
 
 def read_manifest(sweep: str, results_dir: Optional[Path] = None) -> dict:
+    from ..config import check_name
+
+    check_name(sweep, "--sweep")
     path = Path(results_dir or RESULTS_DIR) / sweep / "manifest.json"
     if not path.exists():
         root = Path(results_dir or RESULTS_DIR)
         known = sorted(p.parent.name for p in root.glob("*/manifest.json")) if root.exists() else []
         raise ConfigError("--sweep", f"no manifest at {path}: plan or submit the sweep first", allowed=known)
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("--sweep", f"unreadable manifest {path}: {e}") from None
 
 
 # ---------------------------------------------------------------------- CLI
@@ -315,7 +437,8 @@ def _common(args) -> dict:
 
 def submit_cli(args) -> int:
     """``bayesflip submit --exp X --model-type T`` (``make submit``)."""
-    sub = submit_sweep(args.sweep, args.model_type, overwrite=args.overwrite, **_common(args))
+    sub = submit_sweep(args.sweep, args.model_type, overwrite=args.overwrite,
+                       cancel_running=getattr(args, "cancel_running", False), **_common(args))
     if sub.manifest:
         print(f"manifest: {sub.manifest}\nstatus:   bayesflip status --sweep {sub.sweep.name}"
               + (f" --results-dir {args.results_dir}" if args.results_dir else ""))

@@ -9,28 +9,36 @@ Sources, in order of authority:
    (queued); FAILED/TIMEOUT/CANCELLED/PREEMPTED/OUT_OF_MEMORY/NODE_FAIL → failed, with the
    tail of the task's stderr as the message.
 
-Per shard: ``done`` record → done; a ``failed`` record written after the latest submission of
-the shard → failed (a record older than a resubmission is a previous attempt); else the SLURM
-state as above; a task that COMPLETED without a record for the shard → failed; no task and no
-record → pending.
+Per shard: a verified ``done`` record (complete, of this store, every chunk matching its
+checksum) → done; a live lease (a SLURM task or in-process run computing it) → running; a
+``failed`` record written after the latest submission of the shard → failed (a record older
+than a resubmission is a previous attempt); else the SLURM state as above; a record that is
+torn, incomplete, of another (deleted/overwritten) store, or whose chunks are missing or do
+not match → corrupt (message names the file); a task that COMPLETED without a record for the
+shard → failed; no task and no record → pending.
+
+Store locations are always ``<results dir>/<sweep>/<experiment>/<model>.zarr`` under the
+results directory given now, so a moved or copied sweep reads its own stores.
+``bayesflip status --sweep S --json`` prints the same as one JSON object.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..store import ResultStore, store_path
+from ..store import ResultStore, ShardState, describe_holder, store_path
 
 ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "STOPPED"}
 FAILED = {"FAILED", "TIMEOUT", "CANCELLED", "PREEMPTED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
           "REVOKED", "SPECIAL_EXIT"}
-COLUMNS = ("done", "running", "pending", "failed")
+COLUMNS = ("done", "running", "pending", "failed", "corrupt")
 
 
 @dataclass
@@ -38,7 +46,7 @@ class UnitStatus:
     experiment: str
     model: str
     n_shards: int
-    shards: dict[int, str] = field(default_factory=dict)          # shard → done|running|queued|pending|failed
+    shards: dict[int, str] = field(default_factory=dict)          # shard → done|running|queued|pending|failed|corrupt
     errors: dict[int, str] = field(default_factory=dict)          # shard → message
 
     def count(self, state: str) -> int:
@@ -99,6 +107,19 @@ def sacct_states(array_ids: list[str]) -> dict[str, str]:
                 out[f"{m.group(1)}_{t}"] = state
         else:
             out[jid] = state
+    # squeue knows a job the moment sbatch returns; sacct (slurmdbd) can lag by seconds
+    try:
+        q = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
+        lines = q.stdout.splitlines() if q.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        lines = []
+    wanted = set(ids)
+    for line in lines:
+        if "|" not in line:
+            continue
+        jid, state = (x.strip() for x in line.split("|", 1))
+        if jid.split("_")[0] in wanted and state in ACTIVE | QUEUED:
+            out[jid] = state
     return out
 
 
@@ -155,9 +176,14 @@ def _slurm_arrays(manifest: dict) -> list[str]:
 
 def manifest_units(manifest: dict, results_dir: Optional[Path] = None) -> list[dict]:
     """The manifest's units (latest plan) plus every (experiment, model) an earlier submission ran
-    (a later submit for fewer models rewrites ``units`` but not the stores of the others)."""
-    units = list(manifest.get("units", []))
-    seen = {(u["experiment"], u["model"]) for u in units}
+    (a later submit for fewer models rewrites ``units`` but not the stores of the others).
+    ``store`` is always the path under ``results_dir`` (never the absolute path of the manifest)."""
+    sweep = manifest["sweep"]
+    units = []
+    seen = set()
+    for u in manifest.get("units", []):
+        seen.add((u["experiment"], u["model"]))
+        units.append({**u, "store": str(store_path(sweep, u["experiment"], u["model"], results_dir))})
     for sub in manifest.get("submissions", []):
         for arr in sub.get("arrays", []):
             for t in arr.get("tasks", []):
@@ -165,8 +191,8 @@ def manifest_units(manifest: dict, results_dir: Optional[Path] = None) -> list[d
                     if (exp, arr["model"]) in seen:
                         continue
                     seen.add((exp, arr["model"]))
-                    path = store_path(manifest["sweep"], exp, arr["model"], results_dir)
-                    if path.exists():
+                    path = store_path(sweep, exp, arr["model"], results_dir)
+                    if (path / "zarr.json").exists():
                         units.append({"experiment": exp, "model": arr["model"], "store": str(path),
                                       "n_shards": ResultStore(path).n_shards})
     return units
@@ -187,33 +213,55 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
     for u in manifest_units(manifest, results_dir):
         us = UnitStatus(u["experiment"], u["model"], int(u["n_shards"]))
         st = ResultStore(Path(u["store"]))
-        recs = st.records() if st.path.exists() else {}
+        if st.exists:
+            try:
+                shard_states = st.shard_states()
+                holders = st.leases.live_holders()
+            except Exception as e:   # unreadable metadata: every shard is corrupt, with the reason
+                shard_states = {s: ShardState("corrupt", "unreadable-store", f"store {st.path}: "
+                                              f"{type(e).__name__}: {e}") for s in range(us.n_shards)}
+                holders = {}
+            us.n_shards = len(shard_states)
+        else:
+            recs = st.records()
+            msg = f"store {st.path} is missing (deleted or moved?)"
+            shard_states = {s: (ShardState("corrupt", "stale-record", f"{msg}; its record is not trusted", recs[s])
+                                if s in recs else ShardState("pending", "missing", msg)) for s in range(us.n_shards)}
+            holders = {}
         for shard in range(us.n_shards):
-            rec = recs.get(shard, {})
+            ss = shard_states[shard]
+            rec = ss.record or {}
             job, when, stderr = latest.get((u["model"], u["experiment"], shard), (None, None, ""))
             slurm = states.get(job) if job else None
             rec_time = _parse_time(rec.get("time"))
-            if rec.get("status") == "done":
+            if ss.state == "done":
                 us.shards[shard] = "done"
-            elif rec.get("status") and (job is None or when is None or (rec_time and rec_time >= when)):
+            elif shard in holders:
+                us.shards[shard] = "running"
+                us.errors[shard] = f"being computed by {describe_holder(holders[shard])}"
+            elif ss.state == "failed" and (job is None or when is None or (rec_time and rec_time >= when)):
                 us.shards[shard] = "failed"
-                err = rec.get("error", rec["status"])
-                us.errors[shard] = f"{err} (job {rec.get('job_id')}, host {rec.get('host')})"
+                us.errors[shard] = f"{ss.message} (job {rec.get('job_id')}, host {rec.get('host')})"
             elif slurm in ACTIVE:
                 us.shards[shard] = "running"
             elif slurm in QUEUED:
                 us.shards[shard] = "queued"
+            elif ss.state == "corrupt":
+                us.shards[shard] = "corrupt"
+                us.errors[shard] = ss.message
             elif slurm in FAILED:
                 us.shards[shard] = "failed"
                 us.errors[shard] = f"SLURM task {job} {slurm}"
             elif slurm == "COMPLETED":
                 us.shards[shard] = "failed"
                 us.errors[shard] = f"task {job} COMPLETED without writing this shard"
-            elif rec.get("status"):
+            elif ss.state == "failed":
                 us.shards[shard] = "failed"
-                us.errors[shard] = str(rec.get("error", rec["status"]))
+                us.errors[shard] = ss.message
             else:
                 us.shards[shard] = "pending"
+                if ss.message:
+                    us.errors[shard] = ss.message
         units.append(us)
     # failed SLURM tasks that still own an unfinished shard: their stderr tail (tracebacks, OOM, ...)
     unit_of = {(u.model, u.experiment): u for u in units}
@@ -224,6 +272,21 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
     tasks = dict(states)
     return SweepStatus(manifest.get("sweep", "?"), units, tasks, task_errors,
                        len(manifest.get("submissions", [])), sacct_error)
+
+
+def to_json(s: SweepStatus) -> dict:
+    """One JSON object: per store the counts and every problem shard (state + message)."""
+    stores = []
+    for u in s.units:
+        problems = [{"shard": sh, "state": u.shards[sh], "message": u.errors.get(sh, "")}
+                    for sh in sorted(u.shards) if u.shards[sh] in ("failed", "corrupt")
+                    or (u.shards[sh] != "done" and u.errors.get(sh))]
+        stores.append({"experiment": u.experiment, "model": u.model, "store": f"{u.experiment}/{u.model}.zarr",
+                       "total": u.n_shards, **{c: u.count(c) for c in COLUMNS},
+                       "queued": sum(1 for v in u.shards.values() if v == "queued"), "problems": problems})
+    return {"sweep": s.sweep, "submissions": s.n_submissions,
+            "totals": {"total": sum(u.n_shards for u in s.units), **s.totals()},
+            "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error}
 
 
 def active_shards(manifest: dict, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
@@ -242,15 +305,16 @@ def render(s: SweepStatus) -> str:
     w_e = max([10] + [len(u.experiment) for u in s.units])
     w_m = max([5] + [len(u.model) for u in s.units])
     lines.append(f"{'experiment':{w_e}s}  {'model':{w_m}s}  {'done':^9s} {'running':>7s} {'pending':>7s} "
-                 f"{'failed':>6s}  progress")
+                 f"{'failed':>6s} {'corrupt':>7s}  progress")
     for u in s.units:
         frac = u.count("done") / u.n_shards if u.n_shards else 1.0
         lines.append(f"{u.experiment:{w_e}s}  {u.model:{w_m}s}  {u.count('done'):>4d}/{u.n_shards:<4d} "
-                     f"{u.count('running'):>7d} {u.count('pending'):>7d} {u.count('failed'):>6d}  {bar(frac)}")
+                     f"{u.count('running'):>7d} {u.count('pending'):>7d} {u.count('failed'):>6d} "
+                     f"{u.count('corrupt'):>7d}  {bar(frac)}")
     t = s.totals()
     n = sum(u.n_shards for u in s.units)
     lines.append(f"{'total':{w_e + w_m + 2}s}  {t['done']:>4d}/{n:<4d} {t['running']:>7d} {t['pending']:>7d} "
-                 f"{t['failed']:>6d}  {bar(t['done'] / n if n else 1.0)}")
+                 f"{t['failed']:>6d} {t['corrupt']:>7d}  {bar(t['done'] / n if n else 1.0)}")
     queued = sum(1 for u in s.units for v in u.shards.values() if v == "queued")
     if queued:
         lines.append(f"({queued} of the pending shard(s) are queued in SLURM)")
@@ -261,9 +325,10 @@ def render(s: SweepStatus) -> str:
         lines.append("SLURM tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if s.sacct_error:
         lines.append(f"SLURM state unavailable: {s.sacct_error}")
-    errs = [(u, sh, m) for u in s.units for sh, m in sorted(u.errors.items())]
+    errs = [(u, sh, m) for u in s.units for sh, m in sorted(u.errors.items())
+            if u.shards.get(sh) in ("failed", "corrupt")]
     if errs or s.task_errors:
-        lines.append("failures:")
+        lines.append("failures / corrupt shards:")
         for u, sh, m in errs:
             lines.append(f"  {u.experiment}:{sh} ({u.model}): {m}")
         for job, m in sorted(s.task_errors.items()):
@@ -277,5 +342,6 @@ def status_cli(args) -> int:
     from .launch import read_manifest
 
     root = Path(args.results_dir) if args.results_dir else None
-    print(render(sweep_status(read_manifest(args.sweep, root), results_dir=root)))
+    st = sweep_status(read_manifest(args.sweep, root), results_dir=root)
+    print(json.dumps(to_json(st), indent=1, default=str) if getattr(args, "json", False) else render(st))
     return 0

@@ -1,16 +1,19 @@
 """Read every store of a sweep (complete or not) into trusted arrays + tidy tables + coverage.
 
-Only cells of shards with a ``done`` record are trusted. Everything else is collected into
-the coverage table instead of raising:
+Only cells of *verified* shards are trusted: a complete ``done`` record of this store whose
+chunk files all match the checksums it carries. Everything else is collected into the
+coverage table instead of raising (and those cells are never read):
 
 =================  ==========================================================
 status             meaning
 =================  ==========================================================
-done               record ``done`` and every chunk of the shard decoded
+done               record ``done``, checksums verified, every chunk of the shard decoded
 missing            no record (never run, or still running)
 failed             record ``failed`` (its error is kept)
-corrupt-record     the record JSON could not be parsed
-corrupt-chunk      record ``done`` but a chunk of the shard raised when read
+corrupt-record     the record JSON could not be parsed, or lacks fields
+stale-record       the record belongs to another (deleted / overwritten) store
+corrupt-chunk      record ``done`` but a chunk file is missing, does not match its checksum,
+                   or raised when read
 missing-store      the manifest lists the store but it is not on disk
 unreadable-store   the store's metadata / coords / labels raised when read
 =================  ==========================================================
@@ -29,7 +32,7 @@ import zarr
 
 from ..errors import ConfigError
 from ..paths import RESULTS_DIR
-from ..store import ResultStore
+from ..store import ResultStore, ShardState
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,10 @@ class StoreData:
         """Long table of one array: one row per (cell, *dims) with the cell coords and dim labels."""
         a = self.arrays[name]
         dims = self.dims[name][1:]
+        clash = sorted(set(self.cells.columns) & ({name} | set(dims)))
+        if clash:
+            raise ValueError(f"{self.path}: array {name!r} / its dims clash with per-cell coordinate(s) {clash}; "
+                             f"re-plan the store (coordinate names must differ from array names)")
         idx = np.indices(a.shape).reshape(a.ndim, -1)
         df = self.cells.iloc[idx[0]].reset_index(drop=True)
         for k, d in enumerate(dims, start=1):
@@ -128,25 +135,39 @@ def _discover(root: Path, manifest: dict | None) -> dict[tuple[str, str], Path]:
     return {k: root / k[0] / f"{k[1]}.zarr" for k in sorted(keys)}
 
 
+def _runs(shards: list[int]) -> list[tuple[int, int]]:
+    """Sorted shard ids → [(first, last+1)] runs of consecutive ids."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(shards):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
 def _read_arrays(g, names: list[str], shards: list[int], shard_size: int, n_cells: int,
                  ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-    """Read the arrays; a chunk that raises marks its shard corrupt (``{shard: error}``)."""
+    """Read only the given (verified) shards of every array, run by run; a chunk that raises marks
+    its shard corrupt (``{shard: error}``). Cells of other shards stay at the fill value, unread."""
     bad: dict[int, str] = {}
     arrays: dict[str, np.ndarray] = {}
     for name in names:
         arr = g[name]
-        try:
-            arrays[name] = arr[:]
-            continue
-        except Exception as e:  # corrupt chunk somewhere: localise it shard by shard below
-            log.info("%s: full read failed (%s), reading shard by shard", name, e)
         out = np.full(arr.shape, arr.fill_value, dtype=arr.dtype)
-        for s in shards:
-            lo, hi = s * shard_size, min((s + 1) * shard_size, n_cells)
+        for a, b in _runs(shards):
+            lo, hi = a * shard_size, min(b * shard_size, n_cells)
             try:
                 out[lo:hi] = arr[lo:hi]
-            except Exception as e:  # recorded in the coverage table as corrupt-chunk
-                bad.setdefault(s, f"array {name!r}: {type(e).__name__}: {e}")
+                continue
+            except Exception as e:  # corrupt chunk somewhere in the run: localise it shard by shard
+                log.info("%s: read of shards %d-%d failed (%s), reading shard by shard", name, a, b - 1, e)
+            for s in range(a, b):
+                lo, hi = s * shard_size, min((s + 1) * shard_size, n_cells)
+                try:
+                    out[lo:hi] = arr[lo:hi]
+                except Exception as e:  # recorded in the coverage table as corrupt-chunk
+                    bad.setdefault(s, f"array {name!r}: {type(e).__name__}: {e}")
         arrays[name] = out
     return arrays, bad
 
@@ -169,8 +190,14 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
         records = st.records()
     except Exception as e:  # the whole store is unusable: one coverage row says why
         return None, [_cov(experiment, model, family_hint, -1, 0, 0, "unreadable-store", f"{type(e).__name__}: {e}", path)]
-    status = {s: str(records.get(s, {}).get("status", "missing")) for s in range(n_shards)}
-    errors = {s: str(records[s].get("error", "")) if s in records else "" for s in range(n_shards)}
+    status, errors = {}, {}
+    for s in range(n_shards):
+        try:
+            ss = st.classify(s, records.get(s))
+        except Exception as e:  # a shard whose check itself raised is not trusted
+            ss = ShardState("corrupt", "corrupt-chunk", f"{type(e).__name__}: {e}")
+        status[s] = ss.kind
+        errors[s] = ss.message
     done = [s for s in range(n_shards) if status[s] == "done"]
     arrays, bad = _read_arrays(g, list(dims), done, shard_size, n_cells)
     for s, err in bad.items():
@@ -191,6 +218,9 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
 
 
 def sweep_root(sweep: str, results_dir: Path | str | None = None) -> Path:
+    from ..config import check_name
+
+    check_name(sweep, "--sweep")
     base = Path(results_dir or RESULTS_DIR)
     root = base / sweep
     if not root.is_dir():
