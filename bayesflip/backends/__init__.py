@@ -59,5 +59,19 @@ def load_backend(spec_or_name: Any, device: Any = None, dtype: str | None = None
     return backend_class(spec.backend).load(spec, device=device, dtype=dtype, **scorer_kwargs)
 
 
-__all__ = ["ATTENTION_MASS", "BACKENDS", "CAPABILITIES", "backend_class", "capabilities_of", "check_requirements",
+def backend_for(lm: Any, **scorer_kwargs):
+    """A Backend around an already loaded model (``run_task(lm=...)`` in tests); a Backend passes through."""
+    from .base import Backend
+
+    if isinstance(lm, Backend):
+        return lm
+    if lm.spec.backend == "deepspeed":
+        from .deepspeed import DeepSpeedBackend
+        from .distributed import dist_env
+
+        return DeepSpeedBackend(lm, dist_env(), **scorer_kwargs)
+    return backend_class(lm.spec.backend)(lm, **scorer_kwargs)
+
+
+__all__ = ["backend_for", "ATTENTION_MASS", "BACKENDS", "CAPABILITIES", "backend_class", "capabilities_of", "check_requirements",
            "load_backend"]

@@ -74,6 +74,16 @@ class Backend(ABC):
         return self.lm.model
 
     @property
+    def config(self):
+        """The model's (text) config: what families read instead of reaching into the module."""
+        cfg = getattr(self.model, "module", self.model).config
+        return getattr(cfg, "text_config", None) or cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
     def stats(self) -> EngineStats:
         return self.scorer.stats
 
