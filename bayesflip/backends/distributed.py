@@ -53,12 +53,28 @@ def _first(*names: str) -> str | None:
     return None
 
 
+def _slurm_first_host() -> str | None:
+    """The first node of a multi-node SLURM job (rank 0's host), for MASTER_ADDR."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes or int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) <= 1:
+        return None
+    if "[" not in nodes:
+        return nodes.split(",")[0]
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def dist_env() -> DistEnv:
     """This process's place in the job: torchrun variables first, then SLURM's, else a single process."""
     rank = _first("RANK", "SLURM_PROCID")
     world = _first("WORLD_SIZE", "SLURM_NTASKS")
     local = _first("LOCAL_RANK", "SLURM_LOCALID")
-    addr = _first("MASTER_ADDR") or "127.0.0.1"
+    addr = _first("MASTER_ADDR") or _slurm_first_host() or "127.0.0.1"
     port = _first("MASTER_PORT")
     if port is None:  # SLURM without a launcher: a port every task of the job derives the same way
         job = int(_first("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID") or 0)
@@ -124,8 +140,12 @@ def init_distributed(env: DistEnv, device) -> None:
     disable_shm_allreduce()
     import deepspeed
 
+    import datetime
+
+    # a rank that dies inside a collective leaves its peers waiting: bound the wait (minutes)
+    timeout = datetime.timedelta(minutes=float(os.environ.get("BAYESFLIP_DIST_TIMEOUT_MIN", "30")))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
+                               auto_mpi_discovery=False, verbose=False, timeout=timeout)
 
 
 def _active() -> bool:
