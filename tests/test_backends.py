@@ -164,3 +164,22 @@ def test_deepspeed_tp2_on_cpu_equals_single_process(tmp_path):
 @pytest.mark.integration
 def test_deepspeed_tp2_smollm2_equals_single_process(tmp_path, smol):
     _compare_tp("smollm2-135m-instruct", "smollm2-135m-instruct-tp2", tmp_path, 1e-4)
+
+
+def test_single_process_distributed_helpers(tiny, monkeypatch):
+    from bayesflip.backends import backend_for
+    from bayesflip.backends.distributed import agree, all_ok, dist_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    env = dist_env()
+    assert (env.rank, env.world_size, env.is_writer) == (0, 1, True)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert (dist_env().rank, dist_env().world_size, dist_env().local_rank, dist_env().is_writer) == (3, 4, 3, False)
+    assert all_ok(True) and not all_ok(False) and agree(lambda: 7) == 7
+    with pytest.raises(KeyError):
+        agree(lambda: {}["x"])
+    be = backend_for(tiny)
+    assert be.name == "hf" and backend_for(be) is be and be.n_layers == 2
