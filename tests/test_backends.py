@@ -183,3 +183,14 @@ def test_single_process_distributed_helpers(tiny, monkeypatch):
         agree(lambda: {}["x"])
     be = backend_for(tiny)
     assert be.name == "hf" and backend_for(be) is be and be.n_layers == 2
+
+
+@pytest.mark.integration
+def test_device_map_auto_loads_and_scores_like_plain(smol):
+    spec = get_model_spec("smollm2-135m-instruct").model_copy(update={"device_map": "auto"})
+    be = load_backend(spec, device="cpu")
+    assert str(be.device) == "cpu"  # one CPU: accelerate places everything there
+    prompt = "I tossed a coin and it landed on"
+    tok = be.tokenizer
+    lp = be.score_choices([ChoiceRequest(encode_prompt(tok, prompt), [encode_piece(tok, " heads")])])[0][0]
+    assert abs(lp - plain_choice_logprob(smol, prompt, " heads")) <= 1e-4
