@@ -43,12 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny-random-llama-tp2")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--fp32-head", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from . import load_backend
     from .distributed import RankFailure
 
-    be = load_backend(a.model, device=a.device)
+    from ..models.registry import get_model_spec
+
+    spec = get_model_spec(a.model)
+    if a.dtype or a.fp32_head:
+        spec = spec.model_copy(update={"dtype": a.dtype or spec.dtype, "fp32_head": a.fp32_head})
+    be = load_backend(spec, device=a.device)
     res = collect(be)
     try:
         def boom():
