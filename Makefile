@@ -9,7 +9,7 @@ EXP        ?= demo
 SWEEP      ?= $(EXP)
 ARGS       ?=
 
-.PHONY: install test test-unit test-integration demo bench submit resubmit status debug reduce \
+.PHONY: install test test-unit test-integration demo bench gpu-check submit resubmit status debug reduce \
         paper paper-smol slurm-up slurm-down clean-results help
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make test               all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
 	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report path"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
+	@echo "make gpu-check          on a fresh GPU node (< 5 min, no downloads): engine contract + throughput -> results/gpu_check/gpu_check.json [ARGS='--tiny --device cpu']"
 	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"
 	@echo "make paper MODEL_TYPE=std|instruct|all [ARGS=...]   both studies' full grids (paper_coinflips, paper_iicl) on the paper models"
 	@echo "make paper-smol          a slice of every paper protocol on the embedded model, then its report"
@@ -48,6 +49,9 @@ demo: install
 
 bench: install
 	$(BF) bench $(ARGS)
+
+gpu-check: install
+	$(PY) -m bayesflip.gpu_check $(ARGS)
 
 submit: install
 	$(BF) submit $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)

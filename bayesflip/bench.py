@@ -15,6 +15,9 @@ Benchmarks (all on ``smollm2-135m-instruct`` unless ``--model``):
 * ``engine_overhead`` — framework end-to-end throughput (tokenization, batching, scoring
   and a Zarr write) divided by a raw batched ``model(input_ids)`` forward over the same
   padded batches: ``efficiency``.
+* ``generate`` — engine ``generate`` vs transformers ``model.generate``, same prompts, one batch,
+  greedy and sampled: tokens/s of both and the ratio, greedy agreement, and the engine's
+  device→host syncs per decoding step (:mod:`bayesflip.bench_generate`).
 * ``padding`` — fraction of padded slots in the framework's batches for a needle grid.
 * ``sweep_submit`` — plan + submit a 1,000-task array to the local SLURM (if up) and the
   number of ``sbatch`` calls made (counted by a logging wrapper in front of the real sbatch);
@@ -42,10 +45,24 @@ from .prompts import Prompt, encode_piece, encode_prompt
 from .store import git_commit, library_versions
 
 
+# ---------------------------------------------------------------- device helpers
+def model_device(model) -> torch.device:
+    """Where a model's inputs go (the input embedding's device; unwraps a DeepSpeed engine)."""
+    hf = getattr(model, "module", model)
+    return hf.get_input_embeddings().weight.device
+
+
+def _now() -> float:
+    """perf_counter once the GPU has finished its queued work (CUDA timings are meaningless otherwise)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 # ---------------------------------------------------------------- naive baseline (independent code)
 def naive_choice_logprob(model, ids: list[int], choice: list[int]) -> tuple[float, int]:
     """One plain forward of prompt+choice; summed float32 log-probs of the choice tokens."""
-    full = torch.tensor([ids + choice])
+    full = torch.tensor([ids + choice], device=model_device(model))
     with torch.inference_mode():
         lsm = model(full).logits[0].float().log_softmax(-1)
     n = len(ids)
@@ -64,13 +81,13 @@ def bench_icl_curve(lm, n_seq: int = 10, n_flips: int = 100, baseline_seqs: int 
     head = Prompt("I tossed a coin and it landed on")
     seqs = _coin_sequences(n_seq, n_flips)
     sc = Scorer(lm)
-    t = time.perf_counter()
+    t = _now()
     reqs = [build_curve(tok, head, choices, s, ", then") for s in seqs]
     curves = sc.score_curves(reqs)
-    fw = time.perf_counter() - t
+    fw = _now() - t
     fw_probs = [choice_distribution(c)[0] for c in curves]
     cids = [encode_piece(tok, c) for c in choices]
-    t = time.perf_counter()
+    t = _now()
     diffs = []
     measured = 0
     for r, probs in zip(reqs[:baseline_seqs], fw_probs[:baseline_seqs]):
@@ -78,7 +95,7 @@ def bench_icl_curve(lm, n_seq: int = 10, n_flips: int = 100, baseline_seqs: int 
             measured += 1
             lps = np.array([naive_choice_logprob(lm.model, r.ids[: p + 1], c)[0] for c in cids])
             diffs.append(np.abs(choice_distribution(lps)[0] - probs[i]).max())
-    base_measured = time.perf_counter() - t
+    base_measured = _now() - t
     base = base_measured / measured * n_seq * (n_flips + 1)  # evenly spaced prefixes: mean cost is representative
     return {"speedup": base / fw, "max_abs_diff": float(max(diffs)), "framework_s": fw, "baseline_s": base,
             "baseline_measured_s": base_measured, "baseline_sequences_measured": baseline_seqs,
@@ -115,20 +132,20 @@ def bench_multi_choice(lm, n_prompts: int = 24, baseline_prompts: int = 6) -> di
     results = {}
     for name, (labels, term) in sets.items():
         cids = [encode_piece(tok, c + term) for c in labels]
-        t = time.perf_counter()
+        t = _now()
         res = sc.score_choices([ChoiceRequest(c, cids) for c in ctxs])
-        fw_t += time.perf_counter() - t
+        fw_t += _now() - t
         results[name] = (cids, res)
     fw_tokens = sc.stats.real_tokens
     base_tokens = sum(len(ctx) + len(c) for cids, _ in results.values() for ctx in ctxs for c in cids)
     step = max(1, n_prompts // baseline_prompts)
     idx = list(range(0, n_prompts, step))[:baseline_prompts]
     for name, (cids, res) in results.items():
-        t = time.perf_counter()
+        t = _now()
         for i in idx:
             base = np.array([naive_choice_logprob(lm.model, ctxs[i], c)[0] for c in cids])
             diffs.append(np.abs(choice_distribution(base)[0] - choice_distribution(res[i])[0]).max())
-        base_t += time.perf_counter() - t
+        base_t += _now() - t
     base_scaled = base_t / len(idx) * n_prompts
     return {"speedup": base_scaled / fw_t, "max_abs_diff": float(max(diffs)), "tokens_ratio": base_tokens / fw_tokens,
             "framework_s": fw_t, "baseline_s": base_scaled, "baseline_measured_s": base_t,
@@ -148,19 +165,19 @@ def bench_engine_overhead(lm, n_seq: int = 32, n_flips: int = 60, tmpdir: Path |
     head = Prompt("I tossed a coin and it landed on")
     sc = Scorer(lm)
     tmp = Path(tmpdir or tempfile.mkdtemp(prefix="bench-"))
-    t = time.perf_counter()
+    t = _now()
     reqs = [build_curve(tok, head, [" heads", " tails"], s, ", then") for s in seqs]
     curves = sc.score_curves(reqs)
     arr = zarr.open_array(tmp / "bench.zarr", mode="w", shape=(n_seq, n_flips + 1, 2), chunks=(8, n_flips + 1, 2),
                           dtype="float32")
     arr[:] = np.stack(curves).astype(np.float32)
-    fw = time.perf_counter() - t
+    fw = _now() - t
     tokens = sum(len(r.ids) for r in reqs)
     # raw: the same length-sorted batches, plain model(input_ids, attention_mask)
     from .engine import _batches
 
     batches = _batches([len(r.ids) for r in reqs], sc.batch_tokens, sc.max_batch, sc.max_padding)
-    t = time.perf_counter()
+    t = _now()
     for b in batches:
         rows = [reqs[i].ids for i in b]
         T = max(map(len, rows))
@@ -170,8 +187,8 @@ def bench_engine_overhead(lm, n_seq: int = 32, n_flips: int = 60, tmpdir: Path |
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         with torch.inference_mode():
-            lm.model(input_ids=ids, attention_mask=mask)
-    raw = time.perf_counter() - t
+            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))
+    raw = _now() - t
     return {"efficiency": (tokens / fw) / (tokens / raw), "framework_tokens_per_s": tokens / fw,
             "raw_tokens_per_s": tokens / raw, "tokens": tokens, "sequences": n_seq,
             "note": "raw = plain batched model(input_ids) over the same padded batches (full logits)"}
@@ -204,18 +221,18 @@ def machine_info() -> dict:
     return info
 
 
-BENCHES = ["icl_curve", "multi_choice", "engine_overhead", "padding", "sweep_submit"]
+BENCHES = ["icl_curve", "multi_choice", "engine_overhead", "padding", "generate", "sweep_submit"]
 
 
 def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct", out: Path | None = None,
-              dtype: str | None = None) -> dict:
+              dtype: str | None = None, device: str | None = None) -> dict:
     from .models.loader import load_model
 
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)  # the GPU when there is one; inputs follow lm.device
     names = only or BENCHES
     res: dict = {}
     for name in names:
-        t = time.perf_counter()
+        t = _now()
         print(f"[bench] {name} ...", flush=True)
         if name == "icl_curve":
             res[name] = bench_icl_curve(lm)
@@ -225,6 +242,10 @@ def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct
             res[name] = bench_engine_overhead(lm)
         elif name == "padding":
             res[name] = bench_padding(lm)
+        elif name == "generate":
+            from .bench_generate import bench_generate
+
+            res[name] = bench_generate(lm)
         elif name == "sweep_submit":
             try:
                 res[name] = bench_sweep_submit()
@@ -232,8 +253,9 @@ def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct
                 res[name] = {"skipped": f"{type(e).__name__}: {e}"}
         else:
             raise ValueError(f"unknown benchmark {name!r} (allowed: {', '.join(BENCHES)})")
-        res[name]["bench_wall_s"] = time.perf_counter() - t
+        res[name]["bench_wall_s"] = _now() - t
     res["machine"] = machine_info()
+    res["machine"]["model_device"] = str(lm.device)
     res["model"] = model
     res["dtype"] = dtype or lm.spec.dtype
     res["git_commit"] = git_commit()
@@ -255,8 +277,11 @@ def print_table(res: dict) -> None:
     for name in BENCHES:
         if name not in res:
             continue
-        for k, v in res[name].items():
-            if isinstance(v, (int, float)) and not k.endswith("wall_s"):
+        items = []
+        for k, v in res[name].items():  # one level of nesting (generate: greedy / sampled)
+            items += [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
+        for k, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("wall_s"):
                 goal = GOALS.get((name, k))
                 g = ""
                 if goal:
@@ -269,5 +294,6 @@ def print_table(res: dict) -> None:
 
 def bench_cli(args) -> int:
     only = args.only.split(",") if args.only else None
-    run_bench(only=only, out=Path(args.out) if args.out else None)
+    run_bench(only=only, out=Path(args.out) if args.out else None, model=getattr(args, "model", None) or
+              "smollm2-135m-instruct", device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
     return 0

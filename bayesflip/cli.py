@@ -39,21 +39,15 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models.registry import load_registry, get_model_spec
+    from .models.prepare import prepare_cli, prepared_label
+    from .models.registry import load_registry
 
     if args.action == "list":
         for name, spec in load_registry().items():
-            print(f"{name:28s} {spec.model_set:8s} {spec.kind:9s} {spec.backend:9s} tp={spec.tp} {spec.template:10s} {spec.id}")
+            print(f"{name:28s} {spec.model_set:8s} {spec.kind:9s} {spec.backend:9s} tp={spec.tp} {spec.template:10s} "
+                  f"{spec.id} {prepared_label(spec)}".rstrip())
         return 0
-    from .models.loader import gguf_cache_dir
-
-    for name in args.names:
-        spec = get_model_spec(name)
-        if spec.source == "gguf_package":
-            print(f"{name}: {gguf_cache_dir(spec)}")
-        else:
-            print(f"{name}: nothing to prepare (source {spec.source})")
-    return 0
+    return prepare_cli(args.names)
 
 
 def _cmd_reference(args, rest: list[str]) -> int:

@@ -102,63 +102,154 @@ def load_tokenizer(spec: ModelSpec):
         return AutoTokenizer.from_pretrained(gguf_cache_dir(spec))
     if spec.source == "tiny_random":
         return load_tokenizer(get_model_spec(spec.tokenizer_from))  # type: ignore[arg-type]
-    return AutoTokenizer.from_pretrained(spec.id, revision=spec.revision if spec.source == "hub" else None,
-                                         trust_remote_code=spec.trust_remote_code)
+    where, rev = _weights_location(spec)
+    return AutoTokenizer.from_pretrained(where, revision=rev, trust_remote_code=spec.trust_remote_code)
 
 
 def _build_tiny_random(spec: ModelSpec, tokenizer) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A seeded random model on ``tokenizer``: 2-layer GPT-2 (``tiny_arch: gpt2``) or Llama (``llama``:
+    the architecture DeepSpeed AutoTP shards). Same seed, same weights in every process (TP ranks)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64,
-                     n_positions=spec.max_length or 512, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id)
+    if spec.tiny_arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=spec.max_length or 512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          tie_word_embeddings=False)
+        cls = LlamaForCausalLM
+    else:
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64,
+                         n_positions=spec.max_length or 512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+        cls = GPT2LMHeadModel
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg)
+    model = cls(cfg)
     torch.random.set_rng_state(gen_state)
     return model
 
 
+_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def _to_float32_input(module, args, kwargs):
+    if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+        args = (args[0].float(), *args[1:])
+    return args, kwargs
+
+
+def apply_fp32_head(model, spec: ModelSpec) -> None:
+    """``fp32_head``: run the final norm and the output layer in float32 (the rest stays in bf16/fp16).
+
+    The norm's weights become float32 and its input is upcast, so the normalised hidden state is
+    never rounded to bf16; the output layer gets its own float32 weights (a tied embedding is
+    untied: the input embedding keeps the low-precision copy) and a float32 input.
+    """
+    hf = getattr(model, "module", model)
+    head = hf.get_output_embeddings()
+    base = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.base_model
+    norm = next((getattr(base, n) for n in _FINAL_NORMS if isinstance(getattr(base, n, None), torch.nn.Module)), None)
+    if head is None or norm is None or not hasattr(head, "weight"):
+        raise ConfigError(f"models.{spec.name}.fp32_head", f"no final norm / output layer found in "
+                          f"{type(hf).__name__} (looked for {', '.join(_FINAL_NORMS)})", allowed=[False])
+    norm.float()
+    norm.register_forward_pre_hook(_to_float32_input, with_kwargs=True)
+    head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+    if getattr(head, "bias", None) is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach().float().clone(), requires_grad=False)
+    head.register_forward_pre_hook(_to_float32_input, with_kwargs=True)
+
+
+def _input_device(model) -> torch.device:
+    """Where input ids go: the input embedding's device (the first GPU of a ``device_map`` model)."""
+    emb = model.get_input_embeddings()
+    return emb.weight.device
+
+
 def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None = None,
                dtype: str | None = None) -> LoadedModel:
-    """Load weights + tokenizer for a registry entry, in eval mode, on ``device``."""
+    """Load weights + tokenizer for a registry entry, in eval mode, on ``device``.
+
+    ``backend: deepspeed`` models are read on the CPU (memory-mapped safetensors, no copy to the
+    GPU) and handed to ``deepspeed.init_inference``, which moves each rank's shard to ``device``.
+    ``device_map: auto`` models are spread by accelerate over all visible GPUs (``device`` is then
+    where the input embedding lives). Hub models come from the local Hub cache when prepared
+    (``bayesflip models prepare``), pinned to the recorded commit.
+    """
     spec = get_model_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = DTYPES[dtype or spec.dtype]
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(spec)
+    kw: dict[str, Any] = {}
+    if spec.device_map is not None:
+        kw["device_map"] = spec.device_map
     if spec.source == "gguf_package":
         _, version = _package_dir(spec)
         model = AutoModelForCausalLM.from_pretrained(gguf_cache_dir(spec), dtype=torch_dtype,
-                                                     attn_implementation=spec.attn_implementation)
+                                                     attn_implementation=spec.attn_implementation, **kw)
         revision = f"{spec.package}=={version}"
     elif spec.source == "tiny_random":
         model = _build_tiny_random(spec, tokenizer).to(torch_dtype)
         revision = spec.revision
     else:
+        where, rev = _weights_location(spec)
         model = AutoModelForCausalLM.from_pretrained(
-            spec.id, revision=spec.revision if spec.source == "hub" else None, dtype=torch_dtype,
-            attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code)
-        revision = getattr(model.config, "_commit_hash", None) or spec.revision
+            where, revision=rev, dtype=torch_dtype, attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code, **kw)
+        revision = _resolved_revision(spec, model)
     model.eval()
     max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) \
         or getattr(model.config, "n_positions", None) or 2048
     if spec.backend == "deepspeed":
         model = _deepspeed_wrap(model, spec, torch_dtype, device)
+    elif spec.device_map is not None:
+        device = _input_device(model)
     else:
         model.to(device)
+    if spec.fp32_head:
+        apply_fp32_head(model, spec)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device,
                        max_length=int(max_length), revision=str(revision))
 
 
+def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
+    """(path or Hub id, revision) for ``from_pretrained``: a prepared Hub model loads from its snapshot."""
+    if spec.source != "hub":
+        return spec.id, None
+    from .prepare import hub_snapshot, require_prepared
+
+    snap = hub_snapshot(spec)
+    if snap is not None:
+        return str(snap), None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        require_prepared(spec)  # raises the one-line error naming `bayesflip models prepare`
+    return spec.id, spec.revision
+
+
+def _resolved_revision(spec: ModelSpec, model) -> str:
+    if spec.source == "hub":
+        from .prepare import prepared_revision
+
+        sha = prepared_revision(spec)
+        if sha:
+            return sha
+    return getattr(model.config, "_commit_hash", None) or spec.revision
+
+
 def _deepspeed_wrap(model, spec: ModelSpec, torch_dtype, device):
-    """``deepspeed.init_inference`` with tensor parallelism ``spec.tp`` (a pass-through on CPU)."""
-    os.environ.setdefault("DS_BUILD_OPS", "0")
+    """``deepspeed.init_inference`` with tensor parallelism ``spec.tp``.
+
+    The model arrives on the CPU; init_inference shards it (AutoTP) and moves each rank's shard
+    to the current accelerator device (``cuda:LOCAL_RANK``, set by the backend). The process group
+    must already be up when ``tp > 1`` (:func:`bayesflip.backends.distributed.init_distributed`).
+    """
+    from ..backends.distributed import disable_shm_allreduce
+
+    disable_shm_allreduce()
     import deepspeed
 
-    if device.type == "cuda":
-        model.to(device)
     engine = deepspeed.init_inference(model, dtype=torch_dtype, tensor_parallel={"tp_size": spec.tp},
                                       replace_with_kernel_inject=False)
     engine.eval()

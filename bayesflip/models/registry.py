@@ -10,8 +10,10 @@ Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
         revision: main
         kind: std | instruct
         dtype: float32 | bfloat16 | float16
-        backend: hf | deepspeed
+        backend: hf | deepspeed         # bayesflip.backends registry
         tp: 1                           # tensor-parallel degree (deepspeed)
+        device_map: auto                # hf only: one process over all visible GPUs (accelerate)
+        fp32_head: true                 # final norm + output layer in float32 (bf16/fp16 models)
         template: gpu-small             # job template in job_templates/
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, UnknownModelError
 from ..paths import CONFIG_DIR
@@ -39,8 +41,11 @@ class ModelSpec(BaseModel):
     revision: str = "main"
     kind: Literal["std", "instruct"]
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    backend: Literal["hf", "deepspeed"] = "hf"
+    backend: str = "hf"                 # a name of bayesflip.backends.BACKENDS
     tp: int = Field(1, ge=1)
+    device_map: Optional[Literal["auto"]] = None  # hf: spread one model over all visible GPUs
+    fp32_head: bool = False             # compute the final norm and the output layer in float32
+    tiny_arch: Literal["gpt2", "llama"] = "gpt2"  # tiny_random: architecture (llama supports DeepSpeed AutoTP)
     template: str = "gpu-small"
     package: Optional[str] = None       # gguf_package: the Python package carrying the file
     gguf_file: Optional[str] = None     # gguf_package: file name inside the package
@@ -50,6 +55,15 @@ class ModelSpec(BaseModel):
     trust_remote_code: bool = False
     model_set: str = ""
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from ..backends import BACKENDS
+
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r} (allowed: {', '.join(BACKENDS.names())})")
+        return v
+
     @model_validator(mode="after")
     def _check_source(self) -> "ModelSpec":
         if self.source == "gguf_package" and not (self.package and self.gguf_file):
@@ -58,6 +72,8 @@ class ModelSpec(BaseModel):
             raise ValueError("source tiny_random needs 'tokenizer_from'")
         if self.backend == "hf" and self.tp != 1:
             raise ValueError("tp > 1 needs backend: deepspeed")
+        if self.device_map is not None and self.backend != "hf":
+            raise ValueError("device_map needs backend: hf (deepspeed places the shards itself)")
         return self
 
 

@@ -1,0 +1,83 @@
+"""``backend: deepspeed`` — tensor-parallel inference (AutoTP), one process per rank.
+
+Each rank loads the checkpoint on the CPU (memory-mapped), ``deepspeed.init_inference`` shards
+it and places the shard on ``cuda:LOCAL_RANK``. Every rank runs the same requests (the engine's
+batching is deterministic), all ranks see the same all-reduced logits, and only rank 0
+(:attr:`is_writer`) writes. Attention mass: each rank sees its own heads; the per-rank head
+means are combined, weighted by head counts, with an all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+
+from . import ATTENTION_MASS
+from .base import Backend
+from .distributed import DeviceError, DistEnv, agree, all_reduce_sum, dist_env, init_distributed, rank_device
+
+T = TypeVar("T")
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    CAPABILITIES = frozenset({ATTENTION_MASS})
+
+    def __init__(self, lm, env: DistEnv, **scorer_kwargs):
+        super().__init__(lm, **scorer_kwargs)
+        self.env = env
+
+    @classmethod
+    def load(cls, spec, device: Any = None, dtype: str | None = None, **scorer_kwargs) -> "DeepSpeedBackend":
+        from ..models.loader import load_model
+
+        env = dist_env()
+        if env.world_size != spec.tp:
+            raise DeviceError(f"model {spec.name} is tensor-parallel over tp={spec.tp} ranks, but this process is one "
+                              f"of {env.world_size} (WORLD_SIZE / SLURM_NTASKS); start it with tp tasks "
+                              f"(`torchrun --nproc_per_node {spec.tp}` or a job template with {spec.tp} tasks)")
+        dev = rank_device(env, device)
+        init_distributed(env, dev)
+        return cls(load_model(spec, device=dev, dtype=dtype), env, **scorer_kwargs)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def agree(self, fn: Callable[[], T], what: str = "shard") -> T:
+        return agree(fn, what)
+
+    def attention_mass(self, ids, query_positions, key_groups, layers=None) -> dict[str, np.ndarray]:
+        self.require(ATTENTION_MASS, "attention_mass")
+        hf = getattr(self.model, "module", self.model)
+        heads: list[int] = []
+
+        def hook(_m, _a, out):
+            att = getattr(out, "attentions", None)
+            if att:
+                heads.append(int(att[0].shape[1]))
+
+        h = hf.register_forward_hook(hook)
+        try:
+            res = self.scorer.attention_mass(ids, query_positions, key_groups, layers=layers)
+        finally:
+            h.remove()
+        if self.world_size == 1:
+            return res
+        # per-rank means over local heads -> global mean over all heads: Σ_r n_r·mean_r / Σ_r n_r
+        n = float(heads[-1])
+        keys = list(res)
+        flat = torch.tensor(np.concatenate([res[k] * n for k in keys] + [np.array([n])]), dtype=torch.float64)
+        all_reduce_sum(flat)
+        total = float(flat[-1])
+        out, i = {}, 0
+        for k in keys:
+            out[k] = (flat[i: i + len(res[k])] / total).numpy()
+            i += len(res[k])
+        return out

@@ -1,0 +1,245 @@
+"""Multi-process helpers for tensor-parallel backends (one process per TP rank).
+
+* :func:`dist_env` — rank / world size / local rank from ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK)
+  or from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), so ``srun`` tasks need no launcher.
+* :func:`rank_device` — ``cuda:LOCAL_RANK`` (CUDA_VISIBLE_DEVICES is left alone), or ``cpu``.
+* :func:`init_distributed` — the process group (NCCL on CUDA, gloo on CPU) with DeepSpeed's CPU
+  shared-memory all-reduce switched off (:func:`disable_shm_allreduce`).
+* :func:`all_ok` / :func:`agree` — an error on any rank fails the shard on *all* ranks, with the
+  same message, before the ranks enter the next collective (otherwise the healthy ranks hang in
+  an all-reduce the failed rank never joins).
+* :func:`all_reduce_sum` — sums a tensor over ranks (attention mass over head shards).
+* :func:`check_device` — a GPU job template on a node without CUDA fails at task start with
+  one line, instead of a CPU run of a 70B model or a CUDA traceback much later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from ..errors import BayesflipError
+
+T = TypeVar("T")
+
+
+class DeviceError(BayesflipError, RuntimeError):
+    """The node cannot run what the model / job template asks for."""
+
+
+class RankFailure(BayesflipError, RuntimeError):
+    """Some rank failed; raised identically on every rank so the shard fails everywhere the same way."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def _first(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def _slurm_first_host() -> str | None:
+    """The first node of a multi-node SLURM job (rank 0's host), for MASTER_ADDR."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes or int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) <= 1:
+        return None
+    if "[" not in nodes:
+        return nodes.split(",")[0]
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dist_env() -> DistEnv:
+    """This process's place in the job: torchrun variables first, then SLURM's, else a single process."""
+    rank = _first("RANK", "SLURM_PROCID")
+    world = _first("WORLD_SIZE", "SLURM_NTASKS")
+    local = _first("LOCAL_RANK", "SLURM_LOCALID")
+    addr = _first("MASTER_ADDR") or _slurm_first_host() or "127.0.0.1"
+    port = _first("MASTER_PORT")
+    if port is None:  # SLURM without a launcher: a port every task of the job derives the same way
+        job = int(_first("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID") or 0)
+        task = int(_first("SLURM_ARRAY_TASK_ID") or 0)
+        port = str(20000 + (job * 131 + task) % 20000)
+    return DistEnv(rank=int(rank or 0), world_size=int(world or 1), local_rank=int(local or 0),
+                   master_addr=addr, master_port=int(port))
+
+
+def rank_device(env: DistEnv, want: str | None = None):
+    """``cuda:LOCAL_RANK`` when CUDA is available (and not ``want='cpu'``), else ``cpu``.
+
+    CUDA_VISIBLE_DEVICES is never modified: with all of a node's GPUs visible, rank r takes GPU r;
+    with one GPU bound per task (``--gpus-per-task=1``) every rank sees its own as ``cuda:0``.
+    """
+    import torch
+
+    if want is not None and torch.device(want).type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if want is not None and torch.device(want).type == "cuda":
+            raise DeviceError(f"device {want!r} asked for, but this node has no CUDA device "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if env.local_rank < n:
+        idx = env.local_rank
+    elif n == 1:
+        idx = 0
+    else:
+        raise DeviceError(f"rank {env.rank} has LOCAL_RANK {env.local_rank} but sees only {n} GPUs "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
+                          f"give each node as many GPUs as TP ranks")
+    torch.cuda.set_device(idx)
+    return torch.device(f"cuda:{idx}")
+
+
+def disable_shm_allreduce() -> None:
+    """Keep DeepSpeed off its CPU shared-memory all-reduce kernel (``deepspeed_shm_comm``).
+
+    On the CPU accelerator DeepSpeed JIT-builds that op when its comm backend starts and then
+    routes ``inference_all_reduce`` through it; unless LOCAL_SIZE equals the world size its shared
+    buffers are never set up and the first TP all-reduce segfaults (and builds need a compiler).
+    Marking the op incompatible in ``deepspeed.ops.__compatible_ops__`` (a module-level dict that
+    DeepSpeed consults in ``comm.torch.build_shm_op``) makes it fall back to
+    ``torch.distributed.all_reduce`` on the process group (gloo on CPU). Must run before
+    ``deepspeed.init_distributed``. No effect on CUDA (NCCL).
+    """
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(env: DistEnv, device) -> None:
+    """Start the process group once (NCCL on CUDA, gloo on CPU) through DeepSpeed."""
+    import torch.distributed as dist
+
+    if env.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    disable_shm_allreduce()
+    import deepspeed
+
+    import datetime
+
+    # a rank that dies inside a collective leaves its peers waiting: bound the wait (minutes)
+    timeout = datetime.timedelta(minutes=float(os.environ.get("BAYESFLIP_DIST_TIMEOUT_MIN", "30")))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False, verbose=False, timeout=timeout)
+
+
+def _active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device():
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ok(flag: bool) -> bool:
+    """True only if ``flag`` is true on every rank (a MIN all-reduce); single process: ``flag``."""
+    if not _active():
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def agree(fn: Callable[[], T], what: str = "shard") -> T:
+    """Run ``fn`` on every rank; if it raised on any rank, raise the same :class:`RankFailure` on all.
+
+    Ranks exchange (ok, message) after ``fn``, so no rank proceeds to the next collective alone.
+    The first failing rank's message is reported everywhere; single process: plain call.
+    """
+    err: BaseException | None = None
+    out: Any = None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 — re-raised below, identically on all ranks
+        err = e
+    if not _active():
+        if err is not None:
+            raise err
+        return out
+    import torch.distributed as dist
+
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}")
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise RankFailure(f"{what} failed on rank {r} of {len(msgs)}: {m}") from err
+    return out
+
+
+def all_reduce_sum(t):
+    """Sum ``t`` over ranks (in place, returned); single process: ``t``."""
+    if not _active():
+        return t
+    import torch.distributed as dist
+
+    dev = t.device
+    buf = t.to(_comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    t.copy_(buf.to(dev))
+    return t
+
+
+def check_device(spec: Any, template: Any = None) -> None:
+    """Fail at task start, in one line, when the node cannot serve ``spec`` under ``template``.
+
+    ``template``: a :class:`~bayesflip.hpc.templates.JobTemplate`, a dict, a template name
+    (loaded from ``job_templates/``) or None (the model's own template).
+    """
+    import torch
+
+    if template is None or isinstance(template, str):
+        from ..hpc.templates import load_template
+
+        template = load_template(template or spec.template)
+    get = template.get if isinstance(template, dict) else (lambda k, d=None: getattr(template, k, d))
+    name = get("name", "?")
+    gpus = int(get("gpus_per_node", 0) or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    if gpus > 0 and not torch.cuda.is_available():
+        raise DeviceError(f"model {spec.name}: job template {name!r} asks for {gpus} GPU(s) per node, but this node "
+                          f"has no usable CUDA device (torch.cuda.is_available() is False, "
+                          f"CUDA_VISIBLE_DEVICES={visible}); check --gres/--gpus and the partition")
+    tp = int(getattr(spec, "tp", 1) or 1)
+    if gpus > 0 and tp > 1:
+        env = dist_env()
+        if env.world_size != tp:
+            raise DeviceError(f"model {spec.name} is tensor-parallel over tp={tp} ranks, but this task runs "
+                              f"{env.world_size} rank(s); job template {name!r} must start {tp} tasks "
+                              f"(nodes x tasks_per_node)")
+        if torch.cuda.device_count() <= env.local_rank and torch.cuda.device_count() != 1:
+            raise DeviceError(f"model {spec.name}: rank {env.rank} (LOCAL_RANK {env.local_rank}) sees only "
+                              f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES={visible})")

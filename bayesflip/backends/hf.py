@@ -1,0 +1,20 @@
+"""``backend: hf`` — plain transformers in one process, on one device or (``device_map: auto``)
+spread by accelerate over all visible GPUs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ATTENTION_MASS
+from .base import Backend
+
+
+class HFBackend(Backend):
+    name = "hf"
+    CAPABILITIES = frozenset({ATTENTION_MASS})
+
+    @classmethod
+    def load(cls, spec, device: Any = None, dtype: str | None = None, **scorer_kwargs) -> "HFBackend":
+        from ..models.loader import load_model
+
+        return cls(load_model(spec, device=device, dtype=dtype), **scorer_kwargs)

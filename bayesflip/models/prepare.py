@@ -1,0 +1,208 @@
+"""Pinned, pre-fetched models: ``bayesflip models prepare <model|set>``.
+
+Cluster jobs never download. Before submitting, ``prepare`` fetches each Hub model once into
+the Hub cache (``HF_HUB_CACHE``, default ``$HF_HOME/hub``; put ``HF_HOME`` on shared storage),
+resolves the commit sha of the registry's ``revision`` and records it in
+``$BAYESFLIP_CACHE/prepared/<name>.json``. Jobs then load the snapshot directory of that sha
+with ``HF_HUB_OFFLINE=1``; the sha is the ``model_revision`` written into every store.
+
+* :func:`prepared_revision` — the pinned sha (record first, else the cache's ``refs/<revision>``),
+  or None. :func:`is_prepared` — whether it exists; :func:`require_prepared` — the one-line error
+  ``submit`` shows for an unprepared Hub model.
+* :func:`hub_snapshot` — the snapshot directory a prepared model loads from.
+* Packaged GGUF models are converted once (their safetensors cache); ``local`` / ``tiny_random``
+  need nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from ..errors import BayesflipError
+from ..paths import CACHE_DIR
+from .registry import ModelSpec, get_model_spec, load_registry, models_of_type
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# weights in other frameworks / formats that transformers never reads for a safetensors repo
+IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ot", "*.gguf", "*.pth", "*.tflite", "original/*",
+          "onnx/*", "coreml/*"]
+
+
+class ModelNotPreparedError(BayesflipError, RuntimeError):
+    """A Hub model is not in the local Hub cache (jobs never download)."""
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache, read from the environment at call time (HF_HUB_CACHE > HF_HOME/hub > default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                     "huggingface")
+    return Path(home) / "hub"
+
+
+def repo_cache_dir(spec: ModelSpec) -> Path:
+    return hub_cache_dir() / ("models--" + spec.id.replace("/", "--"))
+
+
+def record_path(spec: ModelSpec) -> Path:
+    return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "prepared" / f"{spec.name}.json"
+
+
+def _complete(snap: Path) -> bool:
+    return (snap / "config.json").exists()
+
+
+def _record(spec: ModelSpec) -> dict | None:
+    path = record_path(spec)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("id") != spec.id or rec.get("revision") != spec.revision:
+        return None  # the registry entry changed since it was prepared
+    return rec
+
+
+def prepared_revision(spec: ModelSpec) -> str | None:
+    """The commit sha a Hub model is pinned to, if its snapshot is in the local cache; else None.
+
+    Order: the ``prepare`` record (the sha resolved when it was prepared), then a registry
+    ``revision`` that is itself a sha, then the cache's ``refs/<revision>``.
+    """
+    if spec.source != "hub":
+        return None
+    snaps = repo_cache_dir(spec) / "snapshots"
+    rec = _record(spec)
+    if rec and _complete(snaps / rec["sha"]):
+        return rec["sha"]
+    if SHA_RE.match(spec.revision) and _complete(snaps / spec.revision):
+        return spec.revision
+    ref = repo_cache_dir(spec) / "refs" / spec.revision
+    if ref.is_file():
+        sha = ref.read_text().strip()
+        if SHA_RE.match(sha) and _complete(snaps / sha):
+            return sha
+    return None
+
+
+def hub_snapshot(spec: ModelSpec) -> Path | None:
+    sha = prepared_revision(spec)
+    return repo_cache_dir(spec) / "snapshots" / sha if sha else None
+
+
+def is_prepared(spec: ModelSpec) -> bool:
+    """Hub models: in the local cache; other sources need no preparation (always True)."""
+    return spec.source != "hub" or prepared_revision(spec) is not None
+
+
+def require_prepared(spec: ModelSpec) -> str | None:
+    """The pinned sha of a Hub model (None for other sources), or the one-line error naming the command."""
+    if spec.source != "hub":
+        return None
+    sha = prepared_revision(spec)
+    if sha is None:
+        raise ModelNotPreparedError(
+            f"model {spec.name!r} ({spec.id}@{spec.revision}) is not prepared: no snapshot in the Hub cache "
+            f"{hub_cache_dir()}; run `bayesflip models prepare {spec.name}` (or `... prepare {spec.model_set}`) "
+            f"on a node with internet access, with HF_HOME on storage the compute nodes share")
+    return sha
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _ignore_patterns(spec: ModelSpec) -> list[str]:
+    """Skip ``*.bin`` when the repo has safetensors (asks the Hub; keeps them if it cannot tell)."""
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(spec.id, revision=spec.revision)
+    except Exception:  # noqa: BLE001 — offline or no permission: download whatever is there
+        return IGNORE
+    return IGNORE + ["*.bin"] if any(f.endswith(".safetensors") for f in files) else IGNORE
+
+
+def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
+    """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
+    if download is None:
+        from huggingface_hub import snapshot_download as download
+    try:
+        path = Path(download(repo_id=spec.id, revision=spec.revision, cache_dir=str(hub_cache_dir()),
+                             ignore_patterns=_ignore_patterns(spec)))
+    except Exception as e:  # noqa: BLE001 — gated / missing / network: one line, never a traceback
+        hint = " (gated model: accept its licence on the Hub and set HF_TOKEN)" if "gated" in str(e).lower() \
+            or "401" in str(e) or "403" in str(e) else ""
+        raise ModelNotPreparedError(f"cannot fetch {spec.id}@{spec.revision} for model {spec.name!r}: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+    sha = path.name
+    if not SHA_RE.match(sha) or not _complete(path):
+        raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: snapshot {path} has no config.json")
+    rec = {"name": spec.name, "id": spec.id, "revision": spec.revision, "sha": sha, "snapshot": str(path),
+           "hub_cache": str(hub_cache_dir()),
+           "prepared": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_json(record_path(spec), rec)
+    return rec
+
+
+def resolve_targets(target: str) -> list[ModelSpec]:
+    """A model name, a set name, or any MODEL_TYPE expression (``paper:std``, ``all``)."""
+    reg = load_registry()
+    if target in reg:
+        return [reg[target]]
+    return models_of_type(target)
+
+
+def prepare_model(spec: ModelSpec, download: Callable | None = None) -> dict:
+    """Make one model loadable offline; returns what was done (``status``: prepared | cached | nothing)."""
+    if spec.source == "hub":
+        return {"status": "prepared", **prepare_hub(spec, download)}
+    if spec.source == "gguf_package":
+        from .loader import gguf_cache_dir
+
+        return {"status": "cached", "name": spec.name, "path": str(gguf_cache_dir(spec)), "revision": spec.revision}
+    return {"status": "nothing", "name": spec.name, "reason": f"source {spec.source} needs no download"}
+
+
+def prepare(target: str, download: Callable | None = None) -> list[dict]:
+    return [prepare_model(s, download) for s in resolve_targets(target)]
+
+
+def prepare_cli(names: list[str]) -> int:
+    """``bayesflip models prepare <model|set> ...``: one line per model."""
+    if not names:
+        raise BayesflipError("models prepare: name a model, a model set or a MODEL_TYPE (e.g. `paper:std`)")
+    for target in names:
+        for spec in resolve_targets(target):
+            r = prepare_model(spec)
+            if r["status"] == "prepared":
+                print(f"{spec.name}: {spec.id}@{spec.revision} -> {r['sha']}  ({r['snapshot']})")
+            elif r["status"] == "cached":
+                print(f"{spec.name}: {r['path']}")
+            else:
+                print(f"{spec.name}: nothing to prepare (source {spec.source})")
+    return 0
+
+
+def prepared_label(spec: ModelSpec) -> str:
+    """For ``models list``: the pinned sha (short), ``-`` when not prepared, blank for non-Hub models."""
+    if spec.source != "hub":
+        return ""
+    sha = prepared_revision(spec)
+    return sha[:10] if sha else "-"
+
+
+def get_prepared(name: str) -> tuple[ModelSpec, str | None]:
+    spec = get_model_spec(name)
+    return spec, require_prepared(spec)
