@@ -51,7 +51,7 @@ bench: install
 	$(BF) bench $(ARGS)
 
 gpu-check: install
-	$(PY) -m bayesflip.gpu_check $(ARGS)
+	$(BF) gpu-check $(ARGS)
 
 submit: install
 	$(BF) submit $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)

@@ -188,4 +188,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against naive baselines")
     p.add_argument("--only", default=None, help="comma-separated benchmark names")
     p.add_argument("--out", default=None)
+    p.add_argument("--model", default=None, help="registry model (default smollm2-135m-instruct)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the registry's)")
     p.set_defaults(func=cmd_bench)
+
+    from .gpu_check import add_arguments as gpu_check_arguments, gpu_check_cli
+    p = sub.add_parser("gpu-check", help="engine contract + throughput on this node's GPU (one JSON file)")
+    gpu_check_arguments(p)
+    p.set_defaults(func=gpu_check_cli)

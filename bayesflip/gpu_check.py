@@ -27,6 +27,7 @@ import argparse
 import json
 import platform
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -338,7 +339,7 @@ def gpu_check_cli(args) -> int:
     try:
         res = run(args.device, args.tiny, args.out, args.peak_tflops)
     except BayesflipError as e:
-        print(f"bayesflip: error: {e}")
+        print(f"bayesflip: error: {e}", file=sys.stderr)
         return 2
     print(summary(res))
     print(f"wrote {args.out or 'results/gpu_check/gpu_check.json'}")

@@ -91,13 +91,11 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
         todo.append((exp_name, shard))
     if not todo:
         return res
-    if lm is None:
-        from .models.loader import load_model
-        lm = load_model(model_name, device=device)
-    res.load_seconds = time.time() - t0
-    from .engine import Scorer
+    from .backends import backend_for, load_backend
 
-    scorer = Scorer(lm, batch_tokens=batch_tokens)
+    be = backend_for(lm, batch_tokens=batch_tokens) if lm is not None else \
+        load_backend(model_name, device=device, batch_tokens=batch_tokens)
+    res.load_seconds = time.time() - t0
     inject = _injected()
     cells_cache: dict[str, list[dict]] = {}
     it = todo
@@ -127,11 +125,11 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
             try:
                 if (exp_name, shard) in inject:
                     raise RuntimeError(f"injected failure ({FAIL_ENV}) for {exp_name}:{shard}")
-                ctx = RunContext(scorer=scorer, model_kind=lm.spec.kind, model_name=lm.spec.name, seed=exp.seed,
+                ctx = RunContext(scorer=be, model_kind=be.spec.kind, model_name=be.model_name, seed=exp.seed,
                                  workdir=st.path.with_suffix(".work") / f"shard-{shard:06d}")
                 arrays = fam.run(exp.params, cells[sl], ctx)
                 st.write_shard(shard, arrays, expect_uid=st.uid, expect_identity=ident, require_lease=True,
-                               seconds=round(time.time() - ts, 3), model_revision=lm.revision)
+                               seconds=round(time.time() - ts, 3), model_revision=be.revision)
                 log.info("computed shard %s:%d of %s", exp_name, shard, st.path)
                 res.done.append((exp_name, shard))
             except LeaseLost as e:

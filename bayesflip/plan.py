@@ -93,6 +93,9 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
                      f"({(len(cells) + exp.shard_size - 1) // exp.shard_size:,} shards of {exp.shard_size}); "
                      f"planning holds ~{mem:.1f} GB of cell dicts per job, the arrays take ~{disk:.1f} GB per model "
                      f"uncompressed; consider a coarser grid or a larger shard_size")
+            if fam.requires:  # optional backend capabilities (attention mass), checked before anything is written
+                from .backends import check_requirements
+                check_requirements(spec, fam.requires, f"experiment {exp.name} (family {fam.name})")
             if validate:
                 if spec.name not in tokenizers:
                     from .models.loader import load_tokenizer

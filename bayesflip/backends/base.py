@@ -116,10 +116,9 @@ class Backend(ABC):
     def score_curves(self, requests: Sequence[CurveRequest]) -> list[np.ndarray]:
         return self.scorer.score_curves(requests)
 
-    def generate(self, prompts, max_new_tokens: int, seeds, temperature: float = 1.0,
-                 stop_strings: Sequence[str] = (), stop_at_eos: bool = True):
-        return self.scorer.generate(prompts, max_new_tokens, seeds, temperature=temperature,
-                                    stop_strings=stop_strings, stop_at_eos=stop_at_eos)
+    def generate(self, prompts, max_new_tokens: int, seeds, **settings):
+        """Seeded on-device sampling (``temperature``, ``top_k``, ``top_p``, ``stop_strings``, ``stop_at_eos``)."""
+        return self.scorer.generate(prompts, max_new_tokens, seeds, **settings)
 
     def require(self, capability: str, what: str = "") -> None:
         if capability not in self.capabilities:
@@ -130,6 +129,12 @@ class Backend(ABC):
         """Optional capability ``attention_mass`` (see :meth:`bayesflip.engine.Scorer.attention_mass`)."""
         self.require(ATTENTION_MASS, "attention_mass")
         return self.scorer.attention_mass(ids, query_positions, key_groups, layers=layers)
+
+    def attention_stats(self, ids, query_positions, key_groups, layers=None) -> dict[str, dict[str, np.ndarray]]:
+        """Optional capability ``attention_mass``: mean and max-over-heads-then-layers mass
+        (see :meth:`bayesflip.engine.Scorer.attention_stats`)."""
+        self.require(ATTENTION_MASS, "attention_stats")
+        return self.scorer.attention_stats(ids, query_positions, key_groups, layers)
 
     def close(self) -> None:
         """Release the model (end of a job)."""

@@ -111,6 +111,7 @@ def token_spans(head_len: int, choice_lens: list[int], sep_len: int, outcomes) -
 class AttentionFamily(ICLFamily):
     name = "attention"
     Params = AttentionParams
+    requires = frozenset({"attention_mass"})
 
     def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:
         k, n, r, ls = len(_spec(p)["choices"]), p.n_flips, len(read_indices(p)), len(p.layer_sets)

@@ -62,7 +62,7 @@ class ArraySpec:
 class RunContext:
     """What a family gets in a job: the one engine, the model facts, and the seed."""
 
-    scorer: Any                    # bayesflip.engine.Scorer
+    scorer: Any                    # the model's backend (bayesflip.backends.Backend; a bare engine Scorer in unit tests)
     model_kind: str                # "std" | "instruct"
     model_name: str
     seed: int
@@ -84,6 +84,7 @@ class Family:
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
+    requires: ClassVar[frozenset[str]] = frozenset()   # optional backend capabilities (e.g. "attention_mass")
 
     def cells(self, p: Any) -> list[dict]:
         """Condition fields + ``sample`` for every cell, deterministic order."""

@@ -315,6 +315,9 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     if executor not in EXECUTORS:
         raise ConfigError("--executor", f"unknown executor {executor!r}", allowed=EXECUTORS)
     sweep = sweep or load_sweep(sweep_name, model_type)
+    # Hub models must be prepared (snapshot in the shared cache, commit sha pinned) before anything is planned
+    from ..models.prepare import require_prepared
+    pinned = {m: sha for m in sweep.models if (sha := require_prepared(get_model_spec(m)))}
     templates = resolve_templates(sweep, template, partition=partition, account=account, qos=qos, time_min=time_min,
                                   array_throttle=array_throttle, shards_per_task=shards_per_task)
     if executor == "slurm":
@@ -386,7 +389,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
         if sub.submitted:   # record whatever went out, even if a later array failed to submit
             extra = {"command": command, "executor": executor,
                      "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "arrays": [s.to_json() for s in sub.submitted]}
+                     "arrays": [s.to_json() for s in sub.submitted], "pinned_revisions": pinned}
             sub.manifest = write_manifest(sweep, units, extra, results_dir=root)
     return sub
 
