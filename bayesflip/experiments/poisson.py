@@ -49,7 +49,7 @@ Arrays per cell: ``lambda_hat``, ``n_markers``, ``n_attached``, ``n_gaps``, ``n_
 tokens), ``text`` (the continuation); icl also ``prefix_lambda_hat``, ``prefix_n_markers``,
 ``prefix_n_gaps`` (λ̂ of the prefix itself, by the same counter: exactly Σk / (prefix_words − 1)).
 
-**protocol: paper** (the coin-flip study's ``poisson.py``; docs/protocols/gen_families.md lists every
+**protocol: paper** (the coin-flip study's ``poisson.py``; docs/PROTOCOLS.md (section 2) lists every
 difference). Markers ``* ^ # @ $ % & ! ~ <``, λ ∈ {0.1, 0.3, 0.5, 0.7, 0.9}, λ printed as Python
 prints the float (``lambda=0.1``)::
 

@@ -304,7 +304,7 @@ def against_papers(res: dict[str, ReducedFamily], figures_dir: Path, pub: dict |
                  f"`{src['repository']}`). Our rows name their experiment and its protocol (`paper`: the paper's "
                  "prompts and grids; `clean`: bayesflip's own). Published model names are mapped to registry names "
                  "(configs/models/paper.yaml). Differences between these metrics and the original analysis are "
-                 "listed in docs/protocols/metrics.md.")
+                 "listed in docs/PROTOCOLS.md (section 4).")
     pub_tab = published_table(pub)
     tables["papers_published"] = pub_tab
     summary = {"source": src, **summary}
