@@ -299,7 +299,9 @@ def test_cli_prompts_paper_coinflips():
         "--exp", "paper_coinflips", "--model", "tiny-random", "--json",
         keep=lambda r: r["experiment"] == "paper_icl_coin" and r["cell"]["theta"] == 0.3 and r["cell"]["n"] == 3)
     assert experiments == {"paper_needle_coin", "paper_needle_die", "paper_needle_number", "paper_prior_coin",
-                           "paper_prior_die", "paper_icl_coin", "paper_icl_die", "paper_shift_coin"}
+                           "paper_prior_die", "paper_icl_coin", "paper_icl_die", "paper_shift_coin",
+                           "paper_poisson_explicit", "paper_poisson_icl", "paper_markov", "paper_attention_coin",
+                           "paper_cot_coin", "paper_cot_coin_hard_coded", "paper_cot_coin_few_shot"}
     recs = run_prompts("--exp", "paper_coinflips", "--model", "tiny-random", "--json", "--where", "theta=0.3",
                        "--where", "n=3")
     assert [r for r in recs if r["experiment"] == "paper_icl_coin"] == icl   # --where selects the same records
