@@ -39,7 +39,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@echo "installed: $(BF)"
 
 test: install slurm-up
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration and not slurm" $(ARGS)

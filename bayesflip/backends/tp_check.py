@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{be.rank}.json").write_text(json.dumps(res))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together: a rank that exits first aborts its peers' gloo threads
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, reduce_by_protocol, register_reducer
 from .load import StoreData
 
 METRICS = ["share_common", "mean_rank", "mean_zipf", "prod_share_common", "prod_mean_rank", "prod_mean_zipf",
@@ -96,18 +96,7 @@ def reduce_acronym(inp: FamilyInput) -> ReducedFamily:
     """Clean stores here; ``protocol: paper`` stores in :mod:`.acronym_paper` (own tables, figures, section)."""
     from . import acronym_paper
 
-    paper = [st for st in inp.stores if str(st.params.get("protocol", "clean")) == "paper"]
-    clean = [st for st in inp.stores if str(st.params.get("protocol", "clean")) != "paper"]
-    out = _reduce_clean(inp, clean) if clean else ReducedFamily(tables={}, figures=[], summary={"models": {}},
-                                                                sections=[])
-    if paper:
-        tables, figs, summ, sec = acronym_paper.section(inp, paper)
-        out.tables.update(tables)
-        out.figures.extend(figs)
-        for m, v in summ.items():
-            out.summary["models"].setdefault(m, {}).update(v)
-        out.sections.append(sec)
-    return out
+    return reduce_by_protocol(inp, _reduce_clean, acronym_paper.section)
 
 
 def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:

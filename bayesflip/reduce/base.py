@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
+import numpy as np
 import pandas as pd
 
 from .load import StoreData
@@ -102,6 +103,39 @@ class ReducedFamily:
 
 
 Reducer = Callable[[FamilyInput], ReducedFamily]
+
+
+def protocol_of(st: StoreData) -> str:
+    """``paper`` or ``clean`` (the experiment's ``params.protocol``; stores written before it existed: clean)."""
+    return str(st.params.get("protocol", "clean"))
+
+
+def reduce_by_protocol(inp: FamilyInput, reduce_clean: Callable[[FamilyInput, list], ReducedFamily],
+                       paper_section: Callable[[FamilyInput, list], tuple]) -> ReducedFamily:
+    """Clean stores through ``reduce_clean``; ``protocol: paper`` stores through ``paper_section``
+    (→ tables, figures, per-model summary, one report section), merged into one result."""
+    paper = [st for st in inp.stores if protocol_of(st) == "paper"]
+    clean = [st for st in inp.stores if protocol_of(st) != "paper"]
+    out = reduce_clean(inp, clean) if clean else ReducedFamily(summary={"models": {}})
+    if paper:
+        tables, figs, summ, sec = paper_section(inp, paper)
+        out.tables.update(tables)
+        out.figures.extend(figs)
+        for m, v in summ.items():
+            out.summary.setdefault("models", {}).setdefault(m, {}).update(v)
+        out.sections.append(sec)
+    return out
+
+
+def mean_se_by(cells: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Per group of ``keys``: ``n_chains`` (rows), the mean of each metric and its standard error
+    ``<metric>_se`` = std(ddof=1) / sqrt(count of non-NaN values)."""
+    g = cells.groupby(keys, sort=True)
+    out = g[metrics].mean()
+    n_ok = g[metrics].count()
+    out = out.join((g[metrics].std(ddof=1) / np.sqrt(n_ok.where(n_ok > 0))).add_suffix("_se"))
+    out.insert(0, "n_chains", g.size())
+    return out.reset_index()
 _REDUCERS: dict[str, Reducer] = {}
 _ORDER = ["icl", "chains", "rules", "acronym"]  # reduce/report order: these first, then the others alphabetically
 

@@ -33,7 +33,7 @@ from scipy import stats
 from .. import bayes
 from ..engine import choice_distribution
 from . import figures as F
-from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, protocol_of, register_reducer
 from .load import StoreData
 
 REFS = ("true", "uniform", "fitted", "gamma", "mixture")
@@ -156,11 +156,6 @@ def _add_refs(c: Curves, prior: PriorFit) -> bayes.GammaFit | None:
 
 # ---------------------------------------------------------------------------- paper metrics
 PAPER_N = (0, 1, 3, 5, 10, 20, 100)   # the coin-flip paper's ICL lengths
-
-
-def protocol_of(st: StoreData) -> str:
-    """``paper`` or ``clean`` (the experiment's ``params.protocol``; stores written before it existed: clean)."""
-    return str(st.params.get("protocol", "clean"))
 
 
 PROMPT_AXES = ("paraphrase", "instruct", "query")

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from .. import bayes
 from ..experiments.rules import OBJECTS, VALUES, accuracy, hypotheses, parse_subset, rule_output, subsets
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, reduce_by_protocol, register_reducer
 from .load import StoreData
 
 METRICS = ["entropy", "p_screen_off", "acc_d0", "both", "p_true_rule", "p_max", "on_mass",
@@ -149,27 +149,12 @@ def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
                   "(solid none, dashed self-check, dotted refinement).")
 
 
-def _protocol(st: StoreData) -> str:
-    return str(st.params.get("protocol", "clean"))
-
-
 @register_reducer("rules")
 def reduce_rules(inp: FamilyInput) -> ReducedFamily:
     """Clean stores here; ``protocol: paper`` stores in :mod:`.rules_paper` (own tables, figures, section)."""
     from . import rules_paper
 
-    paper = [st for st in inp.stores if _protocol(st) == "paper"]
-    clean = [st for st in inp.stores if _protocol(st) != "paper"]
-    out = _reduce_clean(inp, clean) if clean else ReducedFamily(tables={}, figures=[], summary={"models": {}},
-                                                                sections=[])
-    if paper:
-        tables, figs, summ, sec = rules_paper.section(inp, paper)
-        out.tables.update(tables)
-        out.figures.extend(figs)
-        for m, v in summ.items():
-            out.summary["models"].setdefault(m, {}).update(v)
-        out.sections.append(sec)
-    return out
+    return reduce_by_protocol(inp, _reduce_clean, rules_paper.section)
 
 
 def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:

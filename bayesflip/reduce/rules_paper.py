@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from .. import bayes
 from ..experiments.rules import accuracy, feasible_rules, hypotheses
 from . import figures as F
-from .base import Figure, FamilyInput, Section, Table, Text
+from .base import Figure, FamilyInput, Section, Table, Text, mean_se_by
 from .load import StoreData
 
 SCREEN = 4
@@ -84,12 +84,7 @@ def cell_table(st: StoreData) -> pd.DataFrame:
 
 
 def by_generation(cells: pd.DataFrame) -> pd.DataFrame:
-    g = cells.groupby(KEYS + ["generation"], sort=True)
-    out = g[METRICS].mean()
-    n_ok = g[METRICS].count()
-    out = out.join((g[METRICS].std(ddof=1) / np.sqrt(n_ok.where(n_ok > 0))).add_suffix("_se"))
-    out.insert(0, "n_chains", g.size())
-    return out.reset_index()
+    return mean_se_by(cells, KEYS + ["generation"], METRICS)
 
 
 def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
