@@ -15,13 +15,22 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class Params(BaseModel):
-    """Base for family params: unknown keys are errors."""
+    """Base for family params: unknown keys are errors. ``PAPER_DEFAULTS`` (per family) are the
+    values ``protocol: paper`` takes for every key the config leaves out."""
 
     model_config = ConfigDict(extra="forbid")
+    PAPER_DEFAULTS: ClassVar[dict] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_paper_defaults(cls, data):
+        if cls.PAPER_DEFAULTS and isinstance(data, dict) and data.get("protocol") == "paper":
+            data = {**{k: v for k, v in cls.PAPER_DEFAULTS.items() if k not in data}, **data}
+        return data
 
 
 Protocol = Literal["clean", "paper"]

@@ -51,7 +51,7 @@ Paper defaults (when the config leaves the key out): ``named`` all four, ``non_u
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import numpy as np
 from pydantic import AfterValidator, Field, model_validator
@@ -112,12 +112,7 @@ class MarkovParams(Params):
     user: Optional[str] = None      # instruct user message
     variant: Literal["auto", "base", "instruct"] = "auto"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _paper_defaults(cls, data):
-        if isinstance(data, dict) and data.get("protocol") == "paper":
-            data = {**{k: v for k, v in PAPER_DEFAULTS.items() if k not in data}, **data}
-        return data
+    PAPER_DEFAULTS: ClassVar[dict] = PAPER_DEFAULTS
 
     @model_validator(mode="after")
     def _some_matrix(self):

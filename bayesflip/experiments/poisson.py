@@ -81,10 +81,10 @@ import functools
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..errors import ConfigError
 from ..generation import GenerationFields, provenance_array
@@ -140,12 +140,7 @@ class PoissonParams(Params, GenerationFields):
     insertion: Literal["paper", "gaps"] = "paper"
     max_attempts: int = Field(10, ge=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _paper_defaults(cls, data):
-        if isinstance(data, dict) and data.get("protocol") == "paper":
-            data = {**{k: v for k, v in PAPER_DEFAULTS.items() if k not in data}, **data}
-        return data
+    PAPER_DEFAULTS: ClassVar[dict] = PAPER_DEFAULTS
 
 
 # ---------------------------------------------------------------------------- counting
