@@ -1,4 +1,5 @@
-"""Sampling settings of the generating families, in one place (poisson, cot, chains, rules, acronym).
+"""Sampling settings of the generating families, in one place (poisson, cot, chains, rules, acronym;
+rules and acronym take the temperature from their grid and the rest from :class:`SamplingFields`).
 
 A family's params inherit :class:`GenerationFields`::
 
@@ -71,6 +72,27 @@ class GenerationFields(BaseModel):
 
     def generation_settings(self, model=None) -> GenerationSettings:
         return resolve(self, model)
+
+
+class SamplingFields(BaseModel):
+    """Mixin for families whose temperature is a grid condition (rules, acronym): the cell gives the
+    temperature; ``top_k`` / ``top_p`` are explicit, or under ``generation: model_defaults`` the
+    model's own generation config (HF default top_k 50) unless set."""
+
+    generation: Literal["explicit", "model_defaults"] = "explicit"
+    top_k: Optional[Annotated[int, Field(ge=0)]] = None
+    top_p: Optional[Annotated[float, Field(gt=0.0, le=1.0)]] = None
+
+    def sampling_kwargs(self, temperature: float, model=None) -> dict:
+        """Keyword arguments of :meth:`bayesflip.engine.Scorer.generate` at ``temperature`` (0 = greedy)."""
+        base = {"top_k": None, "top_p": None}
+        if self.generation == "model_defaults":
+            d = model_generation_defaults(model) if model is not None else {"top_k": HF_DEFAULT_TOP_K, "top_p": 1.0}
+            base = {"top_k": d["top_k"], "top_p": d["top_p"]}
+        for k in ("top_k", "top_p"):
+            if getattr(self, k) is not None:
+                base[k] = getattr(self, k)
+        return GenerationSettings(do_sample=temperature > 0, temperature=temperature, **base).engine_kwargs()
 
 
 def provenance_array(p: GenerationFields, settings: GenerationSettings, n: int):

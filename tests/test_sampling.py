@@ -112,3 +112,19 @@ def test_generation_settings_resolve():
     assert isinstance(s, GenerationSettings)
     with pytest.raises(Exception):
         P(top_p=0)
+
+
+def test_grid_temperature_families_sampling_kwargs():
+    """rules/acronym: the cell's temperature, top_k/top_p explicit or from the model's generation config."""
+    from types import SimpleNamespace
+
+    from bayesflip.experiments import get_family
+
+    p = get_family("rules").Params(protocol="paper", top_p=0.9)
+    assert p.sampling_kwargs(0.5) == {"temperature": 0.5, "top_k": None, "top_p": 0.9}
+    assert p.sampling_kwargs(0.0) == {"temperature": 0.0, "top_k": None, "top_p": None}   # greedy
+    model = SimpleNamespace(generation_config=SimpleNamespace(do_sample=True, temperature=0.6, top_k=None, top_p=0.95))
+    a = get_family("acronym").Params(protocol="paper", generation="model_defaults")
+    assert a.sampling_kwargs(1.0, model) == {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
+    assert get_family("acronym").Params(protocol="paper", generation="model_defaults", top_k=5).sampling_kwargs(
+        0.5, model) == {"temperature": 0.5, "top_k": 5, "top_p": 0.95}

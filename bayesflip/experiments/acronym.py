@@ -49,6 +49,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
+from ..generation import SamplingFields
 from ..errors import ConfigError
 from ..prompts import Prompt, render
 from ..stimuli import StimulusList
@@ -128,7 +129,7 @@ def pool_filter(kind: str, valid: list, keep: int, rng: np.random.Generator) -> 
     return [valid[j] for j in order[:keep]]
 
 
-class AcronymParams(Params):
+class AcronymParams(Params, SamplingFields):
     protocol: Protocol = "clean"
     filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],
                                                             min_length=1)

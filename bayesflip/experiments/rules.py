@@ -75,6 +75,7 @@ from pydantic import Field, field_validator
 
 from ..bayes import entropy as _entropy
 from ..engine import ChoiceRequest
+from ..generation import SamplingFields
 from ..errors import ConfigError
 from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, render
 from . import register
@@ -192,7 +193,7 @@ Interaction = Literal["none", "self_check", "refine", "self", "hypothesis"]
 PAPER_INTERACTIONS = ("self", "hypothesis")            # model turns of the original (paper protocol only)
 
 
-class RulesParams(Params):
+class RulesParams(Params, SamplingFields):
     protocol: Protocol = "clean"
     biases: list[str] = Field(default_factory=lambda: ["strong", "medium", "weak", "none"], min_length=1)
     bias_sentences: dict[str, str] = Field(default_factory=lambda: dict(BIAS_SENTENCES))
