@@ -72,7 +72,7 @@ def cmd_debug(args) -> int:
         print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed"
               + (f", {held} held by another live run (not computed here)" if held else "")
               + f" ({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
-        if args.verbose_shards:
+        if getattr(args, "verbose_shards", False):      # demo passes its own Namespace
             for exp, shard in r.done:
                 print(f"  computed {exp}:{shard}")
         for exp, shard, err in r.failed:
