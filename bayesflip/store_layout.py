@@ -18,6 +18,7 @@ the records' checksums stay valid).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ from .errors import ConfigError
 
 LAYOUT = 3
 RESERVED = ("cell", "verified")
+# dims of layout 2 that had the name of a data array (xarray cannot hold both) -> their layout-3 name
+DIM_RENAMES = {"kept": "kept_pair"}
+
+
+def _renames(attrs: dict) -> dict[str, str]:
+    """The DIM_RENAMES that apply to a layout-2 store: dims named like one of its data arrays."""
+    return {} if is_current(attrs) else {d: r for d, r in DIM_RENAMES.items() if d in attrs.get("arrays", {})}
 
 
 def np_coord(values: list) -> np.ndarray:
@@ -104,13 +112,19 @@ def is_current(attrs: dict) -> bool:
     return attrs.get("store_layout") == LAYOUT
 
 
+def array_dims(attrs: dict) -> dict[str, list[str]]:
+    """Data array -> its dims (cell first) as layout 3 names them (layout-2 dims renamed)."""
+    ren = _renames(attrs)
+    return {k: [ren.get(d, d) for d in v["dims"]] for k, v in attrs["arrays"].items()}
+
+
 def read_coords(g, attrs: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(per-cell coordinates, dim labels) of either layout."""
+    """(per-cell coordinates, dim labels) of either layout (layout-2 label dims renamed as array_dims does)."""
     if is_current(attrs):
         return ({k: g[k][:] for k in sorted(attrs["cell_coords"])}, {k: g[k][:] for k in sorted(attrs["label_dims"])})
     if "coords" in g and "labels" in g:
         return ({k: g["coords"][k][:] for k in sorted(g["coords"].array_keys())},
-                {k: g["labels"][k][:] for k in sorted(g["labels"].array_keys())})
+                {_renames(attrs).get(k, k): g["labels"][k][:] for k in sorted(g["labels"].array_keys())})
     raise ValueError("neither layout 3 attributes (store_layout) nor the coords/ + labels/ groups of layout 2")
 
 
@@ -119,6 +133,15 @@ def coord_arrays(g, attrs: dict) -> list:
     if is_current(attrs):
         return [g[k] for k in ("cell", "verified", *attrs["cell_coords"], *attrs["label_dims"])]
     return [g[grp][k] for grp in ("coords", "labels") for k in g[grp].array_keys()]
+
+
+def _rename_dims(meta: Path, dims: list[str]) -> None:
+    """Rewrite an array's dimension_names in its zarr.json (metadata only; chunks untouched)."""
+    from .store import atomic_write_text
+
+    m = json.loads(meta.read_text())
+    m["dimension_names"] = dims
+    atomic_write_text(meta, json.dumps(m, indent=2))
 
 
 def migrate(path: Path) -> bool:
@@ -130,14 +153,18 @@ def migrate(path: Path) -> bool:
     if not is_current(attrs):
         cell_coords, labels = read_coords(g, attrs)
         n, shard_size = int(attrs["n_cells"]), int(attrs["shard_size"])
-        dims = {k: tuple(v["dims"][1:]) for k, v in attrs["arrays"].items()}
+        dims = {k: tuple(v[1:]) for k, v in array_dims(attrs).items()}
+        for k, v in attrs["arrays"].items():
+            if list(v["dims"][1:]) != list(dims[k]):
+                _rename_dims(path / k / "zarr.json", ["cell", *dims[k]])
+        attrs["arrays"] = {k: {**v, "dims": ["cell", *dims[k]]} for k, v in attrs["arrays"].items()}
         shapes = {k: tuple(g[k].shape[1:]) for k in dims}
         cell_coords = {k: v for k, v in cell_coords.items() if len(v) == n}
         try:
             extra = write_coords(g, dims, shapes, cell_coords, labels, n, shard_size, overwrite=True)
         except ConfigError as e:
             raise ConfigError("migrate", f"{path}: cannot be migrated ({e}); re-run its sweep with --overwrite") from None
-        g.attrs.update(extra)
+        g.attrs.update({**extra, "arrays": attrs["arrays"]})
     for grp in ("coords", "labels"):
         if grp in g:
             del g[grp]

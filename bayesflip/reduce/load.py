@@ -33,7 +33,7 @@ import zarr
 from ..errors import ConfigError
 from ..paths import RESULTS_DIR
 from ..store import ResultStore, ShardState
-from ..store_layout import read_coords
+from ..store_layout import array_dims, read_coords
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
         attrs = dict(g.attrs)
         n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
         family = str(attrs.get("family", family_hint))
-        dims = {k: list(v["dims"]) for k, v in attrs["arrays"].items()}
+        dims = array_dims(attrs)
         coords, labels = read_coords(g, attrs)
         records = st.records()
     except Exception as e:  # the whole store is unusable: one coverage row says why
