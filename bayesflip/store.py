@@ -48,7 +48,7 @@ import numpy as np
 import zarr
 
 from . import __version__
-from .errors import ConfigError, LeaseLost, StoreIdentityError, StoreWriteError
+from .errors import LeaseLost, StoreIdentityError, StoreWriteError
 from .experiments.base import ArraySpec
 from .paths import REPO_ROOT, RESULTS_DIR
 from . import store_layout as layout
@@ -563,9 +563,10 @@ class ResultStore:
             return
         try:
             self.set_verified(shard, value)
-        except StoreWriteError as e:
+        except Exception as e:  # noqa: BLE001 -- a flag must never stop a record (the truth) being written
             import logging
-            logging.getLogger(__name__).warning("%s", e)
+            logging.getLogger(__name__).warning("%s: verified flag of shard %d not updated (%s: %s); the next "
+                                                "plan re-syncs it", self.path, shard, type(e).__name__, e)
 
     def records(self) -> dict[int, dict]:
         """shard → record; a record that cannot be parsed or lacks ``shard``/``status`` becomes
