@@ -512,6 +512,15 @@ class ResultStore:
             self._attrs = self.read_attrs()
         return self._attrs
 
+    def update_attrs(self, **values) -> None:
+        """Change root attributes after creation; re-consolidates the metadata (layout 3), else readers
+        using the consolidated copy (xarray, zarr) would still see the old values."""
+        g = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        g.attrs.update(values)
+        if layout.is_current(dict(g.attrs)):
+            layout.consolidate(self.path)
+        self._attrs = None
+
     def read_attrs(self) -> dict:
         """The attributes as they are on disk now (not cached)."""
         return dict(zarr.open_group(self.path, mode="r").attrs)

@@ -190,6 +190,13 @@ def test_open_store_returns_verified_cells_only_unless_asked(tmp_path):
     assert sorted(df["cell"].unique()) == [0, 1] and {"theta", "sample", "position", "choice"} <= set(df)
 
 
+def test_attribute_updates_are_reconsolidated(tmp_path):
+    st = _icl(tmp_path)
+    st.update_attrs(note="re-checked")
+    assert _open(st.path).attrs["note"] == "re-checked" and st.attrs["note"] == "re-checked"
+    assert zarr.open_group(st.path, mode="r").attrs["note"] == "re-checked"
+
+
 # ---------------------------------------------------------------------- names
 def test_names_of_coordinates_dims_and_arrays_never_clash(tmp_path):
     from bayesflip.experiments.base import ArraySpec
