@@ -72,7 +72,7 @@ def cmd_debug(args) -> int:
         print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed"
               + (f", {held} held by another live run (not computed here)" if held else "")
               + f" ({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
-        if args.verbose_shards:
+        if getattr(args, "verbose_shards", False):      # demo passes its own Namespace
             for exp, shard in r.done:
                 print(f"  computed {exp}:{shard}")
         for exp, shard, err in r.failed:
@@ -121,6 +121,14 @@ def cmd_prompts(args) -> int:
     from .listing import prompts_cli
 
     return prompts_cli(args)
+
+
+def cmd_migrate(args) -> int:
+    from .migrate import migrate_sweep
+
+    for path, what in migrate_sweep(args.sweep, args.results_dir):
+        print(f"{what:9s} {path}")
+    return 0
 
 
 def _slurm_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +186,12 @@ def add_commands(sub) -> None:
     p.add_argument("--results-dir", default=None)
     p.add_argument("--out", default=None, help="output dir (default results/<sweep>/reduce)")
     p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("migrate", help="rewrite a sweep's stores of the older coords/+labels/ layout in place so "
+                                       "xarray reads them labelled (data chunks and records untouched)")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--results-dir", default=None)
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("demo", help="the demo sweep end to end on smollm2-135m-instruct, then reduce + report")
     p.add_argument("--sweep", default="demo", help="a sweep on the embedded model (demo, paper_smol)")

@@ -47,3 +47,7 @@ class StoreWriteError(BayesflipError):
 
 class LeaseLost(BayesflipError):
     """Another live job took over a shard this process was computing; it writes nothing."""
+
+
+class StoreReadError(BayesflipError):
+    """A store cannot be opened (missing, damaged metadata); the message names it and why."""

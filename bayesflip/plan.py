@@ -22,6 +22,7 @@ from .experiments import get_family
 from .models.registry import ModelSpec, get_model_spec
 from .paths import RESULTS_DIR
 from .store import ResultStore, atomic_write_text, identity, identity_diff, provenance, store_path
+from .store_layout import check_names
 from .errors import StoreIdentityError
 
 
@@ -108,9 +109,8 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
                                         provenance(exp, spec), overwrite=overwrite)
             else:
                 st = ResultStore(path)
-                clash = sorted(set(cells[0]) & set(arrays))
-                if clash:
-                    raise ConfigError("coords", f"per-cell coordinate(s) {clash} have the name of a data array")
+                check_names({k: v.dims for k, v in arrays.items()}, {k: v.shape for k, v in arrays.items()},
+                            list(cells[0]), fam.coords(exp.params), f"experiment {exp.name}")
                 if st.exists and not overwrite:
                     diff = identity_diff(st.attrs.get("identity"), identity(exp.hash, spec))
                     if diff:
@@ -118,7 +118,10 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
                                                  f"re-run with --overwrite or use another sweep name")
             if st.exists and not (overwrite and not create):
                 held = {s: h.get("why", "") for s, h in st.leases.live_holders().items()}
-                pending = [s for s in st.pending_shards() if s not in held]
+                states = st.shard_states()
+                pending = [s for s, ss in states.items() if ss.state != "done" and s not in held]
+                if create:      # keep the xarray-facing ``verified`` flags in step with the checked records
+                    st.sync_verified({s: ss for s, ss in states.items() if s not in held})
             else:
                 held, pending = {}, list(range(n_shards))
             units.append(Unit(exp, spec, path, n_shards, pending, held, len(cells)))

@@ -3,8 +3,9 @@
 Layout of ``results/<sweep>/<experiment>/<model>.zarr``::
 
     <array>            (cell, *dims)   chunk = (shard_size, *dims)   dimension_names set
-    coords/<field>     (cell,)         condition fields of every cell (theta, depth, sample, ...)
-    labels/<dim>       (n,)            labels of a per-cell dim (choice strings, positions)
+    cell, <field>      (cell,)         cell index and condition fields of every cell (theta, depth, sample, ...)
+    <dim>              (n,)            labels of a per-cell dim (choice strings, positions)
+    verified           (cell,) bool    cells of shards with a done record (not checksummed; see store_layout)
     attrs              provenance: config + hash, seed, model id + revision, versions, git commit,
                        ``identity`` (what determines the numbers) and ``store_uid`` (this store)
 
@@ -19,6 +20,9 @@ One writer per shard: a process computes a shard only while it holds the shard's
 ``<model>.leases/shard-000012.lease`` (host, pid, SLURM job id; mtime = heartbeat). A lease
 whose holder is gone (SLURM job no longer active, local pid dead, or heartbeat older than
 ``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard.
+
+All coordinates sit at the root so ``xarray.open_zarr`` reads a labelled Dataset; the older
+``coords/`` + ``labels/`` layout is still read (see :mod:`bayesflip.store_layout`).
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ import numpy as np
 import zarr
 
 from . import __version__
-from .errors import ConfigError, LeaseLost, StoreIdentityError, StoreWriteError
+from .errors import LeaseLost, StoreIdentityError, StoreWriteError
 from .experiments.base import ArraySpec
 from .paths import REPO_ROOT, RESULTS_DIR
+from . import store_layout as layout
 
 STORE_FORMAT = 2
 CODE_VERSION = f"bayesflip-{__version__}+store{STORE_FORMAT}"
@@ -112,16 +117,6 @@ def provenance(exp, model_spec) -> dict[str, Any]:
 
 def store_path(sweep: str, experiment: str, model: str, root: Path | None = None) -> Path:
     return Path(root or RESULTS_DIR) / sweep / experiment / f"{model}.zarr"
-
-
-def _np_coord(values: list) -> np.ndarray:
-    if all(isinstance(v, (bool, np.bool_)) for v in values):
-        return np.asarray(values, dtype=bool)
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, dtype=np.int64)
-    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, dtype=np.float64)
-    return np.asarray(["" if v is None else str(v) for v in values], dtype=str)
 
 
 def checksum_file(path: Path) -> Optional[str]:
@@ -418,10 +413,8 @@ class ResultStore:
                labels: dict[str, list], attrs: dict, overwrite: bool = False) -> "ResultStore":
         """Create (or re-open an identical) store. A different identity is an error unless overwrite."""
         st = cls(path)
-        clash = sorted(set(cells[0] if cells else {}) & set(arrays))
-        if clash:
-            raise ConfigError("coords", f"per-cell coordinate(s) {clash} have the name of a data array of the "
-                              f"same store; rename the coordinate (family returns both)")
+        layout.check_names({k: v.dims for k, v in arrays.items()}, {k: v.shape for k, v in arrays.items()},
+                           list(cells[0]) if cells else [], labels)
         if "identity" not in attrs:   # synthetic / hand-made provenance: identity from what it has
             ident = {k: attrs.get(k) for k in IDENTITY_FIELDS}
             ident["code_version"] = CODE_VERSION
@@ -462,20 +455,15 @@ class ResultStore:
                 dtype = str if spec.dtype == "str" else spec.dtype
                 root.create_array(name, shape=(n, *spec.shape), chunks=(shard_size, *spec.shape), dtype=dtype,
                                   fill_value=spec.fill, dimension_names=("cell", *spec.dims))
-            co = root.create_group("coords")
-            for field in cells[0].keys() if cells else []:
-                a = _np_coord([c[field] for c in cells])
-                co.create_array(field, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
-                                chunks=(max(1, len(a)),), dimension_names=("cell",))[:] = a
-            lb = root.create_group("labels")
-            for dim, vals in labels.items():
-                a = _np_coord(list(vals))
-                lb.create_array(dim, shape=a.shape, dtype=str if a.dtype.kind == "U" else a.dtype,
-                                chunks=(max(1, len(a)),), dimension_names=(dim,))[:] = a
+            cell_coords = {f: layout.np_coord([c[f] for c in cells]) for f in (cells[0].keys() if cells else [])}
+            extra = layout.write_coords(root, {k: v.dims for k, v in arrays.items()},
+                                        {k: v.shape for k, v in arrays.items()}, cell_coords,
+                                        {d: layout.np_coord(list(v)) for d, v in labels.items()}, n, shard_size)
             n_shards = (n + shard_size - 1) // shard_size
-            root.attrs.update({**attrs, "n_cells": n, "n_shards": n_shards, "store_uid": uuid.uuid4().hex,
+            root.attrs.update({**attrs, **extra, "n_cells": n, "n_shards": n_shards, "store_uid": uuid.uuid4().hex,
                                "store_format": STORE_FORMAT,
                                "arrays": {k: {"dims": ["cell", *v.dims], "dtype": v.dtype} for k, v in arrays.items()}})
+            layout.consolidate(tmp)
             try:
                 os.replace(tmp, st.path)  # atomic: concurrent creators see a whole store or none
                 tmp = None
@@ -501,16 +489,15 @@ class ResultStore:
         if not (self.path / "zarr.json").exists():
             return "no zarr.json"
         try:
-            g = zarr.open_group(self.path, mode="r")
+            g = zarr.open_group(self.path, mode="r", use_consolidated=False)   # each array's own zarr.json
             attrs = dict(g.attrs)
             for k in ("n_cells", "n_shards", "shard_size", "arrays"):
                 if k not in attrs:
                     return f"attribute {k!r} missing"
             for name in attrs["arrays"]:
                 g[name].metadata
-            for grp in ("coords", "labels"):
-                for k in g[grp].array_keys():
-                    g[grp][k].metadata
+            for a in layout.coord_arrays(g, attrs):
+                a.metadata
         except Exception as e:  # any unreadable metadata means the store cannot be trusted
             return f"{type(e).__name__}: {e}"
         return None
@@ -524,6 +511,15 @@ class ResultStore:
         if self._attrs is None:
             self._attrs = self.read_attrs()
         return self._attrs
+
+    def update_attrs(self, **values) -> None:
+        """Change root attributes after creation; re-consolidates the metadata (layout 3), else readers
+        using the consolidated copy (xarray, zarr) would still see the old values."""
+        g = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        g.attrs.update(values)
+        if layout.is_current(dict(g.attrs)):
+            layout.consolidate(self.path)
+        self._attrs = None
 
     def read_attrs(self) -> dict:
         """The attributes as they are on disk now (not cached)."""
@@ -547,10 +543,8 @@ class ResultStore:
         return slice(lo, min(lo + a["shard_size"], a["n_cells"]))
 
     def cells(self) -> list[dict]:
-        g = zarr.open_group(self.path, mode="r")
-        co = g["coords"]
-        names = sorted(co.array_keys())
-        cols = {k: co[k][:] for k in names}
+        cols, _ = layout.read_coords(zarr.open_group(self.path, mode="r"), self.attrs)
+        names = sorted(cols)
         n = self.attrs["n_cells"]
         return [{k: (cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]) for k in names} for i in range(n)]
 
@@ -565,7 +559,23 @@ class ResultStore:
                "store_uid": self.uid if self.exists else None,
                "identity_hash": self.attrs.get("identity_hash") if self.exists else None,
                "code_version": CODE_VERSION, **data}
+        if status != "done":
+            self._mark(shard, False)
         atomic_write_text(self._record_path(shard), json.dumps(rec, default=str))
+        if status == "done":        # after the record: verified=True always has a done record behind it
+            self._mark(shard, True)
+
+    def _mark(self, shard: int, value: bool) -> None:
+        """set_verified that never hides the record being written: the record is the truth (readers
+        re-verify it) and the next plan re-syncs a flag that could not be written."""
+        if not self.exists:
+            return
+        try:
+            self.set_verified(shard, value)
+        except Exception as e:  # noqa: BLE001 -- a flag must never stop a record (the truth) being written
+            import logging
+            logging.getLogger(__name__).warning("%s: verified flag of shard %d not updated (%s: %s); the next "
+                                                "plan re-syncs it", self.path, shard, type(e).__name__, e)
 
     def records(self) -> dict[int, dict]:
         """shard → record; a record that cannot be parsed or lacks ``shard``/``status`` becomes
@@ -709,6 +719,7 @@ class ResultStore:
                 os.unlink(self._record_path(shard))
             except FileNotFoundError:
                 pass
+            self.set_verified(shard, False)
             for name, a in arrays.items():
                 g[name][sl] = np.asarray(a)
             sums = {name: checksum_file(p) for name, p in self.chunk_files(shard).items()}
@@ -722,5 +733,29 @@ class ResultStore:
         return zarr.open_group(self.path, mode="r")[name][:]
 
     def labels(self) -> dict[str, np.ndarray]:
-        g = zarr.open_group(self.path, mode="r")
-        return {k: g["labels"][k][:] for k in g["labels"].array_keys()}
+        return layout.read_coords(zarr.open_group(self.path, mode="r"), self.attrs)[1]
+
+    # ------------------------------------------------------------------ the ``verified`` coordinate
+    def set_verified(self, shard: int, value: bool) -> None:
+        """Mark the cells of a shard (layout 3 only; one chunk per shard, so writers never share a chunk)."""
+        if not layout.is_current(self.read_attrs()):
+            return
+        try:
+            zarr.open_group(self.path, mode="r+")["verified"][self.shard_slice(shard)] = value
+        except OSError as e:
+            raise StoreWriteError(f"cannot mark shard {shard} of {self.path} verified={value}: {e.strerror or e}") from None
+
+    def sync_verified(self, states: Optional[dict[int, ShardState]] = None) -> int:
+        """Set ``verified`` from the shards' checked states; returns how many shards changed."""
+        if not layout.is_current(self.attrs):
+            return 0
+        states = states if states is not None else self.shard_states()
+        flags = zarr.open_group(self.path, mode="r")["verified"][:]
+        changed = 0
+        for s, ss in states.items():
+            want = ss.state == "done"
+            sl = self.shard_slice(s)
+            if bool(flags[sl].all()) != want or bool(flags[sl].any()) != want:
+                self.set_verified(s, want)
+                changed += 1
+        return changed

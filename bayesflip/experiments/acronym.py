@@ -221,7 +221,7 @@ class AcronymFamily(GenerationalFamily):
         out = {"n_valid": ArraySpec(("generation",), (g,), "int32"),
                "carried": ArraySpec(("generation",), (g,), "bool"),
                "replies": ArraySpec(("generation", "reply"), (g, p.pool), "str"),
-               "kept": ArraySpec(("generation", "kept"), (g, k), "str")}
+               "kept": ArraySpec(("generation", "kept_pair"), (g, k), "str")}
         for pre in ("", "prod_"):
             for m in ("share_common", "mean_rank", "mean_zipf"):
                 out[pre + m] = ArraySpec(("generation",), (g,), "float64")
@@ -232,7 +232,7 @@ class AcronymFamily(GenerationalFamily):
             return {"generation": list(range(p.generations + 1)), "pair": list(range(p.pairs)),
                     "produced": list(range(2 * p.pairs))}
         return {"generation": list(range(p.generations + 1)), "reply": list(range(p.pool)),
-                "kept": list(range(max(p.keep, len(p.init_pairs))))}
+                "kept_pair": list(range(max(p.keep, len(p.init_pairs))))}
 
     def validate(self, p: AcronymParams, tokenizer, model_kind: str) -> None:
         try:

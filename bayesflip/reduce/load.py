@@ -33,6 +33,7 @@ import zarr
 from ..errors import ConfigError
 from ..paths import RESULTS_DIR
 from ..store import ResultStore, ShardState
+from ..store_layout import array_dims, read_coords
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,21 @@ class StoreData:
         df.insert(0, "model", self.model)
         df.insert(0, "experiment", self.experiment)
         return df
+
+    def to_dataset(self):
+        """``xarray.Dataset`` of these cells: every array on (cell, *dims), the cell index, shard, conditions
+        and ``verified`` as coordinates on ``cell``, dim labels as index coordinates, the store's attrs."""
+        import xarray as xr
+
+        cells = self.cells
+        coords: dict = {c: ("cell", cells[c].to_numpy()) for c in cells.columns}
+        coords.setdefault("verified", ("cell", np.ones(len(cells), dtype=bool)))
+        sizes = {d: n for k, a in self.arrays.items() for d, n in zip(self.dims[k][1:], a.shape[1:])}
+        for d, lab in self.labels.items():
+            if d in sizes and len(lab) == sizes[d]:
+                coords[d] = (d, np.asarray(lab))
+        data = {k: (self.dims[k], a) for k, a in self.arrays.items()}
+        return xr.Dataset(data, coords, attrs={**self.attrs, "sweep": self.sweep})
 
 
 @dataclass
@@ -173,8 +189,11 @@ def _read_arrays(g, names: list[str], shards: list[int], shard_size: int, n_cell
 
 
 def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint: str = "?",
-               ) -> tuple[StoreData | None, list[dict]]:
-    """One store → (StoreData of its trusted cells or None, coverage rows)."""
+               trusted_only: bool = True) -> tuple[StoreData | None, list[dict]]:
+    """One store → (StoreData of its trusted cells or None, coverage rows).
+
+    ``trusted_only=False`` keeps every cell, with a boolean ``verified`` column in ``cells``; the
+    arrays of unverified cells stay at their fill value (never read)."""
     path = Path(path)
     if not (path / "zarr.json").exists():
         return None, [_cov(experiment, model, family_hint, -1, 0, 0, "missing-store", "store not on disk", path)]
@@ -184,9 +203,8 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
         attrs = dict(g.attrs)
         n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
         family = str(attrs.get("family", family_hint))
-        dims = {k: list(v["dims"]) for k, v in attrs["arrays"].items()}
-        coords = {k: g["coords"][k][:] for k in sorted(g["coords"].array_keys())}
-        labels = {k: g["labels"][k][:] for k in sorted(g["labels"].array_keys())}
+        dims = array_dims(attrs)
+        coords, labels = read_coords(g, attrs)
         records = st.records()
     except Exception as e:  # the whole store is unusable: one coverage row says why
         return None, [_cov(experiment, model, family_hint, -1, 0, 0, "unreadable-store", f"{type(e).__name__}: {e}", path)]
@@ -210,9 +228,12 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
             trusted[s * shard_size: min((s + 1) * shard_size, n_cells)] = True
     cells = pd.DataFrame({"cell": np.arange(n_cells), "shard": np.arange(n_cells) // shard_size,
                           **{k: v for k, v in coords.items() if len(v) == n_cells}})
+    if trusted_only:
+        cells, arrays = cells[trusted].reset_index(drop=True), {k: v[trusted] for k, v in arrays.items()}
+    else:
+        cells["verified"] = trusted
     data = StoreData(sweep=sweep, experiment=experiment, model=model, family=family, path=path, attrs=attrs,
-                     cells=cells[trusted].reset_index(drop=True),
-                     arrays={k: v[trusted] for k, v in arrays.items()}, dims=dims, labels=labels,
+                     cells=cells, arrays=arrays, dims=dims, labels=labels,
                      n_cells=n_cells, n_shards=n_shards, records=records)
     return data, rows
 
@@ -229,8 +250,9 @@ def sweep_root(sweep: str, results_dir: Path | str | None = None) -> Path:
     return root
 
 
-def load_sweep_data(sweep: str, results_dir: Path | str | None = None) -> SweepData:
-    """Every store of ``results/<sweep>`` (from the manifest and from disk), trusted cells only."""
+def load_sweep_data(sweep: str, results_dir: Path | str | None = None, trusted_only: bool = True) -> SweepData:
+    """Every store of ``results/<sweep>`` (from the manifest and from disk), trusted cells only
+    (``trusted_only=False``: every cell, see :func:`load_store`)."""
     root = sweep_root(sweep, results_dir)
     mpath = root / "manifest.json"
     manifest = None
@@ -243,7 +265,7 @@ def load_sweep_data(sweep: str, results_dir: Path | str | None = None) -> SweepD
     stores: list[StoreData] = []
     fam_of = {e: (c or {}).get("family", "?") for e, c in ((manifest or {}).get("experiments") or {}).items()}
     for (exp, model), path in _discover(root, manifest).items():
-        data, cov = load_store(sweep, exp, model, path, fam_of.get(exp, "?"))
+        data, cov = load_store(sweep, exp, model, path, fam_of.get(exp, "?"), trusted_only)
         rows.extend(cov)
         if data is not None:
             stores.append(data)
