@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, protocol_of, register_reducer
 from .load import StoreData
 
 KEY = ["experiment", "model", "mode"]
@@ -54,7 +54,7 @@ def sample_table(st: StoreData) -> pd.DataFrame:
         excl = np.where(gaps > 0, (markers - attached) / np.maximum(gaps, 1), np.nan)
         lhat = np.where(gaps > 0, markers / np.maximum(gaps, 1), np.nan)
     df = pd.DataFrame({
-        "experiment": st.experiment, "model": st.model, "mode": modes,
+        "experiment": st.experiment, "model": st.model, "protocol": protocol_of(st), "mode": modes,
         "cell": c["cell"].to_numpy(), "marker": c["marker"].astype(str).to_numpy(),
         "lam": c["lam"].to_numpy(dtype=float), "sample": c["sample"].to_numpy(),
         "n_markers": markers, "n_attached": attached, "n_gaps": gaps,
