@@ -52,3 +52,18 @@ def synthetic_store(root, sweep, exp, family, params: dict, shard_size: int, see
              "git_commit": "test", "created": "now", "versions": {"python": "3"}}
     st = ResultStore.create(store_path(sweep, exp, model, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
     return st, fam, p, cells
+
+
+def private_configs(tmp, sweeps: dict):
+    """A private copy of ``configs/`` under ``tmp`` with extra sweeps (name -> YAML text or bytes);
+    tests point ``BAYESFLIP_CONFIG_DIR`` at it."""
+    import shutil
+    from pathlib import Path
+
+    cfg = Path(tmp) / "configs"
+    if not cfg.exists():
+        shutil.copytree(Path(__file__).resolve().parent.parent / "configs", cfg)
+    for name, text in sweeps.items():
+        p = cfg / "sweeps" / f"{name}.yaml"
+        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+    return cfg

@@ -21,7 +21,7 @@ import pytest
 from bayesflip.errors import ConfigError, StoreIdentityError
 from bayesflip.store import Leases, ResultStore
 
-from conftest import synthetic_store
+from conftest import private_configs, synthetic_store
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -30,16 +30,6 @@ SLOW_SWEEP = """models: [tiny-random]
 experiments:
   icl_coin: {seed: 1, shard_size: 2, params: {thetas: [0.2, 0.5, 0.8, 0.9], n_flips: 150, samples: 4}}
 """
-
-
-def private_configs(tmp: Path, sweeps: dict[str, str]) -> Path:
-    cfg = tmp / "configs"
-    if not cfg.exists():
-        shutil.copytree(REPO / "configs", cfg)
-    for name, text in sweeps.items():
-        p = cfg / "sweeps" / f"{name}.yaml"
-        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
-    return cfg
 
 
 def cli(args: list[str], cfg: Path, env: dict | None = None, **kw) -> subprocess.Popen:

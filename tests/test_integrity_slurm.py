@@ -35,6 +35,7 @@ if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
 
 from bayesflip.hpc.status import ACTIVE, QUEUED, _slurm_arrays, sacct_states  # noqa: E402
 from bayesflip.store import ResultStore, store_path  # noqa: E402
+from conftest import private_configs as configs  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -54,16 +55,6 @@ def cluster():
     r = subprocess.run(["bash", str(REPO / "hpc" / "slurm_status.sh")], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         pytest.fail(f"local SLURM cluster not usable ({r.stdout.strip()}); run `make slurm-up`")
-
-
-def configs(tmp: Path, sweeps: dict) -> Path:
-    cfg = tmp / "configs"
-    if not cfg.exists():
-        shutil.copytree(REPO / "configs", cfg)
-    for name, text in sweeps.items():
-        p = cfg / "sweeps" / f"{name}.yaml"
-        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
-    return cfg
 
 
 def bf(args: list[str], cfg: Path | None = None, timeout: float = 300, env: dict | None = None):

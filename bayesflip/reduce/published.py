@@ -91,6 +91,29 @@ def _order(models_ours: list[str], models_pub: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- comparisons
+def _per_model_axes(ours: pd.DataFrame, ref: pd.DataFrame):
+    """One axis with a slot per model (ours first, then the published ones); per (experiment,
+    protocol) of ours its rows and their x positions, dodged within the slot."""
+    models = _order(list(ours["model"].unique()), list(ref["model"]))
+    fig, ax = F.plt.subplots(figsize=(max(7.0, 0.9 * len(models) + 3), 4.0))
+    keys = sorted({(e, p) for e, p in zip(ours["experiment"], ours["protocol"])})
+    width = 0.6 / max(len(keys), 1)
+    groups = []
+    for j, (e, p) in enumerate(keys):
+        d = ours[(ours["experiment"] == e) & (ours["protocol"] == p)]
+        groups.append((e, p, d, np.array([models.index(m) for m in d["model"]]) + (j - (len(keys) - 1) / 2) * width))
+    return fig, ax, models, groups
+
+
+def _finish_per_model(fig, ax, models, ylim, ylabel, title, figs_dir, name, caption) -> Figure:
+    ax.set_xticks(range(len(models)), models, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    rows = F.legend_below(fig, [ax], ncol=2)
+    return Figure(F.save(fig, figs_dir, name, rows), caption)
+
+
 def _prior(res, pub, figs_dir) -> tuple[pd.DataFrame, list]:
     pr = _table(res, "paraphrase", "paraphrase_prior")
     if pr.empty:
@@ -104,27 +127,17 @@ def _prior(res, pub, figs_dir) -> tuple[pd.DataFrame, list]:
                 for r in pub["prior"]])
     df = pd.concat([ours, ref], ignore_index=True)[["source", "model", "published_name", "experiment", "protocol",
                                                      "mean", "std", "n_paraphrases"]]
-    models = _order(list(ours["model"].unique()), list(ref["model"]))
-    fig, ax = F.plt.subplots(figsize=(max(7.0, 0.9 * len(models) + 3), 4.0))
-    keys = sorted({(e, p) for e, p in zip(ours["experiment"], ours["protocol"])})
-    width = 0.6 / max(len(keys), 1)
-    for j, (e, p) in enumerate(keys):
-        d = ours[(ours["experiment"] == e) & (ours["protocol"] == p)]
-        x = [models.index(m) + (j - (len(keys) - 1) / 2) * width for m in d["model"]]
+    fig, ax, models, groups = _per_model_axes(ours, ref)
+    for e, p, d, x in groups:
         ax.errorbar(x, d["mean"], yerr=d["std"], fmt="o", capsize=4, label=f"ours: {e} ({p} protocol)")
-    ax.errorbar([models.index(m) + 0.3 for m in ref["model"]], ref["mean"], yerr=ref["std"], fmt="none",
-                ecolor="black", capsize=3, lw=0.8)
-    ax.scatter([models.index(m) + 0.3 for m in ref["model"]], ref["mean"], label=f"{LABEL} (Gupta et al.)",
-               **_PUB_STYLE)
+    xr = [models.index(m) + 0.3 for m in ref["model"]]
+    ax.errorbar(xr, ref["mean"], yerr=ref["std"], fmt="none", ecolor="black", capsize=3, lw=0.8)
+    ax.scatter(xr, ref["mean"], label=f"{LABEL} (Gupta et al.)", **_PUB_STYLE)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xticks(range(len(models)), models, rotation=25, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("P(heads), no evidence")
-    ax.set_title("Prior over paraphrases: mean ± std (ddof 0)", fontsize=10)
-    rows = F.legend_below(fig, [ax], ncol=2)
-    fig_ = Figure(F.save(fig, figs_dir, "papers_prior", rows),
-                  "Prior P(heads) over query paraphrases (mean ± population std) for the sweep's models, with the "
-                  "published values (stars) of the coin-flip paper.")
+    fig_ = _finish_per_model(fig, ax, models, (0, 1.05), "P(heads), no evidence",
+                             "Prior over paraphrases: mean ± std (ddof 0)", figs_dir, "papers_prior",
+                             "Prior P(heads) over query paraphrases (mean ± population std) for the sweep's models, "
+                             "with the published values (stars) of the coin-flip paper.")
     return df, [fig_]
 
 
@@ -215,26 +228,17 @@ def _gamma(res, pub, figs_dir) -> tuple[pd.DataFrame, list]:
                 for r in pub["gamma"]])
     df = pd.concat([ours, ref], ignore_index=True)[["source", "model", "published_name", "experiment", "protocol",
                                                      "gamma_paper", "gamma_bayesflip"]]
-    models = _order(list(ours["model"].unique()), list(ref["model"]))
-    fig, ax = F.plt.subplots(figsize=(max(7.0, 0.9 * len(models) + 3), 4.0))
-    keys = sorted({(e, p) for e, p in zip(ours["experiment"], ours["protocol"])})
-    width = 0.6 / max(len(keys), 1)
-    for j, (e, p) in enumerate(keys):
-        d = ours[(ours["experiment"] == e) & (ours["protocol"] == p)]
-        x = np.array([models.index(m) for m in d["model"]]) + (j - (len(keys) - 1) / 2) * width
+    fig, ax, models, groups = _per_model_axes(ours, ref)
+    for e, p, d, x in groups:
         ax.scatter(x, d["gamma_paper"], marker="o", s=40, label=f"ours, paper γ: {e} ({p} protocol)")
         ax.scatter(x, d["gamma_bayesflip"], marker="D", s=22, facecolors="none", edgecolors="tab:grey",
                    label="ours, bayesflip γ (fitted prior, soft likelihood)")
     ax.scatter([models.index(m) + 0.3 for m in ref["model"]], ref["gamma_paper"], label=f"{LABEL} (Gupta et al.)",
                **_PUB_STYLE)
-    ax.set_xticks(range(len(models)), models, rotation=25, ha="right", fontsize=8)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel("γ (1 = no forgetting)")
-    ax.set_title("Distribution shift: fitted discount γ", fontsize=10)
-    rows = F.legend_below(fig, [ax], ncol=2)
-    fig_ = Figure(F.save(fig, figs_dir, "papers_gamma", rows),
-                  "The paper's γ (prior decays with the counts, L1 fit) for the sweep's models next to bayesflip's γ "
-                  "and the published values (stars).")
+    fig_ = _finish_per_model(fig, ax, models, (-0.05, 1.05), "γ (1 = no forgetting)",
+                             "Distribution shift: fitted discount γ", figs_dir, "papers_gamma",
+                             "The paper's γ (prior decays with the counts, L1 fit) for the sweep's models next to "
+                             "bayesflip's γ and the published values (stars).")
     return df, [fig_]
 
 
