@@ -346,8 +346,9 @@ def estimate_models(sweep, units, templates: dict, cells_cache: Optional[dict] =
 
 
 # ---------------------------------------------------------------------- report
-def cost_rows(costs: dict[str, ModelCost], units, arrays) -> list[dict]:
-    """One row per model: cells, tokens, shards and tasks of the pending work, estimated minutes."""
+def cost_rows(costs: dict[str, ModelCost], units, arrays, packing: bool = True) -> list[dict]:
+    """One row per model: cells, tokens, shards and tasks of the pending work, estimated minutes.
+    ``packing``: whether the arrays were packed by time (False after an explicit ``--shards-per-task``)."""
     rows = []
     for name, mc in costs.items():
         tasks = [t for a in arrays if a.model.name == name for t in a.tasks]
@@ -359,7 +360,7 @@ def cost_rows(costs: dict[str, ModelCost], units, arrays) -> list[dict]:
         n_dev, unit = mc.devices_per_task
         row = {"model": name, "template": mc.template.name, "params_b": mc.params_b, "cells": int(cells),
                "prompt_tokens": int(round(prompt)), "generated_tokens": int(round(gen)), "shards": len(work),
-               "tasks": len(tasks), "packed": bool(mc.packable), "target_task_min": mc.template.target_task_min,
+               "tasks": len(tasks), "packed": bool(packing and mc.packable), "target_task_min": mc.template.target_task_min,
                "time_min": mc.template.time_min, "devices_per_task": n_dev, "device_unit": unit,
                "tokenizer": mc.tokenizer, "proxy_tokenizer": mc.proxy, "throughput_source": mc.throughput_source,
                "exact_tokens": all(mc.tokens[e].exact for e in {e for e, _ in work}),
@@ -452,7 +453,7 @@ def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=No
     units = plan_sweep(sweep, results_dir=results_dir, create=False, cells_cache=cells,
                        tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
     arrays = plan_arrays(sweep, units, templates, costs=None if shards_per_task else costs)
-    rows = cost_rows(costs, units, arrays)
+    rows = cost_rows(costs, units, arrays, packing=not shards_per_task)
     if as_json:
         out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2))
     else:

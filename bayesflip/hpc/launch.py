@@ -386,7 +386,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     if dry_run and costs is not None:
         from ..cost import cost_rows, format_cost
 
-        rows = cost_rows(costs, units, arrays)
+        rows = cost_rows(costs, units, arrays, packing=pack_costs is not None)
         out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2) if as_json
             else format_cost(sweep.name, rows))
     if dry_run or not arrays:

@@ -128,13 +128,15 @@ def _validate(raw: dict, source: str) -> JobTemplate:
         return JobTemplate(**raw)
     except ValidationError as err:
         first = err.errors()[0]
+        extra = next((e for e in err.errors() if e["type"] == "extra_forbidden"), None)
+        if extra is not None:           # an unknown key first, even when a required one is missing too
+            key = ".".join(map(str, extra["loc"]))
+            fields = Throughput.model_fields if key.startswith("throughput.") else JobTemplate.model_fields
+            raise ConfigError(key, "unknown key", allowed=sorted(k for k in fields if k != "name"),
+                              source=source) from None
         if first["type"] == "missing":
             raise ConfigError(".".join(map(str, first["loc"])), "required key missing", source=source) from None
         exc = pydantic_error(err, "", source)
-        if "unknown key" in str(exc):
-            fields = Throughput.model_fields if exc.key.startswith("throughput.") else JobTemplate.model_fields
-            allowed = sorted(k for k in fields if k != "name")
-            raise ConfigError(exc.key, "unknown key", allowed=allowed, source=source) from None
         if first["type"] in ("model_type", "dict_type") and first["loc"] == ("throughput",):
             raise ConfigError("throughput", f"must be a mapping (got {first.get('input')!r})",
                               allowed=sorted(Throughput.model_fields), source=source) from None
