@@ -420,6 +420,10 @@ def format_cost(sweep_name: str, rows: list[dict]) -> str:
     if proxied:
         lines.append(f"* tokens counted with proxy tokenizer {PROXY_TOKENIZER} (model not prepared): "
                      f"{', '.join(proxied)}")
+    unsized = [r["model"] for r in rows if r["params_b"] is None and r["device_minutes"] is not None]
+    if unsized:
+        lines.append(f"models without params_b in the registry, timed at their template's reference size: "
+                     f"{', '.join(unsized)}")
     seen = set()
     for r in rows:
         if r["template"] in seen:

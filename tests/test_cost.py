@@ -248,3 +248,12 @@ def test_plan_dry_run_costs_unprepared_models_and_writes_nothing(tmp_path):
     r = _bf(["submit", "--exp", "cost_tiny", "--executor", "local", "--results-dir", str(res)], cfg, hub)
     assert r.returncode == 2 and "not prepared" in r.stderr and "bayesflip models prepare llama-3.1-8b" in r.stderr
     assert not res.exists() or not any(res.rglob("*"))
+
+
+def test_a_shorter_time_lowers_the_target():
+    t = T.load_template("gpu-small")
+    assert t.target_task_min == 30
+    assert T.with_overrides(t, time_min=20).target_task_min == 15
+    assert T.with_overrides(t, time_min=120).target_task_min == 30
+    with pytest.raises(ConfigError, match=r"target_task_min \(--target-task-min\).*0.75·time_min"):
+        T.with_overrides(t, time_min=20, target_task_min=20)

@@ -158,10 +158,14 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
 
 
 def with_overrides(t: JobTemplate, **over) -> JobTemplate:
-    """A copy with the CLI overrides (``None`` = keep), re-validated; errors name the CLI flag."""
+    """A copy with the CLI overrides (``None`` = keep), re-validated; errors name the CLI flag.
+    A ``--time`` below the template's ``target_task_min`` / 0.75 lowers ``target_task_min`` to fit."""
     over = {k: v for k, v in over.items() if v is not None}
     if not over:
         return t
+    if ("time_min" in over and "target_task_min" not in over and t.target_task_min
+            and t.target_task_min > 0.75 * over["time_min"]):   # a shorter --time shortens the packing target too
+        over["target_task_min"] = max(1, int(0.75 * over["time_min"]))
     flags = {"time_min": "--time", "array_throttle": "--array-throttle", "shards_per_task": "--shards-per-task",
              "target_task_min": "--target-task-min"}
     try:
