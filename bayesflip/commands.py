@@ -43,7 +43,7 @@ def cmd_plan(args) -> int:
 
         dry_run(args.sweep, args.model_type, results_dir=args.results_dir, template=args.template,
                 shards_per_task=args.shards_per_task, target_task_min=args.target_task_min, time_min=args.time,
-                as_json=args.json)
+                as_json=args.json, overwrite=args.overwrite)
         return 0
     sweep = load_sweep(args.sweep, args.model_type)
     _refuse_busy_overwrite(sweep, args)

@@ -441,9 +441,10 @@ def format_cost(sweep_name: str, rows: list[dict]) -> str:
 
 def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=None, template: Optional[str] = None,
             shards_per_task: Optional[int] = None, target_task_min: Optional[int] = None, time_min: Optional[int] = None,
-            as_json: bool = False, out: Callable[[str], None] = print) -> list[dict]:
+            as_json: bool = False, overwrite: bool = False, out: Callable[[str], None] = print) -> list[dict]:
     """``bayesflip plan --dry-run``: plan without writing (no stores, manifest or records), cost every
-    model, pack its pending shards into tasks, print the table (or JSON). No SLURM needed."""
+    model, pack its pending shards into tasks, print the table (or JSON). No SLURM needed.
+    ``overwrite``: cost every shard (as ``--overwrite`` would recompute them), not only pending ones."""
     from .config import load_sweep
     from .hpc.launch import plan_arrays, resolve_templates
     from .plan import plan_sweep
@@ -454,7 +455,7 @@ def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=No
     cells: dict = {}
     toks: dict = {}
     costs = estimate_models(sweep, [], templates, cells, toks)
-    units = plan_sweep(sweep, results_dir=results_dir, create=False, cells_cache=cells,
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir, create=False, cells_cache=cells,
                        tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
     arrays = plan_arrays(sweep, units, templates, costs=None if shards_per_task else costs)
     rows = cost_rows(costs, units, arrays, packing=not shards_per_task)
