@@ -40,7 +40,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import BayesflipError, ConfigError
 
 PROXY_TOKENIZER = "smollm2-135m-instruct"   # packaged with `make install`: available offline
 SAMPLE_SHARDS = 8                           # at most this many shards rendered per experiment
@@ -146,8 +146,12 @@ def experiment_tokens(exp, cells: list[dict], tokenizer, model_kind: str) -> Exp
     size = exp.shard_size
     n = (len(cells) + size - 1) // size
     picks = sample_shards(n, size)
-    counts = [fam.count_tokens(exp.params, cells[s * size: (s + 1) * size], tokenizer, model_kind, exp.seed)
-              for s in picks]
+    try:
+        counts = [fam.count_tokens(exp.params, cells[s * size: (s + 1) * size], tokenizer, model_kind, exp.seed)
+                  for s in picks]
+    except NotImplementedError as e:
+        raise BayesflipError(f"experiment {exp.name}: cannot count its tokens ({e}); implement "
+                             f"{type(fam).__name__}.render or count_tokens") from None
     idx = np.arange(n)
     prompt = np.interp(idx, picks, [c.prompt for c in counts])
     gen = np.interp(idx, picks, [c.generated for c in counts])
