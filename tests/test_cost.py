@@ -19,7 +19,7 @@ from bayesflip.config import load_experiment, load_sweep
 from bayesflip.errors import ConfigError
 from bayesflip.experiments import get_family
 from bayesflip.hpc import templates as T
-from bayesflip.hpc.launch import plan_arrays, resolve_templates
+from bayesflip.hpc.launch import plan_arrays
 from bayesflip.plan import plan_sweep
 from bayesflip.prompts import encode_piece, encode_text
 
