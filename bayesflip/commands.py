@@ -38,6 +38,13 @@ def cmd_plan(args) -> int:
     from .config import load_sweep
     from .plan import plan_sweep, write_manifest
 
+    if args.dry_run:       # writes nothing: the cost table (bayesflip.cost)
+        from .cost import dry_run
+
+        dry_run(args.sweep, args.model_type, results_dir=args.results_dir, template=args.template,
+                shards_per_task=args.shards_per_task, target_task_min=args.target_task_min, time_min=args.time,
+                as_json=args.json, overwrite=args.overwrite)
+        return 0
     sweep = load_sweep(args.sweep, args.model_type)
     _refuse_busy_overwrite(sweep, args)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
@@ -137,16 +144,27 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qos", default=None)
     p.add_argument("--time", type=int, default=None, help="minutes per task")
     p.add_argument("--array-throttle", type=int, default=None, help="max tasks running at once (%%N)")
-    p.add_argument("--shards-per-task", type=int, default=None)
+    p.add_argument("--shards-per-task", type=int, default=None, help="fixed shards per task (no packing by time)")
+    p.add_argument("--target-task-min", type=int, default=None,
+                   help="pack shards into tasks of about this many minutes (template target_task_min)")
     p.add_argument("--template", default=None, help="override the model's job template")
     p.add_argument("--executor", default="slurm", choices=["slurm", "local"], help="submitit backend")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
-    p.add_argument("--dry-run", action="store_true", help="plan and print, submit nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan and print per model cells, tokens, tasks, estimated device-minutes; submit nothing")
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("plan", help="validate a sweep and create its stores; prints shards")
+    p = sub.add_parser("plan", help="validate a sweep and create its stores; prints shards "
+                                    "(--dry-run: writes nothing, prints the cost per model)")
     _sweep_args(p)
+    p.add_argument("--dry-run", action="store_true", help="write nothing; print per model cells, prompt and "
+                   "generated tokens, tasks and estimated device-minutes (unprepared Hub models: proxy tokenizer)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the table as one JSON object")
+    p.add_argument("--template", default=None, help="with --dry-run: cost with this job template")
+    p.add_argument("--shards-per-task", type=int, default=None, help="with --dry-run: fixed shards per task")
+    p.add_argument("--target-task-min", type=int, default=None, help="with --dry-run: target minutes per task")
+    p.add_argument("--time", type=int, default=None, help="with --dry-run: minutes per task (time_min)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("debug", help="run a sweep in-process (local GPU/CPU), same code as the cluster jobs")

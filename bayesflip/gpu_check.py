@@ -15,7 +15,11 @@ Writes one JSON file with
     choices) vs a raw ``model(input_ids, logits_to_keep=1)`` over the same padded batches, model-FLOP
     utilisation of both (when the device's peak is known or ``--peak-tflops`` is given), engine
     generation vs ``model.generate`` (greedy and sampled, host syncs per step) and peak memory.
-(c) ``calibration`` — tokens/s for scoring and for generation, for the planner's time estimates.
+(c) ``calibration`` — tokens/s for scoring and for generation, for the planner's time estimates
+    (:mod:`bayesflip.cost`): its ``throughput`` block (the job template's units: ``score_tokens_per_s``,
+    ``gen_tokens_per_s``, ``ref_params_b``) is also written to ``$BAYESFLIP_CACHE/throughput/<template>.json``
+    (``--template``, default ``gpu-small`` for a full run on CUDA, none with ``--tiny``), which
+    ``bayesflip plan --dry-run`` and ``submit`` then use instead of the template's default figures.
 
 ``--device cpu --tiny`` runs the same code on the CPU in well under a minute (tests use it).
 The tokenizer is the embedded SmolLM2's (installed by ``make install``); weights are random.
@@ -261,8 +265,24 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def write_calibration(res: dict, template: str) -> Path:
+    """Write ``res["calibration"]["throughput"]`` to the planner's calibration file of ``template``."""
+    from .cost import calibration_path
+    from .hpc.templates import load_template
+
+    load_template(template)                     # an unknown template is a ConfigError naming the allowed ones
+    path = calibration_path(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**res["calibration"]["throughput"], "template": template, "device": res["calibration"]["device"],
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": res.get("git_commit")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=float))
+    tmp.replace(path)
+    return path
+
+
 def run(device: str | None = None, tiny: bool = False, out: str | Path | None = None,
-        peak_tflops: float | None = None) -> dict:
+        peak_tflops: float | None = None, template: str | None = None) -> dict:
     from .backends.distributed import DeviceError
 
     t0 = time.perf_counter()
@@ -286,7 +306,11 @@ def run(device: str | None = None, tiny: bool = False, out: str | Path | None = 
         "scoring_tokens_per_s": thr["scoring"]["engine_tokens_per_s"],
         "generation_tokens_per_s": thr["generation"]["greedy"]["engine_tokens_per_s"],
         "generation_batch": thr["generation"]["batch"],
-        "note": "tokens/s of the engine on this device for an 8B-shaped bf16 model; scale by parameter count for others"}
+        "note": "tokens/s of the engine on this device for an 8B-shaped bf16 model; scale by parameter count for others",
+        # the job template's units (bayesflip.cost); load_s is not measured here (the template's stays)
+        "throughput": {"score_tokens_per_s": thr["scoring"]["engine_tokens_per_s"],
+                       "gen_tokens_per_s": thr["generation"]["greedy"]["engine_tokens_per_s"],
+                       "ref_params_b": thr["parameters"] / 1e9}}
     try:
         from .store import git_commit
 
@@ -294,6 +318,10 @@ def run(device: str | None = None, tiny: bool = False, out: str | Path | None = 
     except Exception:  # noqa: BLE001
         res["git_commit"] = None
     res["wall_s"] = time.perf_counter() - t0
+    if template is None and not tiny and dev.type == "cuda":
+        template = "gpu-small"
+    if template:
+        res["calibration"]["written_to"] = str(write_calibration(res, template))
     path = Path(out or "results/gpu_check/gpu_check.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2, default=float))
@@ -331,18 +359,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tiny", action="store_true", help="small random Llama instead of the 8B shape (CPU, tests)")
     ap.add_argument("--out", default=None, help="JSON file (default results/gpu_check/gpu_check.json)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s for MFU")
+    ap.add_argument("--template", default=None, help="job template whose throughput this run calibrates "
+                    "($BAYESFLIP_CACHE/throughput/<template>.json; default gpu-small on CUDA, none with --tiny)")
 
 
 def gpu_check_cli(args) -> int:
     from .errors import BayesflipError
 
     try:
-        res = run(args.device, args.tiny, args.out, args.peak_tflops)
+        res = run(args.device, args.tiny, args.out, args.peak_tflops, getattr(args, "template", None))
     except BayesflipError as e:
         print(f"bayesflip: error: {e}", file=sys.stderr)
         return 2
     print(summary(res))
     print(f"wrote {args.out or 'results/gpu_check/gpu_check.json'}")
+    if res["calibration"].get("written_to"):
+        print(f"calibrated throughput for the planner: {res['calibration']['written_to']}")
     return 0 if res["contract_ok"] else 1
 
 

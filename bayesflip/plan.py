@@ -68,16 +68,18 @@ def _estimate(cells: list[dict], arrays: dict) -> tuple[float, float]:
 
 def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = True,
                results_dir: Path | None = None, create: bool = True, warn=None,
-               cells_cache: dict | None = None) -> list[Unit]:
+               cells_cache: dict | None = None, tokenizers: dict | None = None) -> list[Unit]:
     """Every (experiment, model) unit with its pending shards; creates the stores unless ``create=False``.
 
-    ``cells_cache`` (experiment name → cells) lets a second planning pass reuse the grids of the first."""
+    ``cells_cache`` (experiment name → cells) lets a second planning pass reuse the grids of the first.
+    ``tokenizers`` (model name → tokenizer) are used for validation instead of loading them; a model
+    mapped to None is not validated (a dry run costing an unprepared Hub model with a proxy tokenizer)."""
     cells_cache = {} if cells_cache is None else cells_cache
+    tokenizers = dict(tokenizers or {})
     if warn is None:
         def warn(msg):
             print(f"bayesflip: warning: {msg}", file=sys.stderr)
     units: list[Unit] = []
-    tokenizers = {}
     for model_name in sweep.models:
         spec = get_model_spec(model_name)
         for exp in sweep.experiments:
@@ -97,7 +99,7 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
             if fam.requires:  # optional backend capabilities (attention mass), checked before anything is written
                 from .backends import check_requirements
                 check_requirements(spec, fam.requires, f"experiment {exp.name} (family {fam.name})")
-            if validate:
+            if validate and not (spec.name in tokenizers and tokenizers[spec.name] is None):
                 if spec.name not in tokenizers:
                     from .models.loader import load_tokenizer
                     tokenizers[spec.name] = load_tokenizer(spec)
@@ -128,14 +130,21 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
     return units
 
 
-def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, only_pending: bool = True) -> list[Task]:
-    """Group shards into tasks, per model (one model load per task)."""
+def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, only_pending: bool = True,
+               pack=None) -> list[Task]:
+    """Group shards into tasks, per model (one model load per task), in experiment order.
+
+    ``pack`` (model name → callable(work) → list of work lists, e.g. :meth:`bayesflip.cost.ModelCost.pack`)
+    groups a model's shards by estimated time; models without one get ``shards_per_task`` each."""
     by_model: dict[str, list[tuple[str, int]]] = {}
     for u in units:
         shards = u.pending if only_pending else list(range(u.n_shards))
         by_model.setdefault(u.model.name, []).extend((u.experiment.name, s) for s in shards)
     tasks = []
     for model, work in by_model.items():
+        if pack and model in pack:
+            tasks.extend(Task(sweep_name, model, w) for w in pack[model](work))
+            continue
         for i in range(0, len(work), shards_per_task):
             tasks.append(Task(sweep_name, model, work[i: i + shards_per_task]))
     return tasks

@@ -57,6 +57,12 @@ class GenerationalFamily(Family):
     def step(self, s: GenState, g: int) -> None:
         raise NotImplementedError
 
+    def count_tokens(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """Generation 0's rendered read (and generation, if any) once per generation ``first_step..last``
+        (later generations' contexts differ in content, not much in length: an estimate)."""
+        one = super().count_tokens(p, cells, tokenizer, model_kind, seed)
+        return one.scaled(max(1, self.last_generation(p) + 1 - self.first_step))
+
     def run(self, p: Any, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         rngs = [np.random.default_rng(cell_seed(ctx.seed, *self.rng_key(p, c))) for c in cells]
         arr, ck, start = start_or_resume(self, p, cells, ctx, rngs)

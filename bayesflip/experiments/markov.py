@@ -292,6 +292,13 @@ class MarkovFamily(Family):
             out.append(RenderedCell(cell={**c, "n": p.n_steps}, text=text, choices=list(p.states)))
         return out
 
+    def count_tokens(self, p: MarkovParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """The exact ids of every cell's one curve pass (decoded digit runs would re-tokenize differently)."""
+        from ..cost import TokenCount
+
+        return TokenCount(prompt=sum(len(self.request(p, tokenizer, model_kind, self.trajectory(p, c, seed)[2]).ids)
+                                     for c in cells))
+
     def run(self, p: MarkovParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         trajs = [self.trajectory(p, c, ctx.seed) for c in cells]
         reqs = [self.request(p, ctx.tokenizer, ctx.model_kind, x) for _, _, x in trajs]

@@ -6,7 +6,8 @@ Pipeline (nothing is submitted unless every step before submission succeeds)::
                → plan_sweep(create=False) (configs, tokenization, store identity; writes nothing)
                → arrays checked against SLURM's MaxArraySize (split into several arrays if larger)
                → [--dry-run stops here]  plan_sweep (creates every store up front)
-               → make_tasks per model (pending shards grouped by shards_per_task), minus shards
+               → make_tasks per model (pending shards packed into tasks of ~target_task_min from the
+                 template's throughput, bayesflip.cost; else grouped by shards_per_task), minus shards
                  held by a live job (lease) or given to a queued/running task of the manifest
                → one submitit job array per (model, template), throttled to %N
                → manifest: job ids + each task's (experiment, shard) work list
@@ -155,7 +156,7 @@ class Submission:
 def resolve_templates(sweep: SweepConfig, template: Optional[str] = None, **overrides) -> dict[str, JobTemplate]:
     """The job template of every model of the sweep, with CLI overrides applied and re-validated.
 
-    ``overrides``: partition, account, qos, time_min, array_throttle, shards_per_task (None = keep).
+    ``overrides``: partition, account, qos, time_min, array_throttle, shards_per_task, target_task_min (None = keep).
     The sweep's ``array_throttle`` sits between the template default and the CLI.
     """
     if overrides.get("array_throttle") is None and sweep.array_throttle is not None:
@@ -187,11 +188,14 @@ def check_partitions(templates: dict[str, JobTemplate]) -> None:
 
 def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobTemplate],
                 exclude: Optional[set[tuple[str, str, int]]] = None,
-                max_array_size: Optional[int] = None) -> list[ArrayPlan]:
+                max_array_size: Optional[int] = None, costs: Optional[dict] = None) -> list[ArrayPlan]:
     """Pending shards → tasks (per model, ``shards_per_task`` each) → ArrayPlans per (model, template),
     each of at most ``max_array_size`` tasks (SLURM's MaxArraySize).
 
-    ``exclude``: (model, experiment, shard) triples not to submit (e.g. still queued/running)."""
+    ``exclude``: (model, experiment, shard) triples not to submit (e.g. still queued/running).
+    ``costs`` (:func:`bayesflip.cost.estimate_models`): a model whose template has ``target_task_min``
+    and a throughput figure gets its shards packed by estimated time instead (None: no packing, e.g.
+    an explicit ``--shards-per-task``)."""
     arrays = []
     for model in sweep.models:
         mine = []
@@ -201,7 +205,8 @@ def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobT
             pend = [s for s in u.pending if not exclude or (model, u.experiment.name, s) not in exclude]
             mine.append(dataclasses.replace(u, pending=pend))
         t = templates[model]
-        tasks = make_tasks(sweep.name, mine, shards_per_task=t.shards_per_task)
+        pack = {model: costs[model].pack} if costs and model in costs and costs[model].packable else None
+        tasks = make_tasks(sweep.name, mine, shards_per_task=t.shards_per_task, pack=pack)
         step = max_array_size or len(tasks) or 1
         for i in range(0, len(tasks), step):
             arrays.append(ArrayPlan(get_model_spec(model), t, tasks[i: i + step]))
@@ -291,11 +296,12 @@ def make_executor(kind: str, folder: Path, t: JobTemplate, job_name: str):
     return ex
 
 
-def _describe(a: ArrayPlan) -> str:
+def _describe(a: ArrayPlan, packed: bool = False) -> str:
     t = a.template
+    per = f"~{t.target_task_min} min" if packed else f"≤{t.shards_per_task} shard(s)"
     return (f"{a.model.name}: template {t.name} (partition {t.partition}, {t.nodes} node × {t.tasks_per_node} task, "
             f"{t.cpus_per_task} cpu, {t.gpus_per_node} gpu, {t.mem_gb} GB, {t.time_min} min), "
-            f"{len(a.tasks)} task(s) × ≤{t.shards_per_task} shard(s) = {a.n_shards} shard(s), "
+            f"{len(a.tasks)} task(s) × {per} = {a.n_shards} shard(s), "
             f"throttle %{t.array_throttle}")
 
 
@@ -303,6 +309,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                  results_dir: Optional[Path] = None, partition: Optional[str] = None, account: Optional[str] = None,
                  qos: Optional[str] = None, time_min: Optional[int] = None, array_throttle: Optional[int] = None,
                  shards_per_task: Optional[int] = None, template: Optional[str] = None, executor: str = "slurm",
+                 target_task_min: Optional[int] = None, as_json: bool = False,
                  dry_run: bool = False, sweep: Optional[SweepConfig] = None, command: str = "submit",
                  exclude: Optional[set[tuple[str, str, int]]] = None, cancel_running: bool = False,
                  out=print) -> Submission:
@@ -310,22 +317,30 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
 
     Raises (before anything is submitted) a :class:`ConfigError` naming the key for unknown
     models/types/templates/partitions, empty grids, bad tokenization, and templates that ask
-    for more than the partition has.
+    for more than the partition has. A dry run also prints the cost table (:mod:`bayesflip.cost`;
+    ``as_json``: as JSON) and costs unprepared Hub models with a proxy tokenizer instead of refusing.
     """
     if executor not in EXECUTORS:
         raise ConfigError("--executor", f"unknown executor {executor!r}", allowed=EXECUTORS)
     sweep = sweep or load_sweep(sweep_name, model_type)
     # Hub models must be prepared (snapshot in the shared cache, commit sha pinned) before anything is planned
     from ..models.prepare import require_prepared
-    pinned = {m: sha for m in sweep.models if (sha := require_prepared(get_model_spec(m)))}
+    pinned = {} if dry_run else {m: sha for m in sweep.models if (sha := require_prepared(get_model_spec(m)))}
     templates = resolve_templates(sweep, template, partition=partition, account=account, qos=qos, time_min=time_min,
-                                  array_throttle=array_throttle, shards_per_task=shards_per_task)
+                                  array_throttle=array_throttle, shards_per_task=shards_per_task,
+                                  target_task_min=target_task_min)
     if executor == "slurm":
         check_partitions(templates)
     root = Path(results_dir or RESULTS_DIR).resolve()
     # 1. plan without writing anything: configs, tokenization, identity of existing stores
     cells: dict = {}
-    units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False, cells_cache=cells)
+    costs, toks = None, {}
+    if dry_run or (shards_per_task is None and any(t.target_task_min for t in templates.values())):
+        from ..cost import estimate_models     # tokens per shard → time-based packing and the dry run's table
+        costs = estimate_models(sweep, [], templates, cells, toks)
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False, cells_cache=cells,
+                       tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
+    pack_costs = None if shards_per_task is not None else costs
     if overwrite and not dry_run:
         busy = active_jobs(sweep.name, root, units)
         if busy and cancel_running and executor == "slurm":
@@ -346,13 +361,13 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
 
         exclude = active_shards(read_manifest(sweep.name, root), root)     # queued/running tasks own these
     limit = max_array_size() if executor == "slurm" else None
-    arrays = plan_arrays(sweep, units, templates, exclude, limit)
+    arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs)
     n_split = bool(limit) and len(arrays) > len({a.model.name for a in arrays})
     if not dry_run:
         # 2. now create the stores (--overwrite deletes them first) and plan for real
         units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, validate=False, create=True,
                            cells_cache=cells, warn=False)
-        arrays = plan_arrays(sweep, units, templates, exclude, limit)
+        arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs)
     sub = Submission(sweep, units, arrays, executor, root)
     n_pending = sum(len(u.pending) for u in units)
     n_total = sum(u.n_shards for u in units)
@@ -366,7 +381,14 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
         out(f"  more tasks than SLURM's MaxArraySize ({limit}): split into {len(arrays)} arrays "
             f"(each throttled separately; raise --shards-per-task for fewer tasks)")
     for a in arrays:
-        out(("would submit " if dry_run else "  ") + _describe(a))
+        packed = bool(pack_costs and a.model.name in pack_costs and pack_costs[a.model.name].packable)
+        out(("would submit " if dry_run else "  ") + _describe(a, packed))
+    if dry_run and costs is not None:
+        from ..cost import cost_rows, format_cost
+
+        rows = cost_rows(costs, units, arrays, packing=pack_costs is not None)
+        out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2) if as_json
+            else format_cost(sweep.name, rows))
     if dry_run or not arrays:
         if not arrays:
             out("nothing to submit: every shard is done" + (" or queued/running" if exclude or n_held else ""))
@@ -435,7 +457,8 @@ def _common(args) -> dict:
     return dict(results_dir=Path(args.results_dir) if args.results_dir else None, partition=args.partition,
                 account=args.account, qos=args.qos, time_min=args.time, array_throttle=args.array_throttle,
                 shards_per_task=args.shards_per_task, template=args.template, executor=args.executor,
-                dry_run=args.dry_run)
+                dry_run=args.dry_run, target_task_min=getattr(args, "target_task_min", None),
+                as_json=getattr(args, "json", False))
 
 
 def submit_cli(args) -> int:

@@ -12,7 +12,15 @@ values are errors naming the key)::
     time_min: 240           # per task (--time overrides); >= 3 (submitit checkpoint rules)
     signal_delay_s: 120     # USR2 this long before the limit → checkpoint + requeue
     array_throttle: 16      # default %N of the array (--array-throttle overrides)
-    shards_per_task: 8      # default shards per array task (--shards-per-task overrides)
+    shards_per_task: 8      # shards per array task when the planner cannot pack by time (--shards-per-task overrides)
+    target_task_min: 30     # optional: pack shards into tasks of about this many minutes (model load included)
+                            # from the throughput below; must be <= 0.75·time_min (margin for estimate errors)
+    throughput:             # optional: figures of one task for a model of ref_params_b parameters
+      score_tokens_per_s: 25000   # prompt tokens forwarded per second (scoring, prefill)
+      gen_tokens_per_s: 2000      # generated tokens per second (batched decoding, all rows together)
+      load_s: 90                  # seconds to load the model (weights from shared storage to the device)
+      ref_params_b: 8             # billions of parameters the figures are for; scaled linearly by the model's
+      source: "how the figures were obtained"
     max_requeues: 3         # submitit max_num_timeout: time-outs tolerated per task
     account: null           # optional (--account / --qos override)
     qos: null
@@ -22,6 +30,13 @@ values are errors naming the key)::
 :func:`check_against_partition` compares a template with what the partition really offers
 (``scontrol show partition`` + ``sinfo`` per node: CPUs, memory, GPUs from Gres, MaxTime,
 MaxNodes) and refuses, naming the key, a template that could never be scheduled.
+
+Time-based packing (:mod:`bayesflip.cost`): with ``target_task_min`` and a throughput figure
+(the template's ``throughput``, or a calibration file ``$BAYESFLIP_CACHE/throughput/<name>.json``
+written by ``make gpu-check``, which wins), the planner fills each task with shards up to about
+``target_task_min`` minutes of estimated work, so a model is loaded a handful of times per
+sweep; an explicit ``--shards-per-task`` overrides the packing. Without them tasks hold
+``shards_per_task`` shards. ``bayesflip plan --dry-run`` prints the estimates.
 """
 
 from __future__ import annotations
@@ -44,6 +59,22 @@ from ..paths import TEMPLATE_DIR
 MIN_TIME_MIN = 3
 
 
+class Throughput(BaseModel):
+    """Throughput of one array task of the template, for a model of ``ref_params_b`` billion parameters.
+
+    Time estimates scale every figure linearly with the model's parameter count
+    (:func:`bayesflip.cost.model_speed`): scoring is compute-bound (≈ 2·N FLOP per token),
+    batched decoding and loading are bound by reading N weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_tokens_per_s: float = Field(gt=0)
+    gen_tokens_per_s: float = Field(gt=0)
+    load_s: float = Field(ge=0)
+    ref_params_b: float = Field(gt=0)
+    source: str = ""
+
+
 class JobTemplate(BaseModel):
     """Resources of one array task (SLURM job) of a model. See the module docstring for keys."""
 
@@ -61,6 +92,8 @@ class JobTemplate(BaseModel):
     signal_delay_s: int = Field(90, ge=10)
     array_throttle: int = Field(8, ge=1)
     shards_per_task: int = Field(4, ge=1)
+    target_task_min: Optional[int] = Field(None, ge=1)
+    throughput: Optional[Throughput] = None
     max_requeues: int = Field(3, ge=0)
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -72,6 +105,9 @@ class JobTemplate(BaseModel):
         if self.signal_delay_s >= self.time_min * 60:
             raise ValueError(f"signal_delay_s ({self.signal_delay_s}) must be shorter than time_min·60 "
                              f"({self.time_min * 60})")
+        if self.target_task_min is not None and self.target_task_min > 0.75 * self.time_min:
+            raise ValueError(f"target_task_min ({self.target_task_min}) must leave a margin within time_min "
+                             f"({self.time_min}): at most 0.75·time_min = {int(0.75 * self.time_min)}")
         return self
 
     @property
@@ -92,15 +128,22 @@ def _validate(raw: dict, source: str) -> JobTemplate:
         return JobTemplate(**raw)
     except ValidationError as err:
         first = err.errors()[0]
+        extra = next((e for e in err.errors() if e["type"] == "extra_forbidden"), None)
+        if extra is not None:           # an unknown key first, even when a required one is missing too
+            key = ".".join(map(str, extra["loc"]))
+            fields = Throughput.model_fields if key.startswith("throughput.") else JobTemplate.model_fields
+            raise ConfigError(key, "unknown key", allowed=sorted(k for k in fields if k != "name"),
+                              source=source) from None
         if first["type"] == "missing":
             raise ConfigError(".".join(map(str, first["loc"])), "required key missing", source=source) from None
         exc = pydantic_error(err, "", source)
-        if "unknown key" in str(exc):
-            allowed = sorted(k for k in JobTemplate.model_fields if k != "name")
-            raise ConfigError(exc.key, "unknown key", allowed=allowed, source=source) from None
-        if not err.errors()[0]["loc"]:  # a model-level check (signal delay vs time)
-            raise ConfigError("signal_delay_s", err.errors()[0]["msg"].removeprefix("Value error, "),
-                              source=source) from None
+        if first["type"] in ("model_type", "dict_type") and first["loc"] == ("throughput",):
+            raise ConfigError("throughput", f"must be a mapping (got {first.get('input')!r})",
+                              allowed=sorted(Throughput.model_fields), source=source) from None
+        if not err.errors()[0]["loc"]:  # a model-level check (signal delay / target task time vs time)
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            key = "target_task_min" if msg.startswith("target_task_min") else "signal_delay_s"
+            raise ConfigError(key, msg, source=source) from None
         raise exc from None
 
 
@@ -115,11 +158,16 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
 
 
 def with_overrides(t: JobTemplate, **over) -> JobTemplate:
-    """A copy with the CLI overrides (``None`` = keep), re-validated; errors name the CLI flag."""
+    """A copy with the CLI overrides (``None`` = keep), re-validated; errors name the CLI flag.
+    A ``--time`` below the template's ``target_task_min`` / 0.75 lowers ``target_task_min`` to fit."""
     over = {k: v for k, v in over.items() if v is not None}
     if not over:
         return t
-    flags = {"time_min": "--time", "array_throttle": "--array-throttle", "shards_per_task": "--shards-per-task"}
+    if ("time_min" in over and "target_task_min" not in over and t.target_task_min
+            and t.target_task_min > 0.75 * over["time_min"]):   # a shorter --time shortens the packing target too
+        over["target_task_min"] = max(1, int(0.75 * over["time_min"]))
+    flags = {"time_min": "--time", "array_throttle": "--array-throttle", "shards_per_task": "--shards-per-task",
+             "target_task_min": "--target-task-min"}
     try:
         return _validate({**t.model_dump(), **over}, f"job template {t.name} + command-line overrides")
     except ConfigError as e:

@@ -15,6 +15,8 @@ Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
         device_map: auto                # hf only: one process over all visible GPUs (accelerate)
         fp32_head: true                 # final norm + output layer in float32 (bf16/fp16 models)
         template: gpu-small             # job template in job_templates/
+        params_b: 8.03                  # billions of parameters (cost estimates: load time, throughput scaling)
+        active_params_b: 1.3            # optional: parameters used per token (mixture of experts); default params_b
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class ModelSpec(BaseModel):
     max_length: Optional[int] = Field(None, ge=8)  # override the config's context window
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     trust_remote_code: bool = False
+    params_b: Optional[float] = Field(None, gt=0)         # billions of parameters (bayesflip.cost)
+    active_params_b: Optional[float] = Field(None, gt=0)  # per token, for mixtures of experts (default params_b)
     model_set: str = ""
 
     @field_validator("backend")
