@@ -210,11 +210,6 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
 
         def compute(batch: list[_Shard]) -> list[dict[str, np.ndarray]]:
             """Arrays of each shard of ``batch``, from one fam.run over their cells."""
-            for sh in batch:
-                for e, s, r in inject:
-                    if e == exp.name and s == sh.shard and r in (None, be.rank):
-                        raise RuntimeError(f"injected failure ({FAIL_ENV}) for {e}:{s}"
-                                           + (f" on rank {be.rank}" if r is not None else ""))
             if exp.name not in cells_cache:
                 cells_cache[exp.name] = fam.cells(exp.params)
             cells = cells_cache[exp.name]
@@ -222,6 +217,13 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
                              workdir=Path(batch[0].workdir) if len(batch) == 1 else None)
             res.runs += 1
             arrays = fam.run(exp.params, [c for sh in batch for c in cells[sh.start:sh.stop]], ctx)
+            # the injected failure comes after the compute, so the ranks' collectives stay matched (an
+            # error inside a forward leaves the peers in an all-reduce: BAYESFLIP_DIST_TIMEOUT_MIN bounds it)
+            for sh in batch:
+                for e, s, r in inject:
+                    if e == exp.name and s == sh.shard and r in (None, be.rank):
+                        raise RuntimeError(f"injected failure ({FAIL_ENV}) for {e}:{s}"
+                                           + (f" on rank {be.rank}" if r is not None else ""))
             n = sum(sh.stop - sh.start for sh in batch)
             bad = {k: np.asarray(v).shape[:1] for k, v in arrays.items() if np.asarray(v).shape[:1] != (n,)}
             if bad:
