@@ -10,7 +10,8 @@
   an all-reduce the failed rank never joins).
 * :func:`from_writer` — rank 0 alone runs a step (lease / record decisions, store writes) and
   every rank gets its result, or raises its error, so all ranks go through the same shards.
-* :func:`all_reduce_sum` — sums a tensor over ranks (attention mass over head shards).
+* :func:`all_reduce_sum` / :func:`all_reduce_max` — sum / maximum of a tensor over ranks (attention
+  mass over head shards).
 * :func:`check_device` — a GPU job template on a node without CUDA fails at task start with
   one line, instead of a CPU run of a 70B model or a CUDA traceback much later.
 """
@@ -243,6 +244,19 @@ def all_reduce_sum(t):
     dev = t.device
     buf = t.to(_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    t.copy_(buf.to(dev))
+    return t
+
+
+def all_reduce_max(t):
+    """Element-wise maximum of ``t`` over ranks (in place, returned); single process: ``t``."""
+    if not _active():
+        return t
+    import torch.distributed as dist
+
+    dev = t.device
+    buf = t.to(_comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     t.copy_(buf.to(dev))
     return t
 
