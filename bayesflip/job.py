@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FAIL_ENV = "BAYESFLIP_INJECT_FAILURE"  # testing hook: "experiment:shard[@rankN][,experiment:shard[@rankN]]"
 GROUP_CELLS = 1024   # default: at most this many cells (of several shards of one experiment) per fam.run
+GROUP_ENV = "BAYESFLIP_GROUP_CELLS"   # overrides GROUP_CELLS (1: one shard per fam.run, as before grouping)
 
 
 @dataclass
@@ -105,11 +106,12 @@ def group_shards(todo: list[_Shard], families: dict[str, Any], group_cells: int 
 
 def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], device: str | None = None,
              progress: bool = True, results_dir=None, lm=None, batch_tokens: int = 8192,
-             group_cells: int = GROUP_CELLS) -> TaskResult:
+             group_cells: Optional[int] = None) -> TaskResult:
     """Run (experiment, shard) pairs for one model. Loads the model once (unless ``lm`` is given).
 
     Pending shards of one experiment go through the engine together (one ``fam.run`` over up to
-    ``group_cells`` cells, split back per shard; ``group_cells=0`` or 1: one shard per call) when
+    ``group_cells`` cells, default ``$BAYESFLIP_GROUP_CELLS`` or 1024, split back per shard;
+    ``group_cells=1``: one shard per call) when
     the family is cell-independent; each shard still gets its own record, and a failing group is
     re-run shard by shard so only the failing shard is recorded as failed.
 
@@ -173,6 +175,11 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
         res.load_seconds = time.time() - t0
     res.rank, res.world_size = be.rank, be.world_size
     writer = {"writer_rank": be.rank, "world_size": be.world_size}
+    if group_cells is None:
+        try:
+            group_cells = int(os.environ.get(GROUP_ENV) or GROUP_CELLS)
+        except ValueError:
+            raise ValueError(f"{GROUP_ENV}={os.environ.get(GROUP_ENV)!r}: expected a number of cells") from None
     inject = _injected()
     families = {e: get_family(exps[e].family) for e in {sh.exp for sh in todo}}
     groups = group_shards(todo, families, group_cells)
