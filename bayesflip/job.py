@@ -9,6 +9,25 @@ compute the same shard, and an old job never writes into a replaced store. A fai
 is recorded with its error and traceback; the task goes on with its other shards. A store
 of another identity (config, model spec, code version) or a failing write (full disk)
 stops the task with one clear error.
+
+Shard groups: consecutive pending shards of one experiment whose family is cell-independent
+(``Family.batch_across_shards``; not the generational chains / rules / acronym, whose mid-shard
+checkpoints are per shard) go through the engine in one ``fam.run`` (at most ``group_cells``
+cells, ``$BAYESFLIP_GROUP_CELLS``, default 1024), so the engine sees fewer, larger calls. The
+leases of the whole group are held while it computes; the arrays are split back per shard and
+each shard is written with its own record (``group_shards`` = the group's size), so a crash
+mid-group leaves exactly the unwritten shards pending. A failing group is re-run shard by shard,
+so only the failing shard gets a failed record.
+
+Tensor parallelism (DeepSpeed, ``world_size > 1``, one process per rank): the backend is
+loaded first; rank 0 alone plans, takes and releases leases, re-checks records and writes
+chunks and records, broadcasting every decision and outcome
+(:func:`~bayesflip.backends.distributed.from_writer`), so all ranks run the same groups in the
+same order; every rank computes under ``be.agree`` (an error on one rank fails the group on all,
+before the next collective). Records carry ``writer_rank`` and ``world_size``; every rank's
+:class:`TaskResult` has the same lists. Testing hook: ``BAYESFLIP_INJECT_FAILURE=exp:shard``
+fails a shard on every rank, ``exp:shard@rank1`` on rank 1 only (raised after the compute, so
+the ranks' collectives stay matched).
 """
 
 from __future__ import annotations
@@ -26,7 +45,7 @@ import numpy as np
 from .config import load_sweep
 from .experiments import get_family
 from .experiments.base import RunContext
-from .errors import LeaseLost, StoreIdentityError, StoreWriteError
+from .errors import LeaseLost, StoreIdentityError
 from .store import ResultStore, describe_holder, identity, identity_diff, store_path
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,9 @@ Each array task is a :class:`SweepTask` — a ``submitit.helpers.Checkpointable`
 ``__call__`` is :func:`bayesflip.job.run_task`. On preemption or time-out submitit calls
 ``checkpoint()``, which resubmits the *same* callable with the *same* work list; the requeued
 task skips every shard that already has a ``done`` record, so requeue = resume, with no
-recomputation and no duplicates.
+recomputation and no duplicates. A tensor-parallel model runs as one array task of ``tp``
+SLURM tasks (one per rank): every rank calls ``run_task``, rank 0 alone takes leases and writes
+(:mod:`bayesflip.job`), and :func:`wait_jobs` reads every rank's result.
 
 Why one array per (model, template) and not one per sweep: a task loads its model once and
 runs many shards with it, so a task never mixes models; and models need different resources
