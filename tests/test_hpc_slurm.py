@@ -274,7 +274,9 @@ def test_array_completes_and_equals_debug_run(launched, reference):
     assert all(isinstance(r, dict) for r in results), results
     assert sorted(tuple(w) for r in results for w in r["done"] + r["skipped"]) == sorted(ALL_WORK)
     assert all(not r["deepspeed_loaded"] for r in results)
-    _assert_same(_arrays(sub.results_dir, MODEL), reference, atol=1e-6)
+    # the tasks group their shards differently from the one-task reference (task 0: icl_die:0 alone),
+    # and another batch composition moves float32 log-probs by ~1e-5 (measured 1.2e-5; grouping: bayesflip.job)
+    _assert_same(_arrays(sub.results_dir, MODEL), reference, atol=5e-5)
 
     manifest = read_manifest(SWEEP, sub.results_dir)
     subm = manifest["submissions"][-1]
@@ -320,7 +322,7 @@ def test_failed_shard_reported_then_resubmit_completes_only_it(launched, referen
     after = _records(root)
     assert {k: after[k] for k in done_before} == done_before       # nothing recomputed
     assert after[("icl_coin", 1)]["status"] == "done"
-    _assert_same(_arrays(root, MODEL), reference)
+    _assert_same(_arrays(root, MODEL), reference, atol=5e-5)     # icl_coin:1 recomputed alone, not in its group
     st = _settled_status(root)
     assert st.totals()["done"] == 6 and st.totals()["failed"] == 0
     assert [ln for ln in render(st).splitlines() if ln.startswith("total")][0].split()[1] == "6/6"

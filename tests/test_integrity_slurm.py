@@ -263,7 +263,10 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
 def test_second_submit_of_running_sweep_computes_each_shard_once(cluster, tmp_path):
     cfg = configs(tmp_path, {"twice": SLOW.format(seed=4)})
     root = tmp_path / "res"
-    r = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "8"], cfg)
+    # one shard (2 cells) per engine call, so the sweep still runs when the second submit comes
+    # (sbatch copies the environment; grouped, the tasks can finish before it)
+    r = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "8"], cfg,
+           env={"BAYESFLIP_GROUP_CELLS": "2"})
     assert r.returncode == 0, r.stderr
     r2 = bf(["submit", "--exp", "twice", "--results-dir", str(root), "--shards-per-task", "8"], cfg)
     assert r2.returncode == 0, r2.stderr

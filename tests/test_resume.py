@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def _debug(results: Path, *extra) -> subprocess.Popen:
-    env = {**os.environ, "BAYESFLIP_RESULTS_DIR": str(results)}
+    # one shard per engine call (no shard groups), so a kill lands between shard writes
+    env = {**os.environ, "BAYESFLIP_RESULTS_DIR": str(results), "BAYESFLIP_GROUP_CELLS": "1"}
     return subprocess.Popen([sys.executable, "-m", "bayesflip.cli", "debug", "--exp", "test_resume", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -3,8 +3,10 @@
 Each rank loads the checkpoint on the CPU (memory-mapped), ``deepspeed.init_inference`` shards
 it and places the shard on ``cuda:LOCAL_RANK``. Every rank runs the same requests (the engine's
 batching is deterministic), all ranks see the same all-reduced logits, and only rank 0
-(:attr:`is_writer`) writes. Attention mass: each rank sees its own heads; the per-rank head
-means are combined, weighted by head counts, with an all-reduce.
+(:attr:`is_writer`) writes (:func:`bayesflip.job.run_task`: rank 0 takes the leases and writes
+chunks and records, broadcasting its decisions). Attention mass: each rank sees its own heads;
+the per-rank head means are combined, weighted by head counts, with a sum all-reduce, and the
+per-key maxima over heads (``attention_stats``) with a max all-reduce.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 
 from . import ATTENTION_MASS
 from .base import Backend
-from .distributed import DeviceError, DistEnv, agree, all_reduce_sum, dist_env, init_distributed, rank_device
+from .distributed import (DeviceError, DistEnv, agree, all_reduce_max, all_reduce_sum, dist_env, init_distributed,
+                          rank_device)
 
 T = TypeVar("T")
 
@@ -53,8 +56,8 @@ class DeepSpeedBackend(Backend):
     def agree(self, fn: Callable[[], T], what: str = "shard") -> T:
         return agree(fn, what)
 
-    def attention_mass(self, ids, query_positions, key_groups, layers=None) -> dict[str, np.ndarray]:
-        self.require(ATTENTION_MASS, "attention_mass")
+    def _local_heads(self, fn):
+        """``fn()`` (one eager forward with attentions) and the number of heads this rank saw."""
         hf = getattr(self.model, "module", self.model)
         heads: list[int] = []
 
@@ -65,13 +68,17 @@ class DeepSpeedBackend(Backend):
 
         h = hf.register_forward_hook(hook)
         try:
-            res = self.scorer.attention_mass(ids, query_positions, key_groups, layers=layers)
+            res = fn()
         finally:
             h.remove()
+        return res, float(heads[-1])
+
+    def attention_mass(self, ids, query_positions, key_groups, layers=None) -> dict[str, np.ndarray]:
+        self.require(ATTENTION_MASS, "attention_mass")
+        res, n = self._local_heads(lambda: self.scorer.attention_mass(ids, query_positions, key_groups, layers=layers))
         if self.world_size == 1:
             return res
         # per-rank means over local heads -> global mean over all heads: Σ_r n_r·mean_r / Σ_r n_r
-        n = float(heads[-1])
         keys = list(res)
         flat = torch.tensor(np.concatenate([res[k] * n for k in keys] + [np.array([n])]), dtype=torch.float64)
         all_reduce_sum(flat)
@@ -80,4 +87,30 @@ class DeepSpeedBackend(Backend):
         for k in keys:
             out[k] = (flat[i: i + len(res[k])] / total).numpy()
             i += len(res[k])
+        return out
+
+    def attention_stats(self, ids, query_positions, key_groups, layers=None) -> dict[str, dict[str, np.ndarray]]:
+        """Mean and max-over-heads-then-layers mass over *all* heads of the TP group.
+
+        Each rank reduces its own heads per key (one group per key position); the means are
+        combined weighted by head counts (sum all-reduce), the per-key maxima by a max all-reduce,
+        and only then summed over each group's keys (a sum of per-rank group maxima would not be
+        the maximum over all heads)."""
+        self.require(ATTENTION_MASS, "attention_stats")
+        if self.world_size == 1:
+            return self.scorer.attention_stats(ids, query_positions, key_groups, layers)
+        T, Q = len(ids), len(query_positions)
+        per_key = {str(t): [t] for t in range(T)}
+        res, n = self._local_heads(lambda: self.scorer.attention_stats(ids, query_positions, per_key, layers))
+        mean = np.stack([res["mean"][str(t)] for t in range(T)], axis=1) * n          # (Q, T)
+        flat = torch.tensor(np.concatenate([mean.ravel(), [n]]), dtype=torch.float64)
+        all_reduce_sum(flat)
+        mean_t = (flat[:-1] / flat[-1]).reshape(Q, T)
+        mx = torch.tensor(np.stack([res["max"][str(t)] for t in range(T)], axis=1), dtype=torch.float64)
+        all_reduce_max(mx)
+        out: dict[str, dict[str, np.ndarray]] = {"mean": {}, "max": {}}
+        for g, keys in key_groups.items():
+            k = torch.tensor(list(keys), dtype=torch.long)
+            for how, r in (("mean", mean_t), ("max", mx)):
+                out[how][g] = (r[:, k].sum(-1) if len(k) else torch.zeros(Q, dtype=torch.float64)).numpy()
         return out

@@ -8,7 +8,10 @@
 * :func:`all_ok` / :func:`agree` — an error on any rank fails the shard on *all* ranks, with the
   same message, before the ranks enter the next collective (otherwise the healthy ranks hang in
   an all-reduce the failed rank never joins).
-* :func:`all_reduce_sum` — sums a tensor over ranks (attention mass over head shards).
+* :func:`from_writer` — rank 0 alone runs a step (lease / record decisions, store writes) and
+  every rank gets its result, or raises its error, so all ranks go through the same shards.
+* :func:`all_reduce_sum` / :func:`all_reduce_max` — sum / maximum of a tensor over ranks (attention
+  mass over head shards).
 * :func:`check_device` — a GPU job template on a node without CUDA fails at task start with
   one line, instead of a CPU run of a 70B model or a CUDA traceback much later.
 """
@@ -200,6 +203,38 @@ def agree(fn: Callable[[], T], what: str = "shard") -> T:
     return out
 
 
+def from_writer(fn: Callable[[], T], what: str = "decision") -> T:
+    """Run ``fn`` on rank 0 only and return its result on every rank (``broadcast_object_list``).
+
+    An exception on rank 0 is raised on every rank (the same exception object when it pickles,
+    else a :class:`RankFailure` with its message), so the other ranks never wait in a collective
+    rank 0 will not reach. Single process: a plain call.
+    """
+    if not _active():
+        return fn()
+    import pickle
+
+    import torch.distributed as dist
+
+    payload: list = [None]
+    err: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 — re-raised below on every rank
+            err = e
+            try:
+                pickle.loads(pickle.dumps(e))
+                payload[0] = ("err", e)
+            except Exception:  # noqa: BLE001 — an exception that does not pickle travels as its message
+                payload[0] = ("err", RankFailure(f"{what} failed on rank 0: {type(e).__name__}: {e}"))
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "err":
+        raise (err if err is not None else value)
+    return value
+
+
 def all_reduce_sum(t):
     """Sum ``t`` over ranks (in place, returned); single process: ``t``."""
     if not _active():
@@ -209,6 +244,19 @@ def all_reduce_sum(t):
     dev = t.device
     buf = t.to(_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    t.copy_(buf.to(dev))
+    return t
+
+
+def all_reduce_max(t):
+    """Element-wise maximum of ``t`` over ranks (in place, returned); single process: ``t``."""
+    if not _active():
+        return t
+    import torch.distributed as dist
+
+    dev = t.device
+    buf = t.to(_comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     t.copy_(buf.to(dev))
     return t
 

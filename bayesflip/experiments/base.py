@@ -94,6 +94,9 @@ class Family:
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
     requires: ClassVar[frozenset[str]] = frozenset()   # optional backend capabilities (e.g. "attention_mass")
+    # a cell's arrays depend only on the cell and the seed (seeded per cell, no per-shard state), so a
+    # job may score several shards' cells in one run() and split the arrays back (bayesflip.job.run_task)
+    batch_across_shards: ClassVar[bool] = True
 
     def cells(self, p: Any) -> list[dict]:
         """Condition fields + ``sample`` for every cell, deterministic order."""

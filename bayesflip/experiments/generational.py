@@ -43,6 +43,8 @@ def plain(arr: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class GenerationalFamily(Family):
     """Base class: subclasses implement :meth:`rng_key`, :meth:`init`, :meth:`step`, :meth:`last_generation`."""
 
+    # resumable per shard: the mid-shard checkpoint lives in the shard's own workdir (ctx.workdir)
+    batch_across_shards = False
     first_step: int = 0            # the first generation written by step() (init() writes what comes before)
 
     def rng_key(self, p: Any, cell: dict) -> tuple:

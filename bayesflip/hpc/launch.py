@@ -19,7 +19,9 @@ Each array task is a :class:`SweepTask` — a ``submitit.helpers.Checkpointable`
 ``__call__`` is :func:`bayesflip.job.run_task`. On preemption or time-out submitit calls
 ``checkpoint()``, which resubmits the *same* callable with the *same* work list; the requeued
 task skips every shard that already has a ``done`` record, so requeue = resume, with no
-recomputation and no duplicates.
+recomputation and no duplicates. A tensor-parallel model runs as one array task of ``tp``
+SLURM tasks (one per rank): every rank calls ``run_task``, rank 0 alone takes leases and writes
+(:mod:`bayesflip.job`), and :func:`wait_jobs` reads every rank's result.
 
 Why one array per (model, template) and not one per sweep: a task loads its model once and
 runs many shards with it, so a task never mixes models; and models need different resources
@@ -65,11 +67,13 @@ class SweepTask(Checkpointable):
     ``checkpoint(work)`` → the same callable with the same work list (resume from the records).
     """
 
-    def __init__(self, sweep: str, model: str, results_dir: str, device: Optional[str] = None):
+    def __init__(self, sweep: str, model: str, results_dir: str, device: Optional[str] = None,
+                 template: Optional[str | dict] = None):
         self.sweep = sweep
         self.model = model
         self.results_dir = results_dir
         self.device = device
+        self.template = template        # job template (name, or {name, gpus_per_node}): check_device at task start
 
     def __call__(self, work: list) -> dict:
         n_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
@@ -78,24 +82,35 @@ class SweepTask(Checkpointable):
 
             torch.set_num_threads(n_cpus)   # no cgroup pinning on every cluster: do not oversubscribe
         if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-            # tensor-parallel ranks (gpu-large): env:// rendezvous for torch.distributed / DeepSpeed.
-            # Every rank runs the same shards in lock-step and writes identical bytes through atomic
-            # renames (Zarr chunks and records), so the duplicate writes are harmless.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=True)
+            # tensor-parallel ranks: env:// rendezvous for torch.distributed / DeepSpeed. Rank 0 alone
+            # takes leases and writes (bayesflip.job.run_task); every rank computes. CUDA_VISIBLE_DEVICES
+            # is left as SLURM set it: rank_device picks cuda:LOCAL_RANK (or cuda:0 with one GPU per task).
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from ..backends.distributed import check_device
         from ..job import run_task
 
+        spec = get_model_spec(self.model)
+        check_device(spec, getattr(self, "template", None))   # one line, before loading (old pickles: no template)
         pairs = [(str(e), int(s)) for e, s in work]
-        res = run_task(self.sweep, self.model, pairs, device=self.device, results_dir=Path(self.results_dir))
-        for e, s in res.done:       # one line per computed shard in the task's log (audit: computed once)
-            print(f"bayesflip: computed {e}:{s}", flush=True)
-        for e, s, why in res.held:
-            print(f"bayesflip: not computed {e}:{s}: held by {why}", flush=True)
+        try:
+            res = run_task(self.sweep, self.model, pairs, device=self.device, results_dir=Path(self.results_dir))
+        finally:
+            _leave_together()
+        if res.rank == 0:           # every rank has the same lists: rank 0's log is the audit log
+            for e, s in res.done:   # one line per computed shard (audit: computed once)
+                print(f"bayesflip: computed {e}:{s}", flush=True)
+            for e, s, why in res.held:
+                print(f"bayesflip: not computed {e}:{s}: held by {why}", flush=True)
+        else:
+            print(f"bayesflip: rank {res.rank} of {res.world_size} computed {len(res.done)} shard(s) with rank 0 "
+                  f"(rank 0 wrote them)", flush=True)
         summary = {"sweep": self.sweep, "model": self.model, "done": [list(x) for x in res.done],
                    "skipped": [list(x) for x in res.skipped], "failed": [list(x) for x in res.failed],
                    "held": [list(x) for x in res.held],
                    "seconds": round(res.seconds, 3), "load_seconds": round(res.load_seconds, 3),
                    "job_id": os.environ.get("SLURM_JOB_ID"), "restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                   "host": socket.gethostname(), "deepspeed_loaded": "deepspeed" in sys.modules}
+                   "host": socket.gethostname(), "deepspeed_loaded": "deepspeed" in sys.modules,
+                   "rank": res.rank, "world_size": res.world_size, "runs": res.runs}
         if res.failed:
             lines = "\n".join(f"  {e}:{s}: {err}" for e, s, err in res.failed)
             raise ShardsFailed(f"{len(res.failed)} of {len(pairs)} shard(s) failed ({self.model}); the other "
@@ -105,6 +120,17 @@ class SweepTask(Checkpointable):
     def checkpoint(self, work: list) -> DelayedSubmission:
         """Requeue the same task: completed shards are skipped by their ``done`` records."""
         return DelayedSubmission(self, work)
+
+
+def _leave_together() -> None:
+    """Tensor-parallel ranks leave together (a rank that exits first aborts its peers' gloo threads)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- planning
@@ -397,7 +423,8 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     try:
         for a in arrays:
             ex = make_executor(executor, folder, a.template, f"bf-{sweep.name}-{a.model.name}"[:100])
-            fn = SweepTask(sweep.name, a.model.name, str(root), device="cpu" if a.template.gpus_per_node == 0 else None)
+            fn = SweepTask(sweep.name, a.model.name, str(root), device="cpu" if a.template.gpus_per_node == 0 else None,
+                           template={"name": a.template.name, "gpus_per_node": a.template.gpus_per_node})
             try:
                 jobs = ex.map_array(fn, [t.to_json()["work"] for t in a.tasks])
             except (submitit.core.utils.FailedJobError, OSError, RuntimeError) as e:
@@ -421,19 +448,52 @@ def _sbatch_error(e: Exception) -> BayesflipError:
     return BayesflipError(f"sbatch refused the array: {msg[-400:]}")
 
 
+def job_outcome(job) -> tuple[Optional[dict], Optional[str]]:
+    """(rank 0's summary, None) when every task (TP rank) of the job returned; else (None, message)
+    of rank 0's failure, or of the first other rank that failed. Blocks until the job ends.
+
+    A multi-task job (``tasks_per_node × nodes > 1``: one task per TP rank) has one result per
+    task in submitit; ``job.result()`` is only valid for single-task jobs."""
+    def last_line(e: Exception) -> str:
+        msg = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.startswith("-" * 10)]
+        # submitit's FailedJobError: the trace, then "You can check full logs ..."; keep the exception line
+        exc = [ln for ln in msg if not ln.startswith((" ", "You can check", "or at paths", "Job (task="))]
+        return (exc or msg or [type(e).__name__])[-1].strip()
+
+    n = getattr(job, "num_tasks", 1)
+    if n <= 1:
+        try:
+            return job.result(), None
+        except Exception as e:  # FailedJobError / UncompletedJobError: the caller reports it
+            return None, last_line(e)
+    summaries, errors = {}, {}
+    for rank in range(n):
+        try:
+            summaries[rank] = job.task(rank).result()
+        except Exception as e:  # FailedJobError / UncompletedJobError of this rank
+            errors[rank] = last_line(e)
+    if not errors:
+        return summaries[0], None
+    r = 0 if 0 in errors else min(errors)
+    return None, f"rank {r} of {n}: {errors[r]}"
+
+
 def wait_jobs(sub: Submission, out=print) -> int:
-    """Block until every task ends; print each task's outcome. Returns the number of failed tasks."""
+    """Block until every task ends; print each task's outcome. Returns the number of failed tasks.
+
+    A tensor-parallel task (several SLURM tasks, one per rank) counts once: done when every
+    rank returned (rank 0's summary is reported), FAILED with rank 0's message (or the failing rank's)."""
     failed = 0
     for arr in sub.submitted:
         for j, task in zip(arr.jobs, arr.plan.tasks):
-            try:
-                r = j.result()
+            r, err = job_outcome(j)
+            ranks = f", {r['world_size']} ranks" if r and r.get("world_size", 1) > 1 else ""
+            if err is None:
                 out(f"task {j.job_id} ({arr.plan.model.name}): {len(r['done'])} done, {len(r['skipped'])} skipped "
-                    f"(already done), {r['seconds']:.1f} s")
-            except Exception as e:   # FailedJobError / UncompletedJobError: report and go on
+                    f"(already done), {r['seconds']:.1f} s{ranks}")
+            else:
                 failed += 1
-                msg = str(e).strip().splitlines()
-                out(f"task {j.job_id} ({arr.plan.model.name}) FAILED: {msg[-1] if msg else type(e).__name__}")
+                out(f"task {j.job_id} ({arr.plan.model.name}) FAILED: {err}")
     return failed
 
 

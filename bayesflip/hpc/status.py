@@ -18,7 +18,8 @@ not match → corrupt (message names the file); a task that COMPLETED without a 
 shard → failed; no task and no record → pending.
 
 Store locations are always ``<results dir>/<sweep>/<experiment>/<model>.zarr`` under the
-results directory given now, so a moved or copied sweep reads its own stores.
+results directory given now, so a moved or copied sweep reads its own stores. A tensor-parallel
+task (one SLURM task per rank) is one entry: ``sacct -X`` lists allocations, not steps or ranks.
 ``bayesflip status --sweep S --json`` prints the same as one JSON object.
 """
 
