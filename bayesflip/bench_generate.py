@@ -95,7 +95,7 @@ def hf_generate(model, rows: list[list[int]], pad_id: int, device, max_new_token
 
 
 def bench_generate(lm, prompts: list[list[int]] | None = None, max_new_tokens: int = 32, n_prompts: int = 16,
-                   repeats: int = 3) -> dict:
+                   repeats: int = 4) -> dict:
     """Engine vs HF generate on one batch; ``prompts`` are token ids (default: coin/number prompts).
 
     Both run once as warm-up, then ``repeats`` times each, alternating which goes first (so a
