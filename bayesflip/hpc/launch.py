@@ -71,6 +71,8 @@ class SweepTask(Checkpointable):
         self.device = device
 
     def __call__(self, work: list) -> dict:
+        from ..models.prepare import offline_job
+        offline_job()                       # HF_HUB_OFFLINE=1: jobs load prepared snapshots, never download
         n_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if n_cpus:
             import torch
