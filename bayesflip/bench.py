@@ -269,11 +269,32 @@ def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct
 
 GOALS = {("icl_curve", "speedup"): (">=", 50), ("multi_choice", "speedup"): (">=", 3),
          ("engine_overhead", "efficiency"): (">=", 0.9), ("padding", "padding"): ("<=", 0.1),
-         ("icl_curve", "max_abs_diff"): ("<=", 1e-4), ("multi_choice", "max_abs_diff"): ("<=", 1e-4)}
+         ("icl_curve", "max_abs_diff"): ("<=", 1e-4), ("multi_choice", "max_abs_diff"): ("<=", 1e-4),
+         # nested metrics are keyed "<group>.<metric>"; "*.<metric>" applies to every group
+         ("generate", "greedy.ratio_engine_over_hf"): (">=", 1.0),
+         ("generate", "sampled.ratio_engine_over_hf"): (">=", 1.0),
+         ("generate", "*.sampler_host_syncs_per_step"): ("<=", 0),
+         ("generate", "greedy.greedy_rows_identical_to_hf"): ("all", None)}
+
+
+def goal_of(name: str, key: str) -> tuple | None:
+    """The goal of metric ``key`` (``metric`` or ``group.metric``) of benchmark ``name``, if any."""
+    if (name, key) in GOALS:
+        return GOALS[(name, key)]
+    if "." in key:
+        return GOALS.get((name, "*." + key.split(".", 1)[1]))
+    return None
+
+
+def goal_met(goal: tuple, v) -> bool:
+    if goal[0] == "all":  # "a/b" counts: all b agree
+        a, b = str(v).split("/")
+        return a == b
+    return v >= goal[1] if goal[0] == ">=" else v <= goal[1]
 
 
 def print_table(res: dict) -> None:
-    print(f"{'benchmark':18s} {'metric':22s} {'value':>12s}  goal")
+    print(f"{'benchmark':18s} {'metric':38s} {'value':>12s}  goal")
     for name in BENCHES:
         if name not in res:
             continue
@@ -281,13 +302,15 @@ def print_table(res: dict) -> None:
         for k, v in res[name].items():  # one level of nesting (generate: greedy / sampled)
             items += [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
         for k, v in items:
+            goal = goal_of(name, k)
+            g = ""
+            if goal:
+                g = f"{'all agree' if goal[0] == 'all' else f'{goal[0]} {goal[1]}'}  " \
+                    f"{'met' if goal_met(goal, v) else 'MISSED'}"
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("wall_s"):
-                goal = GOALS.get((name, k))
-                g = ""
-                if goal:
-                    ok = v >= goal[1] if goal[0] == ">=" else v <= goal[1]
-                    g = f"{goal[0]} {goal[1]}  {'met' if ok else 'MISSED'}"
-                print(f"{name:18s} {k:22s} {v:12.4g}  {g}")
+                print(f"{name:18s} {k:38s} {v:12.4g}  {g}")
+            elif isinstance(v, str) and goal:
+                print(f"{name:18s} {k:38s} {v:>12s}  {g}")
             elif k == "skipped":
                 print(f"{name:18s} skipped: {v}")
 

@@ -158,15 +158,14 @@ class Scorer:
 
     # ------------------------------------------------------------------ low level
     def _pad(self, rows: Sequence[Ids]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        lens = [len(r) for r in rows]
+        T = max(lens)
+        ids = torch.tensor([list(r) + [self.pad_id] * (T - n) for r, n in zip(rows, lens)], dtype=torch.long)
+        mask = torch.tensor([[1] * n + [0] * (T - n) for n in lens], dtype=torch.long)
+        real = sum(lens)
         self.stats.forward_calls += 1
-        self.stats.real_tokens += int(mask.sum())
-        self.stats.padded_slots += int(mask.numel() - mask.sum())
+        self.stats.real_tokens += real
+        self.stats.padded_slots += len(rows) * T - real
         return ids, mask, torch.arange(T).unsqueeze(0).expand(len(rows), T)
 
     def _call(self, ids, mask, pos, keep: torch.Tensor | int, cache=None, use_cache=False):
@@ -356,42 +355,79 @@ class Scorer:
         for n, p in enumerate(prompts):
             self._check_len(len(p) + max_new_tokens, f"prompt {n} + max_new_tokens")
         eos = self.tokenizer.eos_token_id
+        check_eos = stop_at_eos and eos is not None
         stops = [s for s in stop_strings if s]
         # a stop string of c characters lies within the decoded text of its last c + 1 tokens
         window = max((len(s) for s in stops), default=0) + 1
         out: list[Ids] = [[] for _ in prompts]
         batches = _batches([len(p) for p in prompts], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "generate"):
-            rows = [list(prompts[i]) for i in batch]
-            ids, mask, pos = self._pad(rows)
-            lens = mask.sum(1)
-            keep = torch.tensor(sorted(set((lens - 1).tolist())))
-            logits, cache = self._call(ids, mask, pos, keep, use_cache=True)
-            kidx = {int(p): j for j, p in enumerate(keep.tolist())}
-            sel = torch.tensor([kidx[int(n) - 1] for n in lens.tolist()], device=logits.device)
-            step_logits = logits[torch.arange(len(rows), device=logits.device), sel]
-            gens = [torch.Generator(device=step_logits.device).manual_seed(int(seeds[i])) for i in batch]
-            done = [False] * len(rows)
-            for step in range(max_new_tokens):
-                nxt = sample_next(step_logits, temperature, gens, top_k, top_p).tolist()
-                for i, t in enumerate(nxt):
+            with torch.inference_mode():
+                self._generate_batch([prompts[i] for i in batch], [int(seeds[i]) for i in batch],
+                                     [out[i] for i in batch], max_new_tokens, temperature, top_k, top_p,
+                                     eos if check_eos else None, stops, window)
+        return out
+
+    def _generate_batch(self, rows: Sequence[Ids], seeds: list[int], out: list[Ids], max_new_tokens: int,
+                        temperature: float, top_k, top_p, eos: int | None, stops: list[str], window: int) -> None:
+        """Decode one right-padded batch into ``out`` (one list per row), in place.
+
+        The decoding loop keeps everything on the model's device: the attention mask is allocated
+        once for prompt + ``max_new_tokens`` and sliced per step, positions are ``len(prompt) + step``,
+        new ids go into a preallocated (B, max_new_tokens) tensor and are fed back without leaving
+        the device, and EOS is tracked by a device bool per row. Host syncs per step: none when
+        neither EOS nor stop strings end rows; one (``finished.all()``, as HF's loop) for EOS; one
+        ``tolist`` of the step's B ids with stop strings (they are matched on the decoded text of
+        the last ``window`` tokens of a row only). The ids come to the host once, at the end.
+        """
+        B = len(rows)
+        lens = [len(r) for r in rows]
+        T = max(lens)
+        ids, mask, pos = self._pad(rows)
+        last = sorted(set(n - 1 for n in lens))
+        logits, cache = self._call(ids, mask, pos, torch.tensor(last), use_cache=True)
+        where = {p: j for j, p in enumerate(last)}
+        dev = logits.device
+        step_logits = logits[torch.arange(B, device=dev), torch.tensor([where[n - 1] for n in lens], device=dev)]
+        gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.long, device=self.device)
+        full_mask[:, :T] = mask.to(self.device)
+        pos_next = torch.tensor(lens, dtype=torch.long, device=self.device).unsqueeze(1)
+        new = torch.empty((B, max_new_tokens), dtype=torch.long, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = [False] * B          # host view, stop-string path only
+        steps = 0
+        for step in range(max_new_tokens):
+            nxt = sample_next(step_logits, temperature, gens, top_k, top_p)
+            new[:, step] = nxt
+            steps = step + 1
+            if stops:
+                for i, t in enumerate(nxt.tolist()):
                     if done[i]:
                         continue
-                    row = out[batch[i]]
+                    row = out[i]
                     row.append(t)
-                    if (stop_at_eos and t == eos) or (stops and any(
-                            s in self.tokenizer.decode(row[-window:]) for s in stops)):
+                    if t == eos or any(s in self.tokenizer.decode(row[-window:]) for s in stops):
                         done[i] = True
-                if all(done) or step == max_new_tokens - 1:
+                if all(done):
                     break
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-                pos_step = (lens + step).unsqueeze(1)
-                self.stats.forward_calls += 1
-                self.stats.real_tokens += len(rows)
-                logits, cache = self._call(torch.tensor(nxt).unsqueeze(1), mask, pos_step, 1, cache=cache,
-                                           use_cache=True)
-                step_logits = logits[:, -1]
-        return out
+            elif eos is not None:
+                finished |= nxt == eos
+                if bool(finished.all()):
+                    break
+            if step == max_new_tokens - 1:
+                break
+            self.stats.forward_calls += 1
+            self.stats.real_tokens += B
+            logits, cache = self._call(nxt.unsqueeze(1), full_mask[:, : T + step + 1], pos_next + step, 1,
+                                       cache=cache, use_cache=True)
+            step_logits = logits[:, -1]
+        if stops:
+            return
+        for i, row in enumerate(new[:, :steps].tolist()):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            out[i].extend(row)
 
     # ------------------------------------------------------------------ attention (family G)
     def attention_mass(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],

@@ -85,8 +85,18 @@ def library_versions() -> dict[str, str]:
 
 
 def identity(config_hash: str, model_spec) -> dict[str, Any]:
-    """What determines a store's numbers: config, resolved model spec, code version."""
-    return {"config_hash": config_hash, "model_id": model_spec.id, "model_revision": model_spec.revision,
+    """What determines a store's numbers: config, resolved model spec, code version.
+
+    ``model_revision`` of a prepared Hub model is its pinned commit sha (from the ``prepare``
+    record or the Hub cache's ref: :func:`bayesflip.models.prepare.store_revision`), not the
+    registry's ``main``: a store planned against sha A refuses a job that would load sha B after
+    a re-prepare. (Stores planned before the sha was pinned, with ``main`` in their identity,
+    are refused the same way until re-planned with ``--overwrite``.) Other sources keep their
+    registry revision (package version, seed, ...).
+    """
+    from .models.prepare import store_revision
+
+    return {"config_hash": config_hash, "model_id": model_spec.id, "model_revision": store_revision(model_spec),
             "dtype": model_spec.dtype, "backend": model_spec.backend, "tp": model_spec.tp,
             "attn_implementation": model_spec.attn_implementation, "code_version": CODE_VERSION}
 
@@ -107,7 +117,8 @@ def provenance(exp, model_spec) -> dict[str, Any]:
     return {
         "experiment": exp.name, "family": exp.family, "config": exp.raw, "config_hash": exp.hash,
         "seed": exp.seed, "shard_size": exp.shard_size,
-        "model": model_spec.name, "model_id": model_spec.id, "model_revision": model_spec.revision,
+        "model": model_spec.name, "model_id": model_spec.id, "model_revision": ident["model_revision"],
+        "model_revision_requested": model_spec.revision,
         "model_spec": model_spec.model_dump(mode="json"),
         "identity": ident, "identity_hash": identity_hash(ident),
         "versions": library_versions(), "git_commit": git_commit(),

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _hub_cache(root: Path, repo_id: str = "testorg/tiny-llama", sha: str = SHA) -> Path:
+def _hub_cache(root: Path, repo_id: str = "testorg/tiny-llama", sha: str = SHA, refs_exist_ok: bool = False) -> Path:
     """models--org--name/{refs/main, snapshots/<sha>/...} with a tiny random Llama + tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -34,7 +34,7 @@ def _hub_cache(root: Path, repo_id: str = "testorg/tiny-llama", sha: str = SHA) 
                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
     model.save_pretrained(snap)
     tok.save_pretrained(snap)
-    (repo / "refs").mkdir(parents=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=refs_exist_ok)
     (repo / "refs" / "main").write_text(sha)
     return snap
 
@@ -121,3 +121,87 @@ def test_models_prepare_cli_offline(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot fetch testorg/ghost@main" in r.stderr
     r = cli("models", "prepare")
     assert r.returncode == 2 and "name a model" in r.stderr
+
+
+# ---------------------------------------------------------------------- the sha in manifest, store and records
+HUB_SWEEP = """models: [hubtiny]
+experiments:
+  icl_coin: {seed: 3, shard_size: 2, params: {thetas: [0.5], n_flips: 4, samples: 4}}
+"""
+GHOST_SWEEP = """models: [ghost]
+experiments:
+  icl_coin: {seed: 3, shard_size: 2, params: {thetas: [0.5], n_flips: 4, samples: 2}}
+"""
+SHA_B = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _hub_env(tmp_path: Path) -> dict:
+    from conftest import private_configs
+
+    cfg = private_configs(tmp_path, {"hubx": HUB_SWEEP, "ghostx": GHOST_SWEEP})
+    (cfg / "models" / "hubset.yaml").write_text(
+        "models:\n  hubtiny: {id: testorg/tiny-llama, kind: std, dtype: float32, template: cpu-debug}\n"
+        "  ghost: {id: testorg/ghost, kind: std, dtype: float32, template: cpu-debug}\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "BAYESFLIP_CONFIG_DIR": str(cfg), "BAYESFLIP_CACHE": str(tmp_path / "bf")}
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
+def _bf(env, *a, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bayesflip.cli", *a], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.integration
+def test_submitted_hub_model_pins_its_sha_in_manifest_store_and_records(tmp_path):
+    """submit (local executor, HF_HUB_OFFLINE=1) on a hand-built Hub cache: the sha lands in the manifest,
+    the store's identity and every done record; after the cache moves to another sha, the job refuses."""
+    import zarr
+
+    _hub_cache(tmp_path)
+    env = _hub_env(tmp_path)
+    res = tmp_path / "res"
+    r = _bf(env, "submit", "--exp", "hubx", "--executor", "local", "--wait", "--results-dir", str(res))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    man = json.loads((res / "hubx" / "manifest.json").read_text())
+    assert man["submissions"][-1]["pinned_revisions"] == {"hubtiny": SHA}
+    store = res / "hubx" / "icl_coin" / "hubtiny.zarr"
+    attrs = dict(zarr.open_group(store, mode="r").attrs)
+    assert attrs["identity"]["model_revision"] == SHA and attrs["model_revision"] == SHA
+    assert attrs["model_revision_requested"] == "main"
+    recs = [json.loads(p.read_text()) for p in sorted((store.parent / "hubtiny.records").glob("shard-*.json"))]
+    assert len(recs) == 2 and all(x["status"] == "done" and x["model_revision"] == SHA for x in recs)
+
+    # re-prepared to a newer commit: refs/main -> sha B; plan and the job both refuse, naming the field
+    _hub_cache(tmp_path, sha=SHA_B, refs_exist_ok=True)
+    r = _bf(env, "submit", "--exp", "hubx", "--executor", "local", "--dry-run", "--results-dir", str(res))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"model_revision: store='{SHA}' now='{SHA_B}'" in r.stderr and "--overwrite" in r.stderr
+    job = ("from pathlib import Path; from bayesflip.job import run_task; "
+           f"run_task('hubx', 'hubtiny', [('icl_coin', 0)], device='cpu', progress=False, results_dir=Path({str(res)!r}))")
+    r = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "StoreIdentityError" in r.stderr
+    assert f"model_revision: store='{SHA}' now='{SHA_B}'" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.integration
+def test_submit_refuses_an_unprepared_hub_model_before_anything_is_submitted(tmp_path):
+    env = _hub_env(tmp_path)
+    res = tmp_path / "res"
+    r = _bf(env, "submit", "--exp", "ghostx", "--executor", "local", "--results-dir", str(res))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "run `bayesflip models prepare ghost`" in r.stderr
+    assert not res.exists()                      # no store, no manifest, no job folder
+
+
+def test_sweep_task_runs_offline(monkeypatch):
+    """Every cluster task starts with HF_HUB_OFFLINE=1 (env and the already imported huggingface_hub)."""
+    import huggingface_hub.constants as hc
+
+    from bayesflip.hpc.launch import SweepTask
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    out = SweepTask("demo", "tiny-random", "/nonexistent-results")([])   # empty work list: nothing loaded
+    assert out["done"] == [] and os.environ["HF_HUB_OFFLINE"] == "1" and hc.is_offline_mode()

@@ -128,3 +128,19 @@ def test_grid_temperature_families_sampling_kwargs():
     assert a.sampling_kwargs(1.0, model) == {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
     assert get_family("acronym").Params(protocol="paper", generation="model_defaults", top_k=5).sampling_kwargs(
         0.5, model) == {"temperature": 0.5, "top_k": 5, "top_p": 0.95}
+
+
+def test_generate_host_syncs(tiny):
+    """The sampler never syncs; without EOS or stop strings the ids reach the host once per batch."""
+    from bayesflip.bench_generate import SyncCounter
+
+    sc = Scorer(tiny, max_padding=1.0)       # one batch
+    ps = [encode_prompt(tiny.tokenizer, t) for t in ("Once upon a time there was", "Hello", "The coin")]
+    ref = sc.generate(ps, 6, seeds=[1, 2, 3], stop_at_eos=False)
+    for temp in (0.0, 1.0):
+        counter = SyncCounter()
+        with counter.patch():
+            got = sc.generate(ps, 6, seeds=[1, 2, 3], temperature=temp, stop_at_eos=False)
+        assert counter.in_sampler == 0 and counter.by_method.get("tolist") == 1
+        if temp:
+            assert got == ref

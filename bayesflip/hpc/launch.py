@@ -76,6 +76,8 @@ class SweepTask(Checkpointable):
         self.template = template        # job template (name, or {name, gpus_per_node}): check_device at task start
 
     def __call__(self, work: list) -> dict:
+        from ..models.prepare import offline_job
+        offline_job()                       # HF_HUB_OFFLINE=1: jobs load prepared snapshots, never download
         n_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if n_cpus:
             import torch

@@ -9,7 +9,9 @@ with ``HF_HUB_OFFLINE=1``; the sha is the ``model_revision`` written into every 
 * :func:`prepared_revision` — the pinned sha (record first, else the cache's ``refs/<revision>``),
   or None. :func:`is_prepared` — whether it exists; :func:`require_prepared` — the one-line error
   ``submit`` shows for an unprepared Hub model.
-* :func:`hub_snapshot` — the snapshot directory a prepared model loads from.
+* :func:`hub_snapshot` — the snapshot directory a prepared model loads from;
+  :func:`store_revision` — the ``model_revision`` of the store identity (the sha for a prepared
+  Hub model); :func:`offline_job` — ``HF_HUB_OFFLINE=1`` at the start of every cluster task.
 * Packaged GGUF models are converted once (their safetensors cache); ``local`` / ``tiny_random``
   need nothing.
 """
@@ -90,6 +92,20 @@ def prepared_revision(spec: ModelSpec) -> str | None:
         if SHA_RE.match(sha) and _complete(snaps / sha):
             return sha
     return None
+
+
+def store_revision(spec: ModelSpec) -> str:
+    """The ``model_revision`` of a store's identity: a prepared Hub model's commit sha, else ``spec.revision``."""
+    return prepared_revision(spec) or spec.revision
+
+
+def offline_job() -> None:
+    """Jobs never download: ``HF_HUB_OFFLINE=1`` for this process (and its children), also when
+    huggingface_hub is already imported (it reads the variable once, at import)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
 
 
 def hub_snapshot(spec: ModelSpec) -> Path | None:
