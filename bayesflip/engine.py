@@ -156,6 +156,27 @@ class Scorer:
         tok = self.tokenizer
         self.pad_id = next(x for x in (tok.pad_token_id, tok.eos_token_id, 0) if x is not None)
 
+    # ------------------------------------------------------------------ model facts (families read these)
+    @property
+    def module(self):
+        """The transformers module (a DeepSpeed InferenceEngine is unwrapped)."""
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def config(self):
+        """The model's (text) config."""
+        cfg = self.module.config
+        return getattr(cfg, "text_config", None) or cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def generation_config(self):
+        """The model's ``generation_config`` (``generation: model_defaults`` reads it), or None."""
+        return getattr(self.module, "generation_config", None)
+
     # ------------------------------------------------------------------ low level
     def _pad(self, rows: Sequence[Ids]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lens = [len(r) for r in rows]

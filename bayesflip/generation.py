@@ -106,9 +106,10 @@ def provenance_array(p: GenerationFields, settings: GenerationSettings, n: int):
 
 
 def model_generation_defaults(model) -> dict:
-    """``do_sample``, ``temperature``, ``top_k``, ``top_p`` of a model's ``generation_config`` (HF defaults if unset)."""
-    m = getattr(model, "module", model)
-    gc = getattr(m, "generation_config", None)
+    """``do_sample``, ``temperature``, ``top_k``, ``top_p`` of a model's ``generation_config`` (HF defaults if unset).
+
+    ``model``: anything with a ``generation_config`` (a backend, the engine, a transformers model)."""
+    gc = getattr(getattr(model, "module", model), "generation_config", None)
     get = (lambda k, d: getattr(gc, k, None) if getattr(gc, k, None) is not None else d)
     return {"do_sample": bool(get("do_sample", False)), "temperature": float(get("temperature", 1.0)),
             "top_k": int(get("top_k", HF_DEFAULT_TOP_K)), "top_p": float(get("top_p", 1.0))}

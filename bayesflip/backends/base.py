@@ -76,12 +76,16 @@ class Backend(ABC):
     @property
     def config(self):
         """The model's (text) config: what families read instead of reaching into the module."""
-        cfg = getattr(self.model, "module", self.model).config
-        return getattr(cfg, "text_config", None) or cfg
+        return self.scorer.config
 
     @property
     def n_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        return self.scorer.n_layers
+
+    @property
+    def generation_config(self):
+        """The model's ``generation_config`` (families with ``generation: model_defaults`` read it)."""
+        return self.scorer.generation_config
 
     @property
     def stats(self) -> EngineStats:

@@ -101,7 +101,7 @@ def paper_step(fam, s: GenState, g: int) -> None:
         for T in sorted({temps[i] for i in todo}):
             group = [i for i in todo if temps[i] == T]
             outs = ctx.scorer.generate([ids[i] for i in group], p.reply_tokens, [seeds[i] for i in group],
-                                       **p.sampling_kwargs(T, getattr(ctx.scorer, "model", None)))
+                                       **p.sampling_kwargs(T, ctx.scorer))
             replies.update({i: ctx.tokenizer.decode(o, skip_special_tokens=True) for i, o in zip(group, outs)})
         again = []
         for i in todo:

@@ -90,12 +90,6 @@ def layer_indices(lo: float, hi: float, n_layers: int) -> list[int]:
     return [layer for layer in range(n_layers) if lo * n_layers <= layer and (layer < hi * n_layers or hi >= 1.0)]
 
 
-def _n_layers(model) -> int:
-    cfg = getattr(getattr(model, "module", model), "config")
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return int(cfg.num_hidden_layers)
-
-
 def token_spans(head_len: int, choice_lens: list[int], sep_len: int, outcomes) -> tuple[list[range], list[range]]:
     """Token positions of every outcome and every separator in a build_curve sequence."""
     outs, seps, pos = [], [], head_len
@@ -150,7 +144,7 @@ class AttentionFamily(ICLFamily):
     def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         tok = ctx.tokenizer
         choices = _spec(p)["choices"]
-        sets = self.resolve_layers(p, _n_layers(ctx.scorer.model))
+        sets = self.resolve_layers(p, ctx.scorer.n_layers)
         ridx = read_indices(p)
         names = group_names(p)
         reqs, outs, head_lens = [], [], []

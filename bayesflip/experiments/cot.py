@@ -315,7 +315,7 @@ class CoTFamily(Family):
         chat = self.chat(p, ctx.model_kind)
         choices = self.spec(p)["choices"]
         if self.generates(p):
-            settings = p.generation_settings(ctx.scorer.model)
+            settings = p.generation_settings(ctx.scorer)
             seeds = [cell_seed(ctx.seed, "cot", p.process, c["bias"], c.get("face"), c["sample"]) for c in cells]
             gens = sample_with(ctx.scorer, [self.gen_prompt(p, c, ctx.model_kind) for c in cells], seeds, settings,
                                extra_stops=p.stop)
@@ -335,5 +335,5 @@ class CoTFamily(Family):
                 "cot": np.asarray(reasons, dtype=str),
                 "cot_tokens": np.asarray([len(encode_piece(tok, r)) if r else 0 for r in reasons], dtype=np.int32),
                 "stopped": np.asarray(stopped, dtype=bool),
-                **({"generation_config": provenance_array(p, p.generation_settings(ctx.scorer.model), len(cells))}
+                **({"generation_config": provenance_array(p, p.generation_settings(ctx.scorer), len(cells))}
                    if p.generation == "model_defaults" else {})}

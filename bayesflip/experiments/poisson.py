@@ -358,7 +358,7 @@ class PoissonFamily(Family):
         return cell_seed(seed, "poisson", p.mode, cell["marker"], cell["lam"], cell["sample"])
 
     def run(self, p: PoissonParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
-        settings = p.generation_settings(ctx.scorer.model)
+        settings = p.generation_settings(ctx.scorer)
         prompts = [self.prompt(p, c, ctx.model_kind, ctx.seed) for c in cells]
         samples = sample_with(ctx.scorer, prompts, [self.seed_of(p, c, ctx.seed) for c in cells], settings)
         counts, attempts = [], [1] * len(cells)

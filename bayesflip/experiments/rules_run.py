@@ -164,7 +164,7 @@ def write_examples(s: GenState, g: int, pending: list[tuple[int, Prompt]]) -> No
         for T in sorted({s.cells[i]["temperature"] for i in todo}):
             group = [i for i in todo if s.cells[i]["temperature"] == T]
             outs = ctx.scorer.generate([ids[i] for i in group], p.max_new_tokens, [seeds[i] for i in group],
-                                       **p.sampling_kwargs(T, getattr(ctx.scorer, "model", None)))
+                                       **p.sampling_kwargs(T, ctx.scorer))
             replies.update({i: ctx.tokenizer.decode(o, skip_special_tokens=True) for i, o in zip(group, outs)})
         again = []
         for i in todo:
