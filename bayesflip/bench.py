@@ -221,7 +221,7 @@ def machine_info() -> dict:
     return info
 
 
-BENCHES = ["icl_curve", "multi_choice", "engine_overhead", "padding", "generate", "sweep_submit"]
+BENCHES = ["icl_curve", "multi_choice", "engine_overhead", "padding", "generate", "shard_groups", "sweep_submit"]
 
 
 def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct", out: Path | None = None,
@@ -246,6 +246,10 @@ def run_bench(only: list[str] | None = None, model: str = "smollm2-135m-instruct
             from .bench_generate import bench_generate
 
             res[name] = bench_generate(lm)
+        elif name == "shard_groups":
+            from .bench_groups import bench_shard_groups
+
+            res[name] = bench_shard_groups(lm)
         elif name == "sweep_submit":
             try:
                 res[name] = bench_sweep_submit()
@@ -274,7 +278,8 @@ GOALS = {("icl_curve", "speedup"): (">=", 50), ("multi_choice", "speedup"): (">=
          ("generate", "greedy.ratio_engine_over_hf"): (">=", 1.0),
          ("generate", "sampled.ratio_engine_over_hf"): (">=", 1.0),
          ("generate", "*.sampler_host_syncs_per_step"): ("<=", 0),
-         ("generate", "greedy.greedy_rows_identical_to_hf"): ("all", None)}
+         ("generate", "greedy.greedy_rows_identical_to_hf"): ("all", None),
+         ("shard_groups", "forward_calls_ratio"): (">=", 2), ("shard_groups", "max_abs_diff"): ("<=", 5e-5)}
 
 
 def goal_of(name: str, key: str) -> tuple | None:

@@ -155,27 +155,3 @@ def test_crash_mid_group_leaves_unwritten_shards_pending(tiny, per_shard, tmp_pa
     assert {s: _records(tmp_path, "icl_coin")[s] for s in (0, 1)} == recs       # not recomputed
     got = _arrays(tmp_path, SWEEP, MODEL)["icl_coin"]
     assert_same({"icl_coin": got}, {"icl_coin": _arrays(ref_root, SWEEP, MODEL)["icl_coin"]})
-
-
-@pytest.mark.integration
-def test_group_speedup_smol(smol, tmp_path):
-    """Measurement (printed): 8 shards each of a needle and an ICL experiment on SmolLM2, one
-    engine call per shard vs one per experiment, in the same process."""
-    import torch
-
-    work = _work("bench_group", "smollm2-135m-instruct")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run(tmp_path / "warm", smol, "bench_group", "smollm2-135m-instruct", work=work[:1], group_cells=1)
-        r1, c1, t1 = _run(tmp_path / "per", smol, "bench_group", "smollm2-135m-instruct", work=work, group_cells=1)
-        r2, c2, t2 = _run(tmp_path / "grp", smol, "bench_group", "smollm2-135m-instruct", work=work)
-    finally:
-        torch.set_num_threads(n)
-    assert not r1.failed and not r2.failed and len(r1.done) == len(r2.done) == len(work) == 16
-    assert_same(_arrays(tmp_path / "grp", "bench_group", "smollm2-135m-instruct"),
-                _arrays(tmp_path / "per", "bench_group", "smollm2-135m-instruct"))
-    print(f"\nSmolLM2, {len(work)} shards (needle_coin 8 + icl_coin 8), 1 thread: per-shard {r1.runs} runs, "
-          f"{c1} forward calls, {t1:.2f} s; grouped {r2.runs} runs, {c2} forward calls, {t2:.2f} s; "
-          f"forward calls ×{c1 / c2:.2f} fewer, wall ×{t1 / t2:.2f} faster")
-    assert c2 < c1
