@@ -381,9 +381,9 @@ class RulesFamily(GenerationalFamily):
         * the **belief read**: ``⌈243 / choice_chunk⌉`` engine calls, each forwarding the whole
           context once plus the branch rows of its rules (with ``self_check`` each rule row runs on
           through the question: ``rule + check_question``);
-        * paper protocol, ``self`` (always) / ``hypothesis`` (assumed always: the upper bound; the run
-          refines only when h_g misses an example of d⁰; its prompt then lists every example of d⁰): a second read of the 243 rules after the
-          history, the rule request and the refinement turn;
+        * paper protocol, ``self`` (always) / ``hypothesis`` (assumed always, its prompt listing every
+          example of d⁰ as missed: the upper bound; the run refines only when h_g misses an example):
+          a second read of the 243 rules after the history, the rule request and the refinement turn;
         * paper protocol, g < G: one generation row (prompt = history + the example request)
           sampling ``max_new_tokens``, tried ``1 + max_redraws`` times (upper bound: the run redraws
           only while fewer than M examples parse).
