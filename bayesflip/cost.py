@@ -12,7 +12,10 @@ device-minutes. All figures are **estimates**:
   prompts once), plus the continuation tokens of multi-token choices (the first choice token is
   read from the context's last logits); a generation row forwards its prompt and samples
   ``max_new_tokens`` (an upper bound: rows stopping at EOS sample fewer). Generation-by-generation
-  families (chains, rules, acronym) count generation 0 once per generation.
+  families (chains, rules, acronym) override ``count_tokens`` to follow their run generation by
+  generation (every engine call of every generation: chunked belief reads, model turns, chat
+  history, written examples and redraws); what depends on model outputs is counted at its upper
+  bound or a stated assumption (each family's ``count_tokens`` docstring).
 * **Sampling**: at most :data:`SAMPLE_SHARDS` evenly spaced shards (≤ :data:`SAMPLE_CELLS`
   cells) of an experiment are rendered; the other shards are interpolated linearly by shard
   index (exact when every shard is sampled), so big grids cost a few seconds.
@@ -62,6 +65,24 @@ class TokenCount:
 
     def scaled(self, k: int) -> "TokenCount":
         return TokenCount(self.prompt * k, self.generated * k, self.rows * k)
+
+
+def branch_tokens(choices: list) -> int:
+    """Continuation tokens the engine forwards for one ``score_choices`` request's choices (token
+    ids) after its context: the maximal unique ``c[:-1]`` prefixes (``engine._branch_plan``; the
+    first token of every choice is read from the context's last logits)."""
+    uniq = sorted({tuple(c[:-1]) for c in choices if len(c) > 1}, key=len, reverse=True)
+    keep: list[tuple] = []
+    for s in uniq:
+        if not any(k[: len(s)] == s for k in keep):
+            keep.append(s)
+    return sum(map(len, keep))
+
+
+def chunked_read_tokens(context_len: int, choices: list, chunk: int) -> int:
+    """Tokens forwarded to read ``choices`` after one context in engine calls of ``chunk`` choices
+    each (the context is forwarded once per call, the branches of each call's choices after it)."""
+    return sum(context_len + branch_tokens(choices[lo: lo + chunk]) for lo in range(0, len(choices), chunk))
 
 
 def _maximal_texts(texts: list[str]) -> list[str]:

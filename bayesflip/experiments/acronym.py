@@ -299,6 +299,39 @@ class AcronymFamily(GenerationalFamily):
             out.append(RenderedCell(cell={**c, "generation": 1}, text=render(pr, tokenizer), generation=gen))
         return out
 
+    def count_tokens(self, p: AcronymParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """Tokens of these cells' run, engine call by engine call, generations 1..G (no model).
+
+        * clean: per cell and generation, ``pool`` generation rows (one prompt of ``shots`` shown
+          pairs each) sampling ``max_new_tokens`` (upper bound: rows stop at the first newline);
+        * paper: per cell and generation, one request row sampling ``reply_tokens``, tried
+          ``1 + max_redraws`` times (upper bound: the run redraws only while no pair parses).
+
+        Assumption where the text depends on the model: the pairs shown in later generations (the
+        kept / selected model-written pairs) are as long as generation 1's (clean: the init pairs
+        the chain's generator shows; paper: d⁰), so generation 1's prompts are rendered (as the run
+        renders them, ``encode_prompt``) and counted for every generation."""
+        from ..cost import TokenCount
+        from ..prompts import encode_prompt
+
+        G = p.generations
+        out = TokenCount()
+        lens: dict[tuple, int] = {}
+        for c in cells:
+            if p.protocol == "paper":
+                n = len(encode_prompt(tokenizer, self.paper_prompt(p, c, paper_d0(p, c, seed), model_kind)))
+                out = out + TokenCount(n, p.reply_tokens, 1).scaled(G * (1 + p.max_redraws))
+                continue
+            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
+            prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
+            for _ in range(p.pool):
+                shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
+                rng.integers(0, 2**62)
+                if tuple(shown) not in lens:
+                    lens[tuple(shown)] = len(encode_prompt(tokenizer, self.prompt(p, shown, model_kind)))
+                out = out + TokenCount(lens[tuple(shown)], p.max_new_tokens, 1).scaled(G)
+        return out
+
     # ------------------------------------------------------------------ run (GenerationalFamily)
     def rng_key(self, p: AcronymParams, cell: dict) -> tuple:
         return ("acronym", sorted(cell.items()))

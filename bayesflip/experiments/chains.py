@@ -164,6 +164,33 @@ class ChainFamily(GenerationalFamily):
             out.append(RenderedCell(cell={**c, "generation": 0}, text=text, choices=list(choices)))
         return out
 
+    def count_tokens(self, p: ChainParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """Tokens of these cells' run, engine call by engine call (no model): per cell one read of the K
+        choices after ``head + data[g]`` for every generation 0..G and, for the ``sampler`` learner, the
+        ``n - 1`` autoregressive reads after ``data[g]`` + its own outcomes (contexts of n+1..2n-1
+        outcomes) for every g < G. Assumptions: later generations' data have generation 0's mean
+        tokens per outcome; a filtered sampler generation is drawn once (the run redraws it while the
+        filter rejects it, a model-dependent number of times up to ``max_redraws``); pm / tempered /
+        greedy draws cost no engine call."""
+        from ..cost import TokenCount, branch_tokens
+
+        choices = _spec(p)["choices"]
+        head = len(encode_prompt(tokenizer, self.head(p, model_kind)))
+        sep = encode_piece(tokenizer, p.separator)
+        piece = [len(encode_piece(tokenizer, c)) + len(sep) for c in choices]
+        branch = branch_tokens([encode_piece(tokenizer, c) for c in choices])
+        out = TokenCount()
+        for c in cells:
+            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
+            seq = initial_outcomes(len(choices), c["n"], c["init"], p.init_choice, rng)
+            per = float(np.mean([piece[int(o)] for o in seq])) if len(seq) else 0.0
+            ctx0 = head + sum(piece[int(o)] for o in seq)
+            n = ctx0 + branch + p.generations * (head + round(c["n"] * per) + branch)
+            if c["learner"] == "sampler":
+                n += p.generations * sum(head + round((c["n"] + i) * per) + branch for i in range(1, c["n"]))
+            out.prompt += n
+        return out
+
     # ------------------------------------------------------------------ run (GenerationalFamily)
     def rng_key(self, p: ChainParams, cell: dict) -> tuple:
         return ("chains", p.process, sorted(cell.items()))

@@ -61,7 +61,9 @@ class GenerationalFamily(Family):
 
     def count_tokens(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """Generation 0's rendered read (and generation, if any) once per generation ``first_step..last``
-        (later generations' contexts differ in content, not much in length: an estimate)."""
+        (later generations' contexts differ in content, not much in length: an estimate). Families whose
+        later generations do more than generation 0's read (``rules``, ``acronym``: model turns, chat
+        history, written examples, redraws) override this to follow their run call by call."""
         one = super().count_tokens(p, cells, tokenizer, model_kind, seed)
         return one.scaled(max(1, self.last_generation(p) + 1 - self.first_step))
 

@@ -159,6 +159,13 @@ def next_examples(h: int, m: int, rng: np.random.Generator) -> tuple[np.ndarray,
     return ins, output_table()[h, ins]
 
 
+def _typical_inputs(m: int, objects: tuple[str, ...]) -> np.ndarray:
+    """``m`` distinct subset indices spread evenly over the 31 subsets (ordered by size): data of the
+    typical length for the cost estimate (``count_tokens``), where the run draws or the model writes them."""
+    n = len(subsets(objects))
+    return np.array(sorted({min(n - 1, int((k + 0.5) * n / m)) for k in range(m)}), dtype=np.int64)
+
+
 def consistent_pair(h_star: int, screen: int) -> np.ndarray:
     """Subset indices on which h* and h̄ (h* with the screen off) give the same output."""
     h = hypotheses()[h_star]
@@ -364,6 +371,117 @@ class RulesFamily(GenerationalFamily):
                 pr = self.prompt(p, c["bias"], ins, outs, model_kind)
             out.append(RenderedCell(cell={**c, "generation": 0}, text=render(pr, tokenizer),
                                     choices=self.rule_texts(p)))
+        return out
+
+    def count_tokens(self, p: RulesParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """Tokens of these cells' run, engine call by engine call, every generation 0..G (no model).
+
+        Per cell and generation g:
+
+        * the **belief read**: ``⌈243 / choice_chunk⌉`` engine calls, each forwarding the whole
+          context once plus the branch rows of its rules (with ``self_check`` each rule row runs on
+          through the question: ``rule + check_question``);
+        * paper protocol, ``self`` (always) / ``hypothesis`` (assumed always, its prompt listing every
+          example of d⁰ as missed: the upper bound; the run refines only when h_g misses an example):
+          a second read of the 243 rules after the history, the rule request and the refinement turn;
+        * paper protocol, g < G: one generation row (prompt = history + the example request)
+          sampling ``max_new_tokens``, tried ``1 + max_redraws`` times (upper bound: the run redraws
+          only while fewer than M examples parse).
+
+        Assumptions where the text depends on the model: data d^g (g ≥ 1) are M examples on inputs
+        spread evenly over the subsets by size (:func:`_typical_inputs`; the run draws them, or the
+        model writes them) labelled by the true rule / h*; the stated and passed rules in the chat
+        history are h*; every model reply in the history is ``max_new_tokens`` tokens long (upper
+        bound). Prompts are rendered and tokenized like the run's (``encode_prompt``), once per
+        distinct condition and generation, so a sweep is costed in seconds."""
+        from ..cost import TokenCount, branch_tokens
+        from ..prompts import encode_prompt
+
+        rules = [encode_piece(tokenizer, t) for t in self.rule_texts(p)]
+        q = encode_piece(tokenizer, p.check_question)
+        answers = [encode_piece(tokenizer, a) for a in p.check_answers]
+        chunks = [rules[lo: lo + p.choice_chunk] for lo in range(0, len(rules), p.choice_chunk)]
+        branches = {False: sum(branch_tokens(ch) for ch in chunks),       # as read_beliefs builds each call
+                    True: sum(branch_tokens(ch + [r + q + a for a in answers for r in ch]) for ch in chunks)}
+
+        def read(n_ctx: int, self_check: bool) -> int:
+            return len(chunks) * n_ctx + branches[self_check]
+
+        cache: dict = {}
+        out = TokenCount()
+        for c in cells:
+            if p.protocol == "paper":
+                key = tuple((k, c[k]) for k in ("bias", "position", "interaction", "h_index", "d0_seed"))
+                if key not in cache:
+                    cache[key] = self._paper_count(p, c, tokenizer, model_kind, seed, read)
+                out = out + cache[key]
+                continue
+            key = (c["bias"], c["interaction"])
+            if key not in cache:
+                ins0, outs0 = _init_data(p)
+                n0 = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins0, outs0, model_kind)))
+                t = TokenCount(prompt=read(n0, c["interaction"] == "self_check"))
+                if p.generations:
+                    ins = _typical_inputs(p.examples, OBJECTS)
+                    outs = output_table()[hypotheses().index(tuple(p.true_rule[o] for o in OBJECTS)), ins]
+                    n = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins, outs, model_kind)))
+                    t = t + TokenCount(prompt=read(n, c["interaction"] == "self_check")).scaled(p.generations)
+                cache[key] = t
+            out = out + cache[key]
+        return out
+
+    def _paper_count(self, p: RulesParams, c: dict, tokenizer, model_kind: str, seed: int, read):
+        """One paper cell's tokens (see :meth:`count_tokens`): the run's own prompt builders
+        (:func:`.rules_run.rounds`, :func:`.rules_run.paper_rule_prompt`) over arrays filled with the
+        stated assumptions."""
+        from ..cost import TokenCount
+        from ..prompts import encode_prompt
+        from .rules_run import _fmt, conversation, paper_rule_prompt, rounds
+
+        G, chat = p.generations, use_chat(p.variant, model_kind)
+        h = feasible_rules()[c["h_index"]]
+        d0_in, d0_out = paper_d0(p, c, seed)
+        ins = _typical_inputs(p.examples, RP.OBJECTS)
+        m = max(len(d0_in), len(ins))
+        refined = c["interaction"] in PAPER_INTERACTIONS
+        arr = {"inputs": np.full((1, G + 1, m), -1), "outputs": np.full((1, G + 1, m), -1),
+               "n_examples": np.zeros((1, G + 1), int), "rule": np.full((1, G + 1), h),
+               "rule_passed": np.full((1, G + 1), h), "refined": np.full((1, G + 1), refined),
+               "reply": np.full((1, G + 1), "", dtype=object)}
+        arr["inputs"][0, 0, : len(d0_in)], arr["outputs"][0, 0, : len(d0_in)] = d0_in, d0_out
+        arr["n_examples"][0, 0] = len(d0_in)
+        for g in range(1, G + 1):
+            arr["inputs"][0, g, : len(ins)], arr["outputs"][0, g, : len(ins)] = ins, output_table()[h, ins]
+            arr["n_examples"][0, g] = len(ins)
+        system, fmt = _fmt(p, c)
+        subs = subsets(RP.OBJECTS)
+
+        def n_tokens(pr, turns) -> int:       # + the model replies of the history at max_new_tokens
+            replies = sum(1 for role, t in turns if role == "assistant" and t == "")
+            return len(encode_prompt(tokenizer, pr)) + replies * p.max_new_tokens
+
+        out = TokenCount()
+        for g in range(G + 1):
+            n = int(arr["n_examples"][0, g])
+            hist = rounds(p, arr, 0, c, g, with_hd=False)
+            pr = paper_rule_prompt(p, c, hist, arr["inputs"][0, g, :n], arr["outputs"][0, g, :n], model_kind)
+            out.prompt += read(n_tokens(pr, hist), c["interaction"] == "self_check")
+            full = rounds(p, arr, 0, c, g, with_hd=True)
+            if refined:
+                hyp = hypotheses()[h]
+                if c["interaction"] == "self":
+                    turn = RP.search_prompt(hyp, RP.data_text(subs, d0_in, d0_out), fmt)
+                else:                           # the refinement prompt as if h_g missed every example
+                    wrong = (output_table()[h] + 1) % len(VALUES)
+                    turn, _ = RP.refine_prompt(hyp, subs, d0_in, d0_out, wrong, fmt)
+                turns = full + [("user", turn)]
+                out.prompt += read(n_tokens(conversation(system, turns, p.prefill, chat), turns), False)
+            if g < G:
+                user = RP.dh_prompt(p.examples, RP.rule_repr(hypotheses()[h], refined))
+                turns = full + [("user", user)]
+                tries = 1 + p.max_redraws
+                out = out + TokenCount(n_tokens(conversation(system, turns, "", chat), turns), p.max_new_tokens,
+                                       1).scaled(tries)
         return out
 
     # ------------------------------------------------------------------ run (GenerationalFamily)
