@@ -152,11 +152,13 @@ def _ignore_patterns(spec: ModelSpec) -> list[str]:
 
 def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
     """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
-    if download is None:
+    ignore = IGNORE
+    if download is None:   # the real Hub: ask it once whether *.bin can be skipped
         from huggingface_hub import snapshot_download as download
+        ignore = _ignore_patterns(spec)
     try:
         path = Path(download(repo_id=spec.id, revision=spec.revision, cache_dir=str(hub_cache_dir()),
-                             ignore_patterns=_ignore_patterns(spec)))
+                             ignore_patterns=ignore))
     except Exception as e:  # noqa: BLE001 — gated / missing / network: one line, never a traceback
         hint = " (gated model: accept its licence on the Hub and set HF_TOKEN)" if "gated" in str(e).lower() \
             or "401" in str(e) or "403" in str(e) else ""
