@@ -235,23 +235,27 @@ def from_writer(fn: Callable[[], T], what: str = "decision") -> T:
     return value
 
 
-def all_reduce_sum(t):
-    """Sum ``t`` over ranks (in place, returned); single process: ``t``."""
+def _all_reduce(t, op: str):
+    """``t`` reduced over ranks with ``op`` ("SUM" | "MAX"), in place on its own device; single process: ``t``."""
     if not _active():
         return t
     import torch.distributed as dist
 
     dev = t.device
     buf = t.to(_comm_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
     t.copy_(buf.to(dev))
     return t
 
 
+def all_reduce_sum(t):
+    """Sum ``t`` over ranks (in place, returned); single process: ``t``."""
+    return _all_reduce(t, "SUM")
+
+
 def all_reduce_max(t):
     """Element-wise maximum of ``t`` over ranks (in place, returned); single process: ``t``."""
-    if not _active():
-        return t
+    return _all_reduce(t, "MAX")
     import torch.distributed as dist
 
     dev = t.device
