@@ -67,3 +67,22 @@ def private_configs(tmp, sweeps: dict):
         p = cfg / "sweeps" / f"{name}.yaml"
         p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
     return cfg
+
+
+def sweep_arrays(root, sweep: str, experiments, model: str) -> dict:
+    """experiment → {array name → stored values} of one model's stores of a sweep."""
+    from bayesflip.store import ResultStore, store_path
+
+    out = {}
+    for exp in experiments:
+        st = ResultStore(store_path(sweep, exp, model, root))
+        out[exp] = {k: st.read(k) for k in st.attrs["arrays"]}
+    return out
+
+
+def sweep_records(root, sweep: str, experiments, model: str) -> dict:
+    """(experiment, shard) → completion record of one model's stores of a sweep."""
+    from bayesflip.store import ResultStore, store_path
+
+    return {(exp, s): r for exp in experiments
+            for s, r in ResultStore(store_path(sweep, exp, model, root)).records().items()}

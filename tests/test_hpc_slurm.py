@@ -36,7 +36,7 @@ from bayesflip.errors import ConfigError  # noqa: E402
 from bayesflip.hpc.launch import Submission, read_manifest, resubmit_sweep, submit_sweep  # noqa: E402
 from bayesflip.hpc.status import render, sweep_status  # noqa: E402
 from bayesflip.job import FAIL_ENV  # noqa: E402
-from bayesflip.store import ResultStore, store_path  # noqa: E402
+from conftest import sweep_arrays, sweep_records  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -96,11 +96,7 @@ def _settled_status(root: Path, deadline_s: float = 30):
 
 
 def _arrays(root: Path, model: str) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for exp in EXPS:
-        st = ResultStore(store_path(SWEEP, exp, model, root))
-        out[exp] = {k: st.read(k) for k in st.attrs["arrays"]}
-    return out
+    return sweep_arrays(root, SWEEP, EXPS, model)
 
 
 def _assert_same(got: dict, ref: dict, atol: float = 1e-6) -> None:
@@ -117,8 +113,7 @@ def _assert_same(got: dict, ref: dict, atol: float = 1e-6) -> None:
 
 
 def _records(root: Path, model: str = MODEL) -> dict[tuple[str, int], dict]:
-    return {(exp, s): r for exp in EXPS
-            for s, r in ResultStore(store_path(SWEEP, exp, model, root)).records().items()}
+    return sweep_records(root, SWEEP, EXPS, model)
 
 
 def _submit(root: Path, model: str = MODEL, **kw) -> Submission:

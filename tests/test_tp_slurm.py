@@ -35,7 +35,7 @@ if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
 from bayesflip.hpc.launch import Submission, job_outcome, read_manifest, submit_sweep, wait_jobs  # noqa: E402
 from bayesflip.hpc.status import sweep_status  # noqa: E402
 from bayesflip.job import FAIL_ENV  # noqa: E402
-from bayesflip.store import ResultStore, store_path  # noqa: E402
+from conftest import sweep_arrays, sweep_records  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -73,16 +73,11 @@ def _wait(sub: Submission, deadline_s: float) -> None:
 
 
 def _arrays(root: Path, model: str) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for exp in EXPS:
-        st = ResultStore(store_path(SWEEP, exp, model, root))
-        out[exp] = {k: st.read(k) for k in st.attrs["arrays"]}
-    return out
+    return sweep_arrays(root, SWEEP, EXPS, model)
 
 
 def _records(root: Path) -> dict[tuple[str, int], dict]:
-    return {(exp, s): r for exp in EXPS
-            for s, r in ResultStore(store_path(SWEEP, exp, TP_MODEL, root)).records().items()}
+    return sweep_records(root, SWEEP, EXPS, TP_MODEL)
 
 
 def _audit(root: Path) -> list[str]:
