@@ -148,6 +148,7 @@ def _compare_tp(ref_model: str, tp_model: str, out: Path, tol: float) -> None:
     assert [d["rank"] for d in ranks] == [0, 1] and {d["world_size"] for d in ranks} == {2}
     for d in ranks:
         assert d["model_class"] == "InferenceEngine"
+        assert d["read_head"] == "VocabParallelReadHead"   # float32 reads, vocabulary-parallel over the 2 ranks
         assert np.abs(np.array(d["choices"]) - ref["choices"]).max() <= tol
         assert np.abs(np.array(d["curve"]) - ref["curve"]).max() <= tol
         assert d["greedy"] == ref["greedy"] and d["sampled"] == ref["sampled"]
