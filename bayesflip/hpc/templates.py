@@ -31,6 +31,10 @@ values are errors naming the key)::
 (``scontrol show partition`` + ``sinfo`` per node: CPUs, memory, GPUs from Gres, MaxTime,
 MaxNodes) and refuses, naming the key, a template that could never be scheduled.
 
+Which template a model gets (:func:`template_for`): one whose ``nodes × tasks_per_node`` equals the
+model's ``tp`` — ``--template`` (a comma-separated list: each name for the models whose ``tp`` fits it),
+else the registry's ``template``, else the one template of the same kind that starts ``tp`` tasks.
+
 Time-based packing (:mod:`bayesflip.cost`): with ``target_task_min`` and a throughput figure
 (the template's ``throughput``, or a calibration file ``$BAYESFLIP_CACHE/throughput/<name>.json``
 written by ``make gpu-check``, which wins), the planner fills each task with shards up to about
@@ -155,6 +159,52 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
     if "name" in raw:
         raise ConfigError("name", "unknown key (the name is the file name)", source=str(path))
     return _validate({**raw, "name": name}, str(path))
+
+
+def template_for(spec, requested: Optional[str] = None, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
+    """The job template of model ``spec``: one that starts ``spec.tp`` tasks (one per TP rank).
+
+    In order: the first of ``requested`` (``--template``; a comma-separated list applies each name to
+    the models whose ``tp`` equals its ``nodes × tasks_per_node``) that fits; the registry entry's
+    ``template`` when it fits; else the one template of ``job_templates/`` that fits and is of the same
+    kind (GPU or CPU) as the entry's, preferring its partition (so ``tp: 8`` on a model whose template
+    has 4 tasks picks the 8-task GPU template without edits). None fits, or a tie: a ConfigError
+    naming the templates that start ``tp`` tasks."""
+    names = [n.strip() for n in (requested or "").split(",") if n.strip()]
+    for name in names:
+        t = load_template(name, template_dir)
+        if t.n_tasks == spec.tp:
+            return t
+    own = load_template(spec.template, template_dir)
+    if own.n_tasks == spec.tp:
+        return own
+    fits = [t for t in (load_template(n, template_dir) for n in template_names(template_dir)) if t.n_tasks == spec.tp]
+    same = [t for t in fits if (t.gpus_per_node > 0) == (own.gpus_per_node > 0)]
+    pick = [t for t in same if t.partition == own.partition] or same
+    if len(pick) == 1:
+        return pick[0]
+    tried = ", ".join(names + [spec.template])
+    raise ConfigError(f"models.{spec.name}.template",
+                      f"model {spec.name} has tensor-parallel degree tp={spec.tp}, but {tried} start(s) "
+                      f"{', '.join(str(load_template(n, template_dir).n_tasks) for n in names + [spec.template])} "
+                      f"task(s) and {'several' if pick else 'no'} other {'GPU' if own.gpus_per_node else 'CPU'} "
+                      f"template starts {spec.tp} (nodes × tasks_per_node = tp; name one with --template)",
+                      allowed=[t.name for t in fits])
+
+
+def templates_for(specs: list, requested: Optional[str] = None, template_dir: Path = TEMPLATE_DIR) -> dict[str, JobTemplate]:
+    """:func:`template_for` of every model (name → template). A ``requested`` name that fits none of
+    the models (its task count is no model's ``tp``) is an error: it was meant for some model."""
+    out = {spec.name: template_for(spec, requested, template_dir) for spec in specs}
+    for name in [n.strip() for n in (requested or "").split(",") if n.strip()]:
+        if not any(t.name == name for t in out.values()):
+            t = load_template(name, template_dir)
+            raise ConfigError(f"job_templates/{name}.tasks_per_node (--template)",
+                              f"--template {name} starts nodes × tasks_per_node = {t.n_tasks} task(s), the "
+                              f"tensor-parallel degree of none of the models ("
+                              + ", ".join(f"{sp.name}: tp={sp.tp}" for sp in specs) + ")",
+                              allowed=sorted({sp.tp for sp in specs}))
+    return out
 
 
 def with_overrides(t: JobTemplate, **over) -> JobTemplate:
