@@ -257,7 +257,8 @@ class _Replay:
 
 
 def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repeats: int = 3,
-                         stop_strings: tuple = STOP_STRINGS) -> dict:
+                         stop_strings: tuple = STOP_STRINGS, prompts: list[list[int]] | None = None,
+                         modes: tuple = ("sampled", "greedy"), hf_own: bool = True) -> dict:
     """Engine ``generate`` vs HF ``model.generate(stop_strings=...)``: sampled and greedy, two stop
     strings, EOS on, one batch of ``n_prompts``.
 
@@ -265,15 +266,16 @@ def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repe
     identical); for sampling, HF replays the engine's sampled tokens through a logits processor that
     forces them (greedy over the forced scores), so both decode the same tokens and stop at the same
     steps; HF's own sampled run is timed too (``hf_own_sampling``: other tokens, other stopping
-    steps, compared per new token). Times: fastest of ``repeats`` alternating runs each.
-    ``ratio_engine_over_hf`` = HF seconds / engine seconds on the same tokens.
+    steps, compared per new token; ``hf_own``). Times: fastest of ``repeats`` alternating runs each.
+    ``ratio_engine_over_hf`` = HF seconds / engine seconds on the same tokens. ``prompts``: token ids
+    (default: ``n_prompts`` story prompts); ``modes``: a subset of ("sampled", "greedy").
     """
     from transformers import LogitsProcessorList
 
     from .engine import Scorer
 
     tok = lm.tokenizer
-    prompts = _stop_prompts(tok, n_prompts)
+    prompts = prompts or _stop_prompts(tok, n_prompts)
     sc = Scorer(lm, max_batch=len(prompts), max_padding=1.0, batch_tokens=10**9)
     seeds = list(range(len(prompts)))
     eos = tok.eos_token_id
@@ -295,6 +297,8 @@ def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repe
         return [_trim(r, tok, stop_strings, eos) for r in res[:, ids.shape[1]:].tolist()], dt
 
     for mode, temp in (("sampled", 1.0), ("greedy", 0.0)):
+        if mode not in modes:
+            continue
         counter = SyncCounter()
         t_eng: list[float] = []
         t_hf: list[float] = []
@@ -332,7 +336,7 @@ def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repe
                     "new_tokens_per_row": [len(r) for r in eng]})
         if mode == "greedy":
             res["greedy_rows_identical_to_hf"] = res.pop("tokens_identical_to_hf")
-        else:
+        elif hf_own:
             own, dt_own = min((hf_run(True, seed=s) for s in range(repeats)), key=lambda x: x[1])
             n_own = sum(map(len, own))
             res["hf_own_sampling"] = {"new_tokens": n_own, "hf_s": dt_own, "hf_tokens_per_s": n_own / dt_own,
