@@ -16,10 +16,14 @@ values are errors naming the key)::
     target_task_min: 30     # optional: pack shards into tasks of about this many minutes (model load included)
                             # from the throughput below; must be <= 0.75·time_min (margin for estimate errors)
     throughput:             # optional: figures of one task for a model of ref_params_b parameters
-      score_tokens_per_s: 25000   # prompt tokens forwarded per second (scoring, prefill)
+      score_tokens_per_s: 25000   # prompt tokens forwarded per second (scoring, prefill; one read per row)
+      curve_tokens_per_s: 16000   # optional: tokens per second with every position read (Markov)
       gen_tokens_per_s: 2000      # generated tokens per second (batched decoding, all rows together)
       load_s: 90                  # seconds to load the model (weights from shared storage to the device)
       ref_params_b: 8             # billions of parameters the figures are for; scaled linearly by the model's
+      dtype: bfloat16             # the dtype the figures are for (default bfloat16)
+      float32: {score_tokens_per_s: .., gen_tokens_per_s: .., curve_tokens_per_s: ..}   # optional, measured
+      small: {score_tokens_per_s: .., gen_tokens_per_s: .., ref_params_b: 0.135}         # optional, measured
       source: "how the figures were obtained"
     max_requeues: 3         # submitit max_num_timeout: time-outs tolerated per task
     account: null           # optional (--account / --qos override)
@@ -50,7 +54,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,12 +67,29 @@ from ..paths import TEMPLATE_DIR
 MIN_TIME_MIN = 3
 
 
-class Throughput(BaseModel):
-    """Throughput of one array task of the template, for a model of ``ref_params_b`` billion parameters.
+class KindRates(BaseModel):
+    """Per-kind tokens/s of another model than the reference (``float32``: the reference size in float32;
+    ``small``: a small model, with its own ``ref_params_b``)."""
 
-    Time estimates scale every figure linearly with the model's parameter count
-    (:func:`bayesflip.cost.model_speed`): scoring is compute-bound (≈ 2·N FLOP per token),
-    batched decoding and loading are bound by reading N weights."""
+    model_config = ConfigDict(extra="forbid")
+
+    score_tokens_per_s: float = Field(gt=0)
+    gen_tokens_per_s: float = Field(gt=0)
+    curve_tokens_per_s: Optional[float] = Field(None, gt=0)
+    ref_params_b: Optional[float] = Field(None, gt=0)
+
+
+class Throughput(BaseModel):
+    """Throughput of one array task of the template, for a model of ``ref_params_b`` billion parameters
+    in ``dtype``, per kind of work: ``score_tokens_per_s`` (prompt tokens forwarded, one read per row),
+    ``curve_tokens_per_s`` (every position read, the Markov shape; None: reads cost nothing extra),
+    ``gen_tokens_per_s`` (sampled tokens, batched decoding).
+
+    Time estimates (:func:`bayesflip.cost.kind_speed`) scale seconds per token linearly with the
+    model's parameter count — through the ``small`` model's figures when given (small models are
+    bound by kernel launches, not FLOPs: no faster per token than the small one), else through the
+    origin; a model in another dtype uses the ``float32`` figures when measured, else on-paper
+    factors (:data:`bayesflip.cost.FP32_SLOWDOWN`, GPU templates only)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,7 +97,17 @@ class Throughput(BaseModel):
     gen_tokens_per_s: float = Field(gt=0)
     load_s: float = Field(ge=0)
     ref_params_b: float = Field(gt=0)
+    curve_tokens_per_s: Optional[float] = Field(None, gt=0)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    float32: Optional[KindRates] = None
+    small: Optional[KindRates] = None
     source: str = ""
+
+    @model_validator(mode="after")
+    def _small_has_a_size(self) -> "Throughput":
+        if self.small is not None and self.small.ref_params_b is None:
+            raise ValueError("throughput.small needs its own ref_params_b")
+        return self
 
 
 class JobTemplate(BaseModel):
