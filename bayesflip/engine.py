@@ -160,17 +160,62 @@ class _Want:
     out: dict = field(default_factory=dict)  # token -> logprob
 
 
-def row_chunks(rows: Sequence[int], n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
-    """(a, b, i, j): logit rows ``a:b`` hold the pairs ``i:j`` of the non-decreasing host list ``rows``;
-    chunks of at most ``chunk_elems`` logits (``n`` rows of ``v``)."""
-    import bisect
+@dataclass
+class _Block:
+    """Gather log-probs of the same ``tokens`` at every one of ``positions`` of a row (single-token
+    choices: learning curves, Markov chains); ``out`` becomes the (P, K) array."""
 
+    positions: np.ndarray
+    tokens: list[int]
+    out: np.ndarray | None = None
+
+
+def _read_index(wants: list[list], T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """(flat read index ``row·T + pos`` per read, read of each (read, token) pair, token of each pair,
+    [(item, first pair)]) for the ``_Want`` / ``_Block`` items of each row; pairs in read order."""
+    flat, pr, pt, spans = [], [], [], []
+    fl: list[int] = []
+    prl: list[int] = []
+    ptl: list[int] = []
+    n = m = 0
+
+    def flush():
+        if fl:
+            flat.append(np.asarray(fl, dtype=np.int64)), pr.append(np.asarray(prl, dtype=np.int64))
+            pt.append(np.asarray(ptl, dtype=np.int64))
+            fl.clear(), prl.clear(), ptl.clear()
+
+    for i, items in enumerate(wants):
+        for w in items:
+            if not len(w.tokens):
+                continue
+            spans.append((w, m))
+            if isinstance(w, _Block):
+                flush()
+                P, K = len(w.positions), len(w.tokens)
+                flat.append(i * T + np.asarray(w.positions, dtype=np.int64))
+                pr.append(n + np.repeat(np.arange(P, dtype=np.int64), K))
+                pt.append(np.tile(np.asarray(w.tokens, dtype=np.int64), P))
+                n, m = n + P, m + P * K
+            else:
+                fl.append(i * T + w.pos)
+                prl.extend([n] * len(w.tokens))
+                ptl.extend(w.tokens)
+                n, m = n + 1, m + len(w.tokens)
+    flush()
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+    return cat(flat), cat(pr), cat(pt), spans
+
+
+def row_chunks(rows: np.ndarray, n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
+    """(a, b, i, j): logit rows ``a:b`` hold the pairs ``i:j`` of the non-decreasing host array ``rows``;
+    chunks of at most ``chunk_elems`` logits (``n`` rows of ``v``)."""
     step = max(1, chunk_elems // max(1, v))
-    out = []
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        out.append((a, b, bisect.bisect_left(rows, a), bisect.bisect_left(rows, b)))
-    return out
+    starts = np.arange(0, n, step)
+    ends = np.minimum(starts + step, n)
+    i = np.searchsorted(rows, starts, side="left")
+    j = np.searchsorted(rows, ends, side="left")
+    return list(zip(starts.tolist(), ends.tolist(), i.tolist(), j.tolist()))
 
 
 class ReadHead:
@@ -273,8 +318,11 @@ class Scorer:
     def _pad(self, rows: Sequence[Ids]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lens = [len(r) for r in rows]
         T = max(lens)
-        ids = torch.tensor([list(r) + [self.pad_id] * (T - n) for r, n in zip(rows, lens)], dtype=torch.long)
-        mask = torch.tensor([[1] * n + [0] * (T - n) for n in lens], dtype=torch.long)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            ids[i, :n] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, :n] = 1
         real = sum(lens)
         self.stats.forward_calls += 1
         self.stats.real_tokens += real
@@ -335,17 +383,8 @@ class Scorer:
         output layer on the read rows only (:meth:`_reading`), log-probs of all pairs on the device,
         one device→host copy. ``sel``: rows of ``cache`` to keep first (branching). Returns the cache."""
         B, T = ids.shape
-        flat, pr, pt, spans = [], [], [], []
-        for i, ws in enumerate(wants):
-            for w in ws:
-                if not w.tokens:
-                    continue
-                spans.append((w, len(pt)))
-                pr += [len(flat)] * len(w.tokens)
-                pt += w.tokens
-                flat.append(i * T + w.pos)
-        host = [ids, mask, pos, torch.tensor(flat, dtype=torch.long), torch.tensor(pr, dtype=torch.long),
-                torch.tensor(pt, dtype=torch.long)]
+        flat, pr, pt, spans = _read_index(wants, T)
+        host = [ids, mask, pos, torch.from_numpy(flat), torch.from_numpy(pr), torch.from_numpy(pt)]
         if sel is not None:
             host.append(torch.tensor(sel, dtype=torch.long))
         dev = self._to_device(*host)
@@ -355,14 +394,19 @@ class Scorer:
         if cache is not None:
             kwargs["past_key_values"] = cache
         with torch.inference_mode():
-            if not flat:
+            if not len(flat):
                 out = self.model(**kwargs, logits_to_keep=1)
                 return out.past_key_values if use_cache else None
             with self._reading(dev[3]):
                 out = self.model(**kwargs, logits_to_keep=0)
             vals = self.read_head.logprobs(out.logits[0], dev[4], dev[5], pr).cpu().numpy().astype(np.float64)
+        listed = None
         for w, a in spans:
-            w.out.update(zip(w.tokens, vals[a: a + len(w.tokens)]))
+            if isinstance(w, _Block):
+                w.out = vals[a: a + len(w.positions) * len(w.tokens)].reshape(len(w.positions), len(w.tokens))
+            else:
+                listed = vals.tolist() if listed is None else listed
+                w.out.update(zip(w.tokens, listed[a: a + len(w.tokens)]))
         return out.past_key_values if use_cache else None
 
     def _forward_wants(self, rows: Sequence[Ids], wants: list[list[_Want]], use_cache: bool = False):
@@ -434,10 +478,16 @@ class Scorer:
         batches = _batches([len(r.ids) for r in requests], self.batch_tokens, self.max_batch, self.max_padding)
         for batch in self._progress(batches, len(batches), "curves"):
             reqs = [requests[i] for i in batch]
-            wants: list[list[_Want]] = []
-            reads: list[dict] = []  # per row: (pi, k) -> list of _Want/(token) pairs
+            wants: list[list] = []
+            reads: list = []  # per row: (pi, k) -> list of (position, token) parts, or (_Block, choice columns)
             tail: list[tuple[int, int, list[int]]] = []  # (row, pi, uncovered choices) at the last position
             for b, r in enumerate(reqs):
+                if all(len(c) == 1 for c in r.choices):   # single-token choices: one block of reads, vectorised
+                    uniq = list(dict.fromkeys(c[0] for c in r.choices))
+                    block = _Block(np.asarray(r.positions, dtype=np.int64), uniq)
+                    wants.append([block])
+                    reads.append((block, [uniq.index(c[0]) for c in r.choices]))
+                    continue
                 by_pos: dict[int, _Want] = {}
                 rd: dict = {}
                 for pi, p in enumerate(r.positions):
@@ -464,6 +514,10 @@ class Scorer:
                 reads.append(rd)
             cache, mask = self._forward_wants([r.ids for r in reqs], wants, use_cache=bool(tail))
             for b, rd in enumerate(reads):
+                if isinstance(rd, tuple):
+                    block, cols = rd
+                    results[batch[b]][:] = block.out[:, cols]
+                    continue
                 got = {w.pos: w.out for w in wants[b]}
                 for (pi, k), parts in rd.items():
                     results[batch[b]][pi, k] = sum(got[p][t] for p, t in parts)
