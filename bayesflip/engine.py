@@ -35,8 +35,10 @@ the backend installs a vocabulary-parallel float32 read head (:mod:`bayesflip.ba
 can complete a stop string only if its text contains the stop string's last character (or an
 undecodable byte, or nothing): :meth:`Scorer.stop_candidates`; the decoded-text check runs only
 when such a token is sampled. Rows that finished (EOS, stop string) leave the batch (their KV
-cache rows are dropped). Several prefill batches (each within ``batch_tokens``) are decoded
-together, as many rows as the KV-cache budget holds (``kv_cache_gb``, :meth:`Scorer.decode_groups`).
+cache rows are dropped). On a GPU several prefill batches (each within ``batch_tokens``) are
+decoded together, as many rows as the KV-cache budget holds (``kv_cache_gb``, :meth:`Scorer.decode_groups`;
+on the CPU only with an explicit ``kv_cache_gb``: merging changes which rows share a forward, and so
+the float rounding of their logits and, rarely, a sampled token).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from .errors import ContextLengthError
 Ids = list[int]
 
 READ_CHUNK_ELEMS = 1 << 26      # log-softmax over at most this many logits at once (256 MB in float32)
-DEFAULT_KV_CACHE_GB_CPU = 4.0   # decode-batch KV budget on the CPU; on a GPU: half the free memory
 MAX_DECODE_ROWS = 256           # rows decoded together at most (the KV budget usually binds first)
 _STOP_CANDIDATES: dict = {}     # (id(tokenizer), last characters) -> (tokenizer, (candidate ids, known ids))
 
@@ -268,8 +269,8 @@ class ReadHead:
 class Scorer:
     """Scoring engine bound to one loaded model (load once per job, score many cells).
 
-    ``kv_cache_gb``: KV-cache budget of one decoding group (None: half the free GPU memory, or
-    :data:`DEFAULT_KV_CACHE_GB_CPU` on the CPU). ``read_dtype``: ``float32`` (default) or ``model``
+    ``kv_cache_gb``: KV-cache budget of one decoding group (None: half the free GPU memory; on the CPU
+    each prefill batch is decoded on its own, :meth:`decode_groups`). ``read_dtype``: ``float32`` (default) or ``model``
     (the output layer at read positions in the model's dtype); None: the registry entry's.
     """
 
@@ -604,22 +605,31 @@ class Scorer:
         elem = next(self.module.parameters()).element_size()
         return self.n_layers * 2 * kv * head_dim * elem
 
-    def kv_budget_bytes(self) -> float:
+    def kv_budget_bytes(self) -> float | None:
         """The KV-cache budget of one decoding group: ``kv_cache_gb``, else half the free memory of the
-        GPU, else :data:`DEFAULT_KV_CACHE_GB_CPU`."""
+        GPU; None on the CPU without ``kv_cache_gb`` (each prefill batch decoded on its own, as before)."""
         if self.kv_cache_gb is not None:
             return float(self.kv_cache_gb) * 2**30
         dev = torch.device(self.device)
         if dev.type == "cuda" and torch.cuda.is_available():
             return 0.5 * torch.cuda.mem_get_info(dev)[0]
-        return DEFAULT_KV_CACHE_GB_CPU * 2**30
+        return None
 
     def decode_groups(self, batches: list[list[int]], lens: Sequence[int], max_new_tokens: int) -> list[list[list[int]]]:
         """Consecutive prefill batches decoded together: a group grows while its rows' KV cache,
         ``rows · (longest prompt + max_new_tokens) · kv_bytes_per_token``, fits :meth:`kv_budget_bytes`
-        and it has at most :data:`MAX_DECODE_ROWS` rows (batches come longest first)."""
-        per_tok = self.kv_bytes_per_token()
+        and it has at most :data:`MAX_DECODE_ROWS` rows (batches come longest first). Without a budget
+        (the CPU, no ``kv_cache_gb``) every prefill batch is its own group.
+
+        Merging batches changes which rows share a forward and how wide their (masked) KV cache is:
+        logits move by float rounding, and the inverse-CDF draw of a row can then pick a neighbouring
+        low-probability token (one row in one of the saved SmolLM2 cases did): the same distribution,
+        not the same tokens as decoding each batch on its own. Finished rows leaving a batch do not
+        change a row's numbers (tests/test_generate_cases.py)."""
         budget = self.kv_budget_bytes()
+        if budget is None:
+            return [[b] for b in batches]
+        per_tok = self.kv_bytes_per_token()
         groups: list[list[list[int]]] = []
         cur: list[list[int]] = []
         rows = width = 0
