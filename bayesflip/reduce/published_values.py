@@ -169,16 +169,19 @@ def cite(row: dict) -> str:
 
 # ---------------------------------------------------------------------------- tidy table
 def published_table(pub: dict) -> pd.DataFrame:
-    """Every published number as one tidy row: metric, model, published_name, N, theta/lam, mode, value, std,
-    source (the short cite)."""
+    """Every published number as one tidy row: metric, model, published_name, N, theta/lam, mode, length/depth,
+    value, std, median, published_source (the short cite)."""
     rows = []
 
     def add(metric, r, value, **kw):
         rows.append({"metric": metric, "model": r["model"], "published_name": r["published_name"], "value": value,
-                     "source": cite(r), **kw})
+                     "published_source": cite(r), **kw})
 
     for r in pub["prior"]:
         add("prior_p_heads", r, r["mean"], std=r["std"])
+    for r in pub.get("prior_die", []):
+        for k, (v, sd) in enumerate(zip(r["mean"], r["std"]), start=1):
+            add("prior_die_p_face", r, v, std=sd, mode=f"face {k}")
     for r in pub["icl_coin_tvd"]:
         for n, v in r["tvd"].items():
             add("icl_coin_tvd", r, v, N=int(n))
@@ -210,7 +213,7 @@ def published_table(pub: dict) -> pd.DataFrame:
             for b, v in r["tvd"].items():
                 add(key, r, v, theta=int(b) / 100, mode=r["variant"])
     cols = ["metric", "model", "published_name", "N", "theta", "lam", "mode", "length", "depth", "temperature",
-            "value", "std", "median", "source"]
+            "value", "std", "median", "published_source"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
