@@ -69,9 +69,9 @@ def _order(models_ours: list[str], models_pub: list[str]) -> list[str]:
 
 
 def _sort(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Ours first within each model, then the published rows."""
+    """Our rows first, then the published ones; by model within each."""
     rank = {"ours": 0, LABEL: 1}
-    return df.sort_values(["model", "source", *by], key=lambda s: s.map(rank) if s.name == "source" else s,
+    return df.sort_values(["source", "model", *by], key=lambda s: s.map(rank) if s.name == "source" else s,
                           kind="stable").reset_index(drop=True)
 
 

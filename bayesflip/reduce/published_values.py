@@ -8,14 +8,16 @@ iterated-learning study's (Ren et al. 2024, ``Joshua-Ren/iICL``) qualitative cla
 
 **Contract of** :func:`load_published` — a dict with
 
-* ``source`` (study, repository, commit, label), ``models`` (published name → registry name),
-  ``result_dirs`` (published name → the model's directory name under the original's ``exps/``);
+* ``source`` (study, repository, commit, label), ``iicl_source``, ``models`` (published name → registry
+  name), ``result_dirs`` (published name → the model's directory name under the original's ``exps/``),
+  ``sources`` (the family-level source templates as written in the file);
 * one list of rows per family key. Every row has ``model`` (registry name), ``published_name`` (the
   paper's name), its values, and ``source``: a dict with ``path`` (file(s) in the original
   repository; ``{N}``, ``{b}``, ``{f}`` mark the grid a value aggregates over), ``commit``, ``key``
   (what was read), ``aggregation`` (what bayesflip computed from it; "none" = the stored number,
   rounded), ``cite`` (one short string for a table column), ``precision`` (the largest difference
-  between the row and a recomputation that still counts as equal), optional ``note``.
+  between the row and a recomputation that still counts as equal), optional ``note`` (a caveat shown
+  with the cite) and ``detail`` (longer background, not shown in tables).
 
 Family keys (values are 3-decimal roundings of the stored numbers):
 
@@ -121,7 +123,7 @@ def load_published(path: Path | str | None = None) -> dict:
     raw = _load(str(path or PUBLISHED_PATH))
     names = raw["models"]
     out = {"source": raw["source"], "iicl_source": raw.get("iicl_source", {}), "models": dict(names),
-           "result_dirs": dict(raw.get("result_dirs", {}))}
+           "result_dirs": dict(raw.get("result_dirs", {})), "sources": copy.deepcopy(raw.get("sources", {}))}
     for key in MODEL_KEYS:
         out[key] = [_row(raw, key, r, names) for r in raw.get(key, [])]
     for key in OTHER_KEYS:
@@ -145,19 +147,25 @@ def source_problems(pub: dict) -> list[str]:
 
 
 def sources_table(pub: dict) -> pd.DataFrame:
-    """One row per family: where its published numbers come from (path pattern, key, aggregation, commit)."""
+    """One row per family: where its published numbers come from (path pattern, key, aggregation, commit);
+    ``<model>`` stands for the model's result directory, per-variant paths (``when``) are listed after the path."""
     rows = []
-    raw_commit = pub["source"].get("commit", "")
     for key in MODEL_KEYS + ("claims",):
-        if not pub.get(key):
+        s = pub.get("sources", {}).get(key)
+        if not pub.get(key) or not s:
             continue
-        s = pub[key][0]["source"]
-        path = s["path"]
-        d = pub.get("result_dirs", {}).get(pub[key][0].get("published_name"))
-        if d:
-            path = path.replace(d, "<model>")
-        rows.append({"family": key, "cite": s["cite"], "path": path, "key": s["key"],
-                     "aggregation": s["aggregation"], "commit": str(s.get("commit") or raw_commit)[:7]})
+
+        def clean(v) -> str:
+            return " ".join(str(v).replace("{dir}", "<model>").split())
+
+        path = clean(s["path"])
+        alt = [f"{', '.join(f'{k}={v}' for k, v in w['match'].items())}: {clean(w['set']['path'])}"
+               for w in s.get("when", []) if "path" in w["set"]]
+        if alt:
+            path += " (" + "; ".join(alt) + ")"
+        rows.append({"family": key, "cite": clean(s["cite"]), "path": path, "key": clean(s["key"]),
+                     "aggregation": clean(s["aggregation"]),
+                     "commit": str(s.get("commit") or pub["source"].get("commit", ""))[:7]})
     return pd.DataFrame(rows)
 
 
