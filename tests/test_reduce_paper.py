@@ -312,6 +312,9 @@ def test_against_the_papers_section(sweep):
     llama = po[(po["source"] == "published") & (po["model"] == MODEL)]
     assert dict(zip(llama["mode"], llama["lambda_hat_mean"])) == {"explicit": 0.716, "icl": 0.48}
     assert set(llama["temperature"]) == {1.0} and llama["published_source"].str.contains("stats").all()
+    conds = dict(zip(llama["mode"], llama["conditions"]))
+    assert conds["icl"].startswith("conditions ambiguous") and "ambiguous" not in conds["explicit"]
+    assert "clean protocol" in mine["conditions"] and "temperature not set" in mine["conditions"]
     assert "| published | llama-3.1-8b | Llama-3.1-8B |" in sec
     prior = pd.read_csv(out / "tables" / "papers_prior.csv")
     ref = prior[(prior["source"] == "published") & (prior["model"] == "llama-3.1-8b")].iloc[0]

@@ -75,8 +75,8 @@ SOURCE_FIELDS = ("path", "commit", "key", "aggregation", "cite")
 VALUE_FIELDS = {
     "prior": ("mean", "std"), "prior_die": ("mean", "std"),
     "explicit_coin_tvd": ("tvd", "std"), "explicit_die_tvd": ("tvd",), "explicit_die_tvd_v2": ("tvd",),
-    "needle_coin": ("tvd", "no_needle", "no_context"), "needle_die": ("tvd", "no_needle", "no_context"),
-    "needle_number": ("tvd", "no_needle", "no_context"),
+    **{k: ("lengths", "depths", "tvd", "no_needle", "no_context") for k in ("needle_coin", "needle_die",
+                                                                           "needle_number")},
     "icl_coin_tvd": ("tvd",), "icl_coin_tvd_theta": ("tvd",), "icl_die_tvd": ("tvd",),
     "gamma": ("gamma",), "poisson": ("lambda_hat", "lambda_hat_median", "n_samples"),
     "cot_coin_tvd": ("tvd",), "cot_die_tvd": ("tvd",),
@@ -407,40 +407,44 @@ def _label(row: dict) -> str:
     return row["published_name"] + (f" [{', '.join(extra)}]" if extra else "")
 
 
-def _leaves(value, prefix: str):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{prefix}[{k}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _leaves(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, value
-
-
-def _lookup(value, path: str):
-    """``value`` at a ``_leaves`` path like ``tvd[10]`` / ``tvd[2][3]`` (dict keys matched as int or str)."""
-    import re
-
-    cur = value
-    for part in re.findall(r"\[([^\]]*)\]", path):
-        if isinstance(cur, (list, tuple)):
-            cur = cur[int(part)]
-        elif isinstance(cur, dict):
-            hit = [k for k in cur if str(k) == part or _num_eq(k, part)]
-            if not hit:
-                raise KeyError(part)
-            cur = cur[hit[0]]
-        else:
-            raise KeyError(part)
-    return cur
-
-
-def _num_eq(k, part: str) -> bool:
+def _key(k):
+    """A dict key compared by value (``10``, ``10.0`` and ``"10"`` are the same grid point)."""
     try:
-        return float(k) == float(part)
+        return float(k)
     except (TypeError, ValueError):
-        return False
+        return str(k)
+
+
+def _compare(want, have, path: str, tol: float):
+    """Walk a published value and its recomputation together; yield (path, published, recomputed) for every
+    leaf that differs by more than ``tol`` (integers: exactly), and (path, None, None) for every leaf compared."""
+    if isinstance(want, dict):
+        hv = {_key(k): v for k, v in have.items()} if isinstance(have, dict) else {}
+        for k, v in want.items():
+            if _key(k) in hv:
+                yield from _compare(v, hv[_key(k)], f"{path}[{k}]", tol)
+            else:
+                yield f"{path}[{k}]", v, "absent in the checkout"
+        return
+    if isinstance(want, (list, tuple)):
+        if not isinstance(have, (list, tuple)) or len(have) != len(want):
+            yield path, want, f"shape differs ({have!r:.60})"
+            return
+        for i, (w, h) in enumerate(zip(want, have)):
+            yield from _compare(w, h, f"{path}[{i}]", tol)
+        return
+    yield path, None, None
+    if want is None or have is None:
+        if want is not have:
+            yield path, want, have
+    elif isinstance(want, float) and math.isnan(want):
+        if not math.isnan(float(have)):
+            yield path, want, have
+    elif isinstance(want, int) and not isinstance(want, bool) and isinstance(have, int):
+        if want != have:
+            yield path, want, have
+    elif abs(float(want) - float(have)) > tol:
+        yield path, want, round(float(have), 6)
 
 
 @dataclass
@@ -497,23 +501,11 @@ def check_published(repo: Path | str, pub: dict | None = None, families: tuple[s
             for field in VALUE_FIELDS[key]:
                 if field not in row:
                     continue
-                for path, want in _leaves(row[field], field):
-                    n_values += 1
-                    try:
-                        have = _lookup(got[field], path[len(field):]) if path != field else got[field]
-                    except (KeyError, IndexError):
-                        out.append(Mismatch(key, _label(row), path, want, "absent in the checkout", tol))
-                        continue
-                    if want is None or have is None or (isinstance(want, float) and math.isnan(want)):
-                        if not (want is None and have is None) and not (
-                                isinstance(want, float) and math.isnan(want) and math.isnan(float(have))):
-                            out.append(Mismatch(key, _label(row), path, want, have, tol))
-                        continue
-                    if isinstance(want, int) and not isinstance(want, bool) and field == "n_samples":
-                        if int(have) != want:
-                            out.append(Mismatch(key, _label(row), path, want, have, 0.0))
-                    elif abs(float(want) - float(have)) > tol:
-                        out.append(Mismatch(key, _label(row), path, want, round(float(have), 6), tol))
+                for path, want, have in _compare(row[field], got.get(field), field, tol):
+                    if want is None and have is None:
+                        n_values += 1
+                    else:
+                        out.append(Mismatch(key, _label(row), path, want, have, tol))
     return CheckResult(n_rows, n_values, out, checkout_commit(repo))
 
 
