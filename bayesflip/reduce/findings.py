@@ -500,18 +500,29 @@ def _rules_changes(ctx: Context, model: str) -> list[dict]:
             k = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
             out.append({**k, "g0": float(g["p_screen_off"].iloc[0]), "glast": float(g["p_screen_off"].iloc[-1]),
                         "generations": int(g["generation"].iloc[-1]),
-                        "n_chains": int(g["n_chains"].min()) if "n_chains" in g else 0})
+                        "n_chains": int(g["n_chains"].min()) if "n_chains" in g else 0,
+                        "on_mass": float(g["on_mass"].mean()) if "on_mass" in g else np.nan})
     return out
 
 
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
 def _amplification(ctx: Context, model: str) -> Finding | None:
-    deltas, parts, exps, vals = [], [], [], {}
+    deltas, parts, exps, vals, notes = [], [], [], {}, []
     rules = [r for r in _rules_changes(ctx, model) if r["interaction"] == "none"]
     for r in rules:
         d = r["glast"] - r["g0"]
         deltas.append(d)
-        parts.append(f"rules, bias {r['bias']}: P(screen off) {_f(r['g0'])} → {_f(r['glast'])} over "
-                     f"{r['generations']} generation(s), {r['n_chains']} chain(s) ({r['experiment']})")
+        low = np.isfinite(r["on_mass"]) and r["on_mass"] < LOW_MASS
+        parts.append(f"rules, bias {r['bias']}: P(screen off) {_f(r['g0'])} → {_f(r['glast'])}{' ⚠' if low else ''} "
+                     f"over {_n(r['generations'], 'generation')}, {_n(r['n_chains'], 'chain')} ({r['experiment']})")
+        if low:
+            notes.append(f"⚠ P(h) of {r['experiment']} (bias {r['bias']}) is renormalised from {r['on_mass']:.2g} "
+                         f"on-choice mass (mean over generations; below {LOW_MASS:.0%}): the 243 rule strings are "
+                         "long, so a small mass is expected, but P(h) is then the model's relative preference among "
+                         "the rules rather than what it would write.")
         exps.append(r["experiment"])
         vals[f"rules/{r['experiment']}/{r['bias']}"] = d
     acr = ctx.table("acronym", "acronym_paper_by_generation", ("experiment", "model", "bias_type", "generation"))
@@ -530,18 +541,26 @@ def _amplification(ctx: Context, model: str) -> Finding | None:
         # scaled so that RANK_STEP maps onto STEP: a ±5 % move of the rank counts like ±STEP of a probability
         deltas.append(sign * rel * STEP / RANK_STEP)
         parts.append(f"acronyms, {word}-word persona: {col.replace('_', ' ')} {v0:.0f} → {v1:.0f} over "
-                     f"{int(g['generation'].iloc[-1])} generation(s) ({g['experiment'].iloc[0]})")
+                     f"{_n(int(g['generation'].iloc[-1]), 'generation')} ({g['experiment'].iloc[0]})")
         exps.append(g["experiment"].iloc[0])
         vals[f"acronym/{g['experiment'].iloc[0]}/{b}"] = sign * rel
     ch = ctx.table("chains", "chains_diagnostic", ("experiment", "model", "condition", "primary", "prior",
                                                    "amplification_llm", "n_chains", "generations"))
     ch = ch[(ch["model"] == model) & ch["primary"].astype(bool)]
+    gen = ctx.table("chains", "chains_by_generation", ("experiment", "model", "condition", "off_choice_mass"))
     for r in ch.to_dict("records"):
         if not np.isfinite(r["amplification_llm"]):
             continue
         deltas.append(float(r["amplification_llm"]))
-        parts.append(f"chains {r['condition']}: amplification {r['amplification_llm']:+.3f} under the {r['prior']} "
-                     f"prior, {int(r['n_chains'])} chains × {int(r['generations'])} generations ({r['experiment']})")
+        off = gen.loc[(gen["experiment"] == r["experiment"]) & (gen["model"] == model)
+                      & (gen["condition"] == r["condition"]), "off_choice_mass"]
+        off = float(off.mean()) if len(off) else np.nan
+        flag = " ⚠" if np.isfinite(off) and 1 - off < LOW_MASS else ""
+        parts.append(f"chains {r['condition']}: amplification {r['amplification_llm']:+.3f}{flag} under the "
+                     f"{r['prior']} prior, {_n(int(r['n_chains']), 'chain')} × "
+                     f"{_n(int(r['generations']), 'generation')} ({r['experiment']})")
+        if np.isfinite(off):
+            notes += _low_mass(model, f"the chain reads of {r['experiment']}, {r['condition']} (mean)", off)
         exps.append(r["experiment"])
         vals[f"chains/{r['experiment']}/{r['condition']}"] = float(r["amplification_llm"])
     if not parts:
@@ -550,7 +569,6 @@ def _amplification(ctx: Context, model: str) -> Finding | None:
     why = {"agrees": "every measure moves with the bias", "differs": "every measure moves against the bias",
            "mixed": "the measures move in different directions",
            "inconclusive": f"no measure moves by more than {STEP} (or its equivalent)"}[verdict]
-    notes = []
     if any(r["generations"] < 2 for r in rules) or (len(acr) and acr["generation"].max() < 2):
         notes.append("One generation only: a single step says little about amplification over generations.")
     pub = _published(ctx, "amplification", model)

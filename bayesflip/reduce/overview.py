@@ -84,7 +84,7 @@ def coverage_section(data: SweepData) -> Section:
 def raw_only_section(raw: list[tuple[str, list[StoreData], str]]) -> Section:
     """Families the report has no reducer output for: what data there is, and why."""
     if not raw:
-        return Section("Raw-data-only families", [Text("None: every family present has a reducer.")])
+        return Section("Raw-data-only families", [Text("Every family in the sweep has a reducer and reduced.")])
     rows = []
     for family, stores, why in raw:
         for s in stores:
