@@ -69,10 +69,9 @@ def coverage_section(data: SweepData) -> Section:
     prob = data.problems()
     n_sh, n_done = int(summ["shards_total"].sum()), int(summ["shards_done"].sum())
     n_c, n_ct = int(summ["cells_total"].sum()), int(summ["cells_trusted"].sum())
-    blocks = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted) in {len(summ)} stores. Only "
-                   "shards with a `done` record whose chunks decode are used; "
-                   + ("everything else is listed below and left out." if len(prob) else
-                      "there are no missing, failed or corrupt shards.")
+    blocks = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted) in {len(summ)} stores. "
+                   + ("Only shards with a `done` record whose chunks decode are used; everything else is listed "
+                      "below and left out." if len(prob) else "No missing, failed or corrupt shards.")
                    + " Per-store counts are in the appendix.")]
     if len(prob):
         show = prob[["experiment", "model", "shard", "cell_start", "cell_stop", "status", "error"]].copy()
