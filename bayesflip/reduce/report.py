@@ -26,6 +26,7 @@ MISSING = "—"
 MISSING_LEGEND = ("— = no value: not measured, not applicable to this row, or undefined "
                   "(e.g. a statistic over fewer than two values).")
 _MISSING_STR = {"nan", "NaN", "None", "<NA>", "NaT"}
+SHORT_TEXT = 32  # text cells up to this many characters do not wrap on screen (names, ids); longer ones wrap
 
 
 def is_missing(v) -> bool:
@@ -95,24 +96,31 @@ def _text_html(md: str) -> str:
     return "\n".join(out)
 
 
+def _cell_html(text: str) -> str:
+    """Inline Markdown, and a line-break opportunity after each "_" (long snake_case names wrap in print)."""
+    return inline_html(text).replace("_", "_<wbr>")
+
+
 def _numeric(s: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
 
 
 def html_table(df: pd.DataFrame, max_rows: int = 60) -> str:
     """``<div class="tbl"><table>`` of the first ``max_rows`` rows: numbers right-aligned, text left-aligned
-    through the inline Markdown, missing values as "—" with the legend below."""
+    through the inline Markdown (short text unwrapped on screen), missing values as "—" with the legend below."""
     if df.empty:
         return "<p><i>(empty)</i></p>"
     head = df.head(max_rows)
     num = [_numeric(head[c]) for c in head.columns]
-    th = "".join(f"<th{' class=num' if n else ''}>{inline_html(c)}</th>" for c, n in zip(head.columns, num))
+    th = "".join(f"<th{' class=num' if n else ''}>{_cell_html(c)}</th>" for c, n in zip(head.columns, num))
     rows = []
     for row in head.itertuples(index=False):
         tds = []
         for v, n in zip(row, num):
-            cls = " class=miss" if is_missing(v) else " class=num" if n else ""
-            tds.append(f"<td{cls}>{inline_html(fmt_cell(v))}</td>")
+            text = fmt_cell(v)
+            cls = (" class=miss" if is_missing(v) else " class=num" if n else
+                   " class=nw" if len(text) <= SHORT_TEXT else "")
+            tds.append(f"<td{cls}>{_cell_html(text)}</td>")
         rows.append("<tr>" + "".join(tds) + "</tr>")
     out = [f"<div class=tbl><table><thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"]
     if len(df) > max_rows:
@@ -148,12 +156,13 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 .tbl{overflow-x:auto;max-width:100%;margin:0.5em 0 0.4em}
 table{border-collapse:collapse;font-size:12px}th,td{padding:3px 8px;border-bottom:1px solid #ddd;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num,th.num{text-align:right;white-space:nowrap}
-td.miss{text-align:center;color:#999}td{max-width:36em}p.note{font-size:12px;color:#666;margin:0 0 1.2em}
+td.miss{text-align:center;color:#999}td.nw{white-space:nowrap}td{max-width:36em}p.note{font-size:12px;color:#666;margin:0 0 1.2em}
 img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}
 figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:0 3px}
 nav{line-height:1.8}nav a{margin-right:1em;white-space:nowrap}
-@media print{body{max-width:none;margin:0}.tbl{overflow:visible}table{width:100%;table-layout:auto}
-th,td{white-space:normal !important;overflow-wrap:anywhere;max-width:none}figure,tr{break-inside:avoid}nav{display:none}}"""
+@media print{body{max-width:none;margin:0}.tbl{overflow:visible}table{width:100%;font-size:9px}
+td,td.nw,th,th.num{white-space:normal;max-width:none}td{overflow-wrap:break-word}th{overflow-wrap:anywhere}
+figure,tr{break-inside:avoid}nav{display:none}}"""
 
 
 def render_html(title: str, sections: list[Section]) -> str:
