@@ -189,7 +189,8 @@ def _prefer(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_o=(df["protocol"] != "paper").astype(int)).sort_values(["_o"], kind="stable").drop(columns="_o")
 
 
-def _low_mass(model: str, what: str, off: float) -> list[str]:
+def _low_mass(what: str, off: float) -> list[str]:
+    """A ⚠ note when the on-choice mass 1 − ``off`` is below :data:`LOW_MASS`, else nothing."""
     on = 1.0 - float(off)
     if np.isfinite(on) and on < LOW_MASS:
         return [f"⚠ {what} is renormalised from only {_pct(on)} on-choice mass (below {LOW_MASS:.0%}): the model "
@@ -266,7 +267,7 @@ def _prior(ctx: Context, model: str) -> Finding | None:
         flag = " ⚠" if 1 - r["off_choice_mass"] < LOW_MASS else ""
         parts.append(f"P(heads) = {_f(r['p_mean'])}{sd}{flag} over {int(r['n_paraphrases'])} prompts "
                      f"({r['experiment']})")
-        notes += _low_mass(model, f"P(heads) of {r['experiment']}", r["off_choice_mass"])
+        notes += _low_mass(f"P(heads) of {r['experiment']}", r["off_choice_mass"])
     main = t.iloc[0]
     p = float(main["p_mean"])
     verdict = "agrees" if p > 0.5 else "differs"
@@ -302,7 +303,7 @@ def _icl(ctx: Context, model: str) -> Finding | None:
             off = float(s["off_choice_mass"].mean())
             if 1 - off < LOW_MASS:
                 flag = " ⚠"
-            notes += _low_mass(model, f"the ICL reads of {exp} (mean)", off)
+            notes += _low_mass(f"the ICL reads of {exp} (mean)", off)
         parts.append(f"{proc}: TVD {_f(lo['tvd_paper'])} (N = {int(lo['N'])}) → {_f(hi['tvd_paper'])} "
                      f"(N = {int(hi['N'])}){flag} ({exp}, {int(d['n_theta'].max())} θ)")
         exps.append(exp)
@@ -356,7 +357,7 @@ def _attention(ctx: Context, model: str) -> Finding | None:
                                                        "measure": meas}
     p = pts[(pts["model"] == model) & (pts["position"] >= 1)]
     if len(p):
-        notes += _low_mass(model, "the model's prediction at the attention read positions (mean)",
+        notes += _low_mass("the model's prediction at the attention read positions (mean)",
                            float(p.drop_duplicates(["experiment", "cell", "position"])["off_choice_mass"].mean())
                            if "cell" in p else float(p["off_choice_mass"].mean()))
     if states and all(s == "weak" for s in states):
@@ -410,7 +411,7 @@ def _gamma(ctx: Context, model: str) -> Finding | None:
                      f"{r['experiment']})")
         vals[r["experiment"]] = {"gamma_paper": r["gamma_paper"], "gamma_bayesflip": r["gamma_bayesflip"]}
         if np.isfinite(off):
-            notes += _low_mass(model, f"P(heads) along {r['experiment']} (mean)", off)
+            notes += _low_mass(f"P(heads) along {r['experiment']} (mean)", off)
         if np.isfinite(r["gamma_bayesflip"]) and abs(r["gamma_paper"] - r["gamma_bayesflip"]) > ESTIMATOR_GAP:
             notes.append(_gamma_note(r, a_sum))
     g = float(t["gamma_paper"].iloc[0])
@@ -560,7 +561,7 @@ def _amplification(ctx: Context, model: str) -> Finding | None:
                      f"{r['prior']} prior, {_n(int(r['n_chains']), 'chain')} × "
                      f"{_n(int(r['generations']), 'generation')} ({r['experiment']})")
         if np.isfinite(off):
-            notes += _low_mass(model, f"the chain reads of {r['experiment']}, {r['condition']} (mean)", off)
+            notes += _low_mass(f"the chain reads of {r['experiment']}, {r['condition']} (mean)", off)
         exps.append(r["experiment"])
         vals[f"chains/{r['experiment']}/{r['condition']}"] = float(r["amplification_llm"])
     if not parts:
