@@ -238,3 +238,4 @@ def test_paraphrase_prior_shows_on_choice_mass(sweep):
     assert len(cells) == 6      # every cell of the family is statement-free and context-free
     md = report.read_text()
     assert "| prior_coin | synthetic-model | highest | 2 | C coin: | 0.8 | 0.03 | True |" in md
+    assert "Flagged: `prior_coin` paraphrase 2 (synthetic-model: P(heads) 0.8, on-choice mass 0.03)" in md

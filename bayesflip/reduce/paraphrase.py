@@ -207,6 +207,13 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
     blocks.append(Table(unif, "TVD between the mean prior over paraphrases and the uniform distribution."))
     if len(ext):
         blocks.append(Table(ext, "The paraphrases with the highest and lowest P(heads)."))
+        low_ext = ext[ext["low_on_choice_mass"]]
+        if len(low_ext):
+            blocks.append(Text("Flagged: " + ", ".join(
+                f"`{e}` paraphrase {q} ({m}: P(heads) {ph:.3g}, on-choice mass {v:.3g})"
+                for e, m, q, ph, v in zip(low_ext["experiment"], low_ext["model"], low_ext["paraphrase"],
+                                          low_ext["P(heads)"], low_ext["on_choice_mass"]))
+                + f" — a P(heads) renormalised from an on-choice mass below {LOW_MASS:.0%}."))
     blocks += figs
     return ReducedFamily(
         tables={"paraphrase_cells": cells, "paraphrase_prior": prior, "paraphrase_uniform_tvd": unif},
