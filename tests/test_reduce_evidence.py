@@ -122,7 +122,8 @@ def test_fitted_prior_is_the_fit_on_statement_free_curves_alone(sweep):
     assert row["alpha"] == pytest.approx(A, rel=1e-3) and row["beta"] == pytest.approx(B, rel=1e-3)
     # with the statement curves pooled in (the old behaviour) the fit would differ
     sc, sp = _reads(root, "icl_stated")
-    pooled = bayes.fit_beta_prior(np.r_[counts[:, 0], sc[:, 0]], np.r_[counts[:, 1], sc[:, 1]], np.r_[probs[:, 0], sp[:, 0]])
+    pooled = bayes.fit_beta_prior(np.r_[counts[:, 0], sc[:, 0]], np.r_[counts[:, 1], sc[:, 1]],
+                                  np.r_[probs[:, 0], sp[:, 0]])
     assert abs(pooled.alpha - f.alpha) > 0.1
     # bayesflip's γ uses it: the discounted learner's γ is recovered; the paper's γ sits beside it
     pg = pd.read_csv(tables / "icl_paper_gamma.csv").set_index(["experiment", "model"])
@@ -154,7 +155,8 @@ def test_statement_store_in_its_own_table_not_in_the_prior_table(sweep):
     assert sh["stated_bias"] == 0.25 and sh["p_after_statement"] == pytest.approx((1 + 8 * 0.25) / 10, abs=1e-6)
     # statement curves get no fitted-prior reference; the statement is a column of the summary
     summ = pd.read_csv(tables / "icl_summary.csv").set_index(["experiment", "model"])
-    assert np.isnan(summ.loc[("icl_stated", MODEL), "tvd_fitted"]) and summ.loc[("icl_stated", MODEL), "statement"] == "theta"
+    assert np.isnan(summ.loc[("icl_stated", MODEL), "tvd_fitted"])
+    assert summ.loc[("icl_stated", MODEL), "statement"] == "theta"
     assert summ.loc[("icl_free", MODEL), "tvd_fitted"] < 1e-5
     md = report.read_text()
     priors = md.split("## Priors")[1].split("\n## ")[0]

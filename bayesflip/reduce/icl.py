@@ -91,6 +91,7 @@ class PriorFit:
     converged: bool
     at_bound: bool
     fitted_on: list[str]
+    note: str = "statement-free i.i.d. ICL curves"
 
 
 def prompt_spread(st: StoreData) -> str:
@@ -159,7 +160,10 @@ def _fit_priors(curves: list[Curves]) -> tuple[dict[tuple[str, str], PriorFit], 
             alpha = np.asarray(f.alpha)
         fits[key] = PriorFit(model=key[0], process=key[1], alpha=alpha, neg_log_lik=f.neg_log_lik,
                              n_points=f.n_points, converged=f.converged, at_bound=f.at_bound,
-                             fitted_on=sorted({c.store.experiment for c in use}))
+                             fitted_on=sorted({c.store.experiment for c in use}),
+                             **({} if use[0].shift == "none" else
+                                {"note": "statement-free shift curves only (no statement-free i.i.d. curves): the "
+                                         "prior absorbs the shift, and γ on the same curves is fitted with it"}))
     return fits, notes
 
 
@@ -416,7 +420,8 @@ def _statement_table(curves: list[Curves]) -> pd.DataFrame:
         for val in np.unique(b):
             i = b == val
             rows.append({"experiment": c.store.experiment, "model": c.store.model, "process": c.process,
-                         "statement": c.statement, "stated_bias": float(val), "p_stated": float(q_t[i].mean()),
+                         "statement": c.statement, "stated_bias": float(val),
+                         "p_stated": float(np.round(q_t[i].mean(), 12)),
                          "p_after_statement": float(pt[i].mean()), "p_after_statement_std": float(pt[i].std()),
                          "tvd_to_stated": float(tv[i].mean()), "on_choice_mass": float(on[i].mean()),
                          "low_on_choice_mass": bool(on[i].mean() < LOW_MASS), "spread_over": prompt_spread(c.store),
@@ -443,7 +448,7 @@ def _fit_table(fits: dict[tuple[str, str], PriorFit], notes: dict[tuple[str, str
             continue
         row = {"model": model, "process": process, "alpha_sum": float(f.alpha.sum()),
                "neg_log_lik": f.neg_log_lik, "n_points": f.n_points, "converged": f.converged,
-               "at_bound": f.at_bound, "fitted_on": ",".join(f.fitted_on), "note": "statement-free ICL curves"}
+               "at_bound": f.at_bound, "fitted_on": ",".join(f.fitted_on), "note": f.note}
         if process == "coin":
             row.update(alpha=float(f.alpha[0]), beta=float(f.alpha[1]), prior_mean=float(f.alpha[0] / f.alpha.sum()))
         else:
@@ -695,8 +700,9 @@ def _fmt_models_summary(curves, fits, notes, summary_tab, gammas, gamma_notes, s
             m["prior_note"] = pn
         st = stmt_tab[stmt_tab["model"] == model]
         if len(st):
-            m["p_after_statement_n0"] = {e: {f"{b:g}": float(p) for b, p in zip(g["stated_bias"], g["p_after_statement"])}
-                                         for e, g in st.groupby("experiment", sort=True)}
+            m["p_after_statement_n0"] = {
+                e: {f"{b:g}": float(p) for b, p in zip(g["stated_bias"], g["p_after_statement"])}
+                for e, g in st.groupby("experiment", sort=True)}
     return models
 
 
@@ -714,7 +720,8 @@ def _priors_texts(curves: list[Curves], fits: dict, notes: dict, prior_tab: pd.D
            "P(heads) at position 0 is the model's next-outcome distribution before any outcome, mean ± std over the "
            "cells of a store. `spread_over` says what differs between their position-0 prompts")
     if one:
-        txt += f" — in {', '.join(f'`{e}`' for e in one)} every cell has the same prompt, so that spread is numerical only"
+        txt += (f" — in {', '.join(f'`{e}`' for e in one)} every cell has the same prompt, so that spread is "
+                "numerical only")
     if many:
         txt += (f"{';' if one else ' —'} in {', '.join(f'`{e}`' for e in many)} the prompts differ along the named "
                 "axes, so the spread is the model's sensitivity to them")
@@ -723,8 +730,8 @@ def _priors_texts(curves: list[Curves], fits: dict, notes: dict, prior_tab: pd.D
             "is the Beta(α, β) (coin) / Dirichlet(α) (die) maximising `Σ_i Σ_c p_model,i(c) log q_i(c)` over every "
             "read of the model's statement-free i.i.d. ICL curves (its statement-free shift curves only when it has "
             "none; `fitted_on`), with `q_i(c) = (α_c + n_i,c) / (Σα + n_i)`; a large α + β means the model barely "
-            "updates. The fitted-prior reference of the ICL curves and bayesflip's γ use this prior, for statement-free "
-            "curves only.")
+            "updates. The fitted-prior reference of the ICL curves and bayesflip's γ use this prior, for "
+            "statement-free curves only.")
     if stated:
         txt += (" Curves after a bias statement ("
                 + ", ".join(f"`{e}`: statement {s}" for e, s in stated)
@@ -846,9 +853,9 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
         sections[1].blocks += [
             Heading("After a bias statement (N = 0)"),
             Text("Paper ICL prompts with `statement: theta` (or `theta2`) begin with the bias statement "
-                 "(`When I flip coins they land on heads b% of the time.`). Their read at N = 0 is the model's response "
-                 "to that statement — P(heads) after the statement of b (die: P(stated face)) — not a prior: it is "
-                 "conditioned on b, and its spread over b is the statement's effect. `tvd_to_stated` = mean over "
+                 "(`When I flip coins they land on heads b% of the time.`). Their read at N = 0 is the model's "
+                 "response to that statement — P(heads) after the statement of b (die: P(stated face)) — not a "
+                 "prior: it is conditioned on b, and its spread over b is the statement's effect. `tvd_to_stated` = mean over "
                  "cells of TVD(p_0, stated distribution), the paper's ICL TVD at N = 0; `std` is over the prompts "
                  f"(`spread_over`). `low_on_choice_mass`: on-choice mass below {LOW_MASS:.0%}."),
             Table(shown, "P(heads) after the statement of b, N = 0, per stated bias (table icl_statement_n0).",

@@ -89,8 +89,8 @@ def _extremes(cells: pd.DataFrame, n: int = 3) -> pd.DataFrame:
     out = pd.concat(parts)
     out["on_choice_mass"] = 1.0 - out["off_choice_mass"]
     out["low_on_choice_mass"] = out["on_choice_mass"] < LOW_MASS
-    return out[["experiment", "model", "rank", "paraphrase", "text", "p", "on_choice_mass", "low_on_choice_mass"]].rename(
-        columns={"p": "P(heads)"}).reset_index(drop=True)
+    cols = ["experiment", "model", "rank", "paraphrase", "text", "p", "on_choice_mass", "low_on_choice_mass"]
+    return out[cols].rename(columns={"p": "P(heads)"}).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -185,7 +185,8 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
              "sensitivity to the wording of the question, not numerical noise. `on_choice_mass` = the probability the "
              f"choices get before renormalising; below {LOW_MASS:.0%} (`low_on_choice_mass`) the renormalised "
              "probability rests on little mass."
-             + (f" Left out (not statement-free and context-free): {'; '.join(sorted(left_out))}." if left_out else "")),
+             + (f" Left out (not statement-free and context-free): {'; '.join(sorted(left_out))}."
+                if left_out else "")),
     ]
     if len(coin):
         blocks.append(Table(coin.drop(columns=["process", "choice"]).rename(
