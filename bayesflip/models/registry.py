@@ -95,16 +95,18 @@ def parse_model_file(path: Path) -> dict[str, ModelSpec]:
     raw = yaml.safe_load(path.read_text()) or {}
     if set(raw) - {"models"}:
         raise ConfigError(sorted(set(raw) - {"models"})[0], "unknown top-level key", allowed=["models"], source=str(path))
-    out: dict[str, ModelSpec] = {}
-    for name, entry in (raw.get("models") or {}).items():
-        try:
-            out[name] = ModelSpec(name=name, model_set=path.stem, **(entry or {}))
-        except ValidationError as err:
-            key, msg, allowed = _format_validation(err)
-            raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=str(path)) from None
-        except TypeError as err:
-            raise ConfigError(f"models.{name}", str(err), source=str(path)) from None
-    return out
+    return {name: parse_entry(name, entry, path.stem, str(path)) for name, entry in (raw.get("models") or {}).items()}
+
+
+def parse_entry(name: str, entry: dict | None, model_set: str, source: str) -> ModelSpec:
+    """One registry entry validated (the one-line :class:`ConfigError` names ``models.<name>.<key>``)."""
+    try:
+        return ModelSpec(name=name, model_set=model_set, **(entry or {}))
+    except ValidationError as err:
+        key, msg, allowed = _format_validation(err)
+        raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=source) from None
+    except TypeError as err:
+        raise ConfigError(f"models.{name}", str(err), source=source) from None
 
 
 @lru_cache(maxsize=4)
