@@ -242,6 +242,27 @@ def test_add_with_hub_reads_config_files_only_and_leaves_the_cache_alone(cfgdir,
         add_model("someorg/other", hub=True, config_dir=cfgdir, download=offline)
 
 
+def test_hub_unreachable_fails_at_once(cfgdir, monkeypatch):
+    """No DNS (an offline node): `models add --hub` and `models prepare` stop before any Hub request."""
+    import socket
+
+    from bayesflip.models.prepare import ModelNotPreparedError, prepare_hub
+    from bayesflip.models.registry import ModelSpec
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ModelAddError, match=r"cannot reach the Hub \(huggingface.co: .*Name or service not known\); "
+                                            r"on this node add someorg/x from flags"):
+        add_model("someorg/x", hub=True, config_dir=cfgdir)
+    spec = ModelSpec(name="x", id="someorg/x", kind="std")
+    with pytest.raises(ModelNotPreparedError, match="cannot reach the Hub.*run `bayesflip models prepare x`"):
+        prepare_hub(spec)
+
+
 # ---------------------------------------------------------------------- prompts --where
 def test_where_unknown_key_bad_value_and_no_match(capsys, monkeypatch):
     from bayesflip.cli import main
@@ -267,7 +288,7 @@ def test_where_unknown_key_bad_value_and_no_match(capsys, monkeypatch):
 def test_template_path_is_not_a_template_name():
     from bayesflip.hpc.templates import load_template
 
-    with pytest.raises(ConfigError, match="a template name, not a path"):
+    with pytest.raises(ConfigError, match="is a path: name a template, not a path.*allowed: cpu-debug"):
         load_template("../job_templates/cpu-debug")
     assert load_template("cpu-debug").name == "cpu-debug"
 

@@ -150,9 +150,9 @@ def _validate(raw: dict, source: str) -> JobTemplate:
 def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
     """A template by name (a file stem of ``job_templates/``; a path such as ``../x/cpu-debug`` is refused)."""
     if name not in template_names(template_dir):
-        what = "a template name, not a path" if ("/" in name or "\\" in name or name.endswith(".yaml")) \
-            else "unknown job template"
-        raise ConfigError("template", f"{what}: {name!r}", allowed=template_names(template_dir))
+        path_like = "/" in name or "\\" in name or name.endswith(".yaml")
+        raise ConfigError("template", f"{name!r} is a path: name a template, not a path" if path_like
+                          else f"unknown job template {name!r}", allowed=template_names(template_dir))
     path = Path(template_dir) / f"{name}.yaml"
     raw = read_yaml_mapping(path)
     if "name" in raw:

@@ -191,6 +191,10 @@ def fetch_hub_files(hub_id: str, revision: str, into: Path, download: Optional[C
 
     if download is None:
         from huggingface_hub import hf_hub_download as download
+
+        from .prepare import check_hub_reachable
+        check_hub_reachable(ModelAddError, f"on this node add {hub_id} from flags (--kind base|instruct, "
+                                           f"--params-b N) or from a local directory")
     for fname in HUB_FILES:
         try:
             path = download(repo_id=hub_id, filename=fname, revision=revision, cache_dir=str(into / "cache"))

@@ -171,11 +171,32 @@ def _ignore_patterns(spec: ModelSpec) -> list[str]:
     return IGNORE + ["*.bin"] if any(f.endswith(".safetensors") for f in files) else IGNORE
 
 
+def check_hub_reachable(error: type = BayesflipError, hint: str = "") -> None:
+    """Fail at once, not after ~25 s of Hub retries, when the Hub's host name does not resolve (an
+    offline node). Skipped behind an HTTP(S) proxy, which resolves names itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise error(f"cannot reach the Hub ({host}: {e}){'; ' + hint if hint else ''}") from None
+
+
 def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
     """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
     ignore = IGNORE
     if download is None:   # the real Hub: ask it once whether *.bin can be skipped
         from huggingface_hub import snapshot_download as download
+        if prepared_revision(spec) is None:      # already in the cache: snapshot_download finds it offline
+            check_hub_reachable(ModelNotPreparedError, f"cannot fetch {spec.id}@{spec.revision} for model "
+                                f"{spec.name!r}: run `bayesflip models prepare {spec.name}` on a node with "
+                                f"internet access")
         ignore = _ignore_patterns(spec)
     try:
         path = Path(download(repo_id=spec.id, revision=spec.revision, cache_dir=str(hub_cache_dir()),

@@ -1,7 +1,7 @@
 """The model registry: one YAML entry per model under ``configs/models/<set>.yaml``.
 
-Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
-``make submit MODEL_TYPE=std`` selects ``configs/models/std.yaml``. A file holds::
+Each file is a *model set* (``paper``, ``pythia``, ``local``, ...; ``MODEL_TYPE=<set>`` selects it).
+``bayesflip models add`` (:mod:`bayesflip.models.add`) appends entries to ``user.yaml``. A file holds::
 
     models:
       <name>:
@@ -17,6 +17,9 @@ Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
         template: gpu-small             # job template in job_templates/
         params_b: 8.03                  # billions of parameters (cost estimates: load time, throughput scaling)
         active_params_b: 1.3            # optional: parameters used per token (mixture of experts); default params_b
+        max_length: 8192                # optional: the context window (default: the model config's)
+        attn_implementation: sdpa       # sdpa | eager (Gemma-2: eager, for logit soft-capping)
+        trust_remote_code: false
 """
 
 from __future__ import annotations
