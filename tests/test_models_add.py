@@ -51,7 +51,8 @@ def world(tmp_path):
     _hub_cache(tmp_path)
     cfg = private_configs(tmp_path, SWEEPS)
     (cfg / "models" / "ghosts.yaml").write_text(
-        "models:\n  ghost: {id: testorg/ghost, kind: std, dtype: float32, template: cpu-debug}\n")
+        "models:\n  ghost: {id: testorg/ghost, kind: std, dtype: float32, template: cpu-debug}\n"
+        "  ghost2: {id: testorg/ghost2, kind: instruct, dtype: float32, template: cpu-debug}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path), "BAYESFLIP_CONFIG_DIR": str(cfg),
            "NET_LOG": str(tmp_path / "net.log")}
     for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "BAYESFLIP_CACHE"):
@@ -126,6 +127,14 @@ def test_unprepared_model_fails_offline_with_the_prepare_hint(world, cmd):
     assert "not prepared" in r.stderr and "run `bayesflip models prepare ghost`" in r.stderr
     assert not (tmp / "net.log").exists()           # no connection attempted (no Hub retries)
     assert not (tmp / "res").exists()               # nothing written
+
+
+def test_all_unprepared_models_named_in_one_line(world):
+    tmp, _, bf = world
+    r = bf("prompts", "--exp", "paper_icl_coin", "--model", "ghosts")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "models 'ghost', 'ghost2' are not prepared" in r.stderr
+    assert "run `bayesflip models prepare ghost ghost2`" in r.stderr
 
 
 def test_dry_run_costs_an_unprepared_model_with_the_marked_proxy(world):

@@ -136,10 +136,16 @@ def _count_safetensors(d: Path) -> Optional[int]:
         return None
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n < 100_000_000:          # a header is kB..MB; anything else is not safetensors
+                    raise ValueError(f"header size {n}")
+                header = json.loads(fh.read(n))
+            total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ModelAddError(f"{f}: unreadable safetensors header ({type(e).__name__}); re-run "
+                                f"`bayesflip models prepare`, or pass --params-b") from None
     return total
 
 
