@@ -58,7 +58,7 @@ def test_every_claim_and_model_has_a_row_and_missing_families_are_not_measured()
     assert set(got) == {(c, m) for c in CLAIMS for m in (PUB_MODEL, NEW_MODEL)}
     f = got[("prior", NEW_MODEL)]
     assert f.verdict == "not measured" and "paraphrase" in f.why and f.coverage == "none in this sweep"
-    assert "0.74–0.97 over 8 published models" in f.published        # the published side is shown anyway
+    assert "0.69–0.97 over 10 published models" in f.published       # the published side is shown anyway
     assert got[("prior", PUB_MODEL)].published.startswith("0.76 ± 0.12")
 
 
@@ -117,6 +117,10 @@ def test_poisson_needs_both_modes():
     got = find({"poisson": ReducedFamily(tables={"poisson_by_condition": c})})
     assert got[("poisson", PUB_MODEL)].verdict == "agrees"          # |0.45 − 0.5| < |0.8 − 0.5|
     assert got[("poisson", NEW_MODEL)].verdict == "not measured" and "in-context" in got[("poisson", NEW_MODEL)].why
+    # the published side: λ = 0.5 at temperature 1.0, mean and median, the in-context rows' conditions ambiguous
+    own, other = got[("poisson", PUB_MODEL)].published, got[("poisson", NEW_MODEL)].published
+    assert "told λ 0.716 (median 0.219)" in own and "in context 0.480 (median 0.513)" in own
+    assert "conditions ambiguous" in own and "conditions ambiguous" in other and "11 published models" in other
 
 
 def test_attention_within_theta_decides_within_n_alone_does_not():

@@ -33,6 +33,7 @@ STEP = 0.02              # changes of a probability / proportion within ±STEP c
 ATTN_WEAK = 0.3          # |r| below this: attention and Bayesian error "hardly related"
 RANK_STEP = 0.05         # acronyms: relative change of the mean frequency rank within ±5 % is "no change"
 MISSING_PUB = "no published value"
+POISSON_LAM = 0.5   # the λ whose published λ̂ the Poisson finding shows
 VERDICTS = ("agrees", "differs", "mixed", "inconclusive", "not measured")
 
 COIN_STUDY = "Gupta et al. (2025), Enough Coin Flips Can Make LLMs Act Bayesian"
@@ -58,7 +59,7 @@ CLAIMS: dict[str, Claim] = {c.key: c for c in (
     Claim("prior", "Biased prior",
           "Asked for a coin flip with no evidence in context, models favour heads: P(heads) is above 0.5 for every "
           "published model.",
-          COIN_STUDY, f"{COIN_REPO} analysis/explore_coin_flip_prior.ipynb",
+          COIN_STUDY, f"{COIN_REPO} exps/contextual/coin_flip_multiset/<model>/averaged_stats.txt",
           "agrees when our P(heads) with no evidence (mean over the query paraphrases) is above 0.5; differs when it "
           "is at or below 0.5.",
           "the prior over paraphrases (family `paraphrase`, e.g. `paper_prior_coin`)"),
@@ -90,7 +91,7 @@ CLAIMS: dict[str, Claim] = {c.key: c for c in (
     Claim("poisson", "Poisson rates: context beats instruction",
           "In the published runs the rate of markers λ̂ a model writes is closer to λ when it continues a text that "
           "has markers at rate λ than when it is told λ.",
-          COIN_STUDY, f"{COIN_REPO} poisson.py",
+          COIN_STUDY, f"{COIN_REPO} exps/poisson/<model>/stats.pkl, stats_icl.pkl (temperature 1.0)",
           "agrees when |λ̂ − λ| in context is below |λ̂ − λ| when told λ (mean over the λ both modes measured); "
           "differs otherwise; needs both modes.",
           "Poisson (family `poisson`, e.g. `paper_poisson_icl` and `paper_poisson_explicit`)"),
@@ -239,13 +240,21 @@ def _published(ctx: Context, claim: str, model: str) -> str:
         return ((f"this model: {_f(own[0]['gamma'])}; " if own else "")
                 + f"base {_range(base)} (median {_f(float(np.median(base)))}), instruct {_range(inst)} "
                   f"(median {_f(float(np.median(inst)))}); {cite(rows[0], pub)}")
-    if claim == "poisson":
-        rows = pub.get("poisson", [])
-        own = [r for r in rows if r["model"] == model] or rows
-        if not own:
+    if claim == "poisson":   # λ = 0.5, the study's example; the in-context rows' story length is not stored
+        rows = [r for r in pub.get("poisson", []) if np.isclose(float(r["lam"]), POISSON_LAM)]
+        if not rows:
             return MISSING_PUB
-        return "; ".join(f"{r['published_name']}, λ = {r['lam']:g}, {'in context' if r['mode'] == 'icl' else 'told λ'}"
-                         f": {_f(r['lambda_hat'], 3)}" for r in own) + f"; {cite(own[0], pub)}"
+        own = [r for r in rows if r["model"] == model]
+        how = {"explicit": "told λ", "icl": "in context"}
+        amb = " (in context: conditions ambiguous, story length not stored)" if any(
+            "ambiguous" in str(r.get("conditions", "")) for r in rows) else ""
+        if own:
+            return (f"λ = {POISSON_LAM:g}: " + ", ".join(
+                f"{how.get(r['mode'], r['mode'])} {_f(r['lambda_hat'], 3)} (median {_f(r.get('lambda_hat_median'), 3)})"
+                for r in own) + f"{amb}; {cite(own[0], pub)}")
+        by = {m: [r["lambda_hat"] for r in rows if r["mode"] == m] for m in how}
+        return (f"λ = {POISSON_LAM:g}, {len({r['model'] for r in rows})} published models, mean λ̂: "
+                + ", ".join(f"{how[m]} {_range(v, 3)}" for m, v in by.items() if v) + f"{amb}; {cite(rows[0], pub)}")
     who = IL_STUDY.split(",")[0] if claim in ("amplification", "interaction") else COIN_STUDY.split(",")[0]
     return {"attention": f"qualitative: negligible effect (no number published); {who}",
             "amplification": f"qualitative: amplified over generations (curves of API models, no numbers); {who}",
