@@ -39,6 +39,9 @@ The tokenizer is the embedded SmolLM2's (installed by ``make install``); weights
 
 from __future__ import annotations
 
+# torch is imported inside the functions that run checks, so that building the CLI parser
+# (``add_arguments``) does not import it: every ``bayesflip`` command pays for that import.
+
 import argparse
 import json
 import os
@@ -48,7 +51,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
@@ -80,10 +82,11 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], str, float, float]] = [
 ]
 TP_EFFICIENCY = {"score_tokens_per_s": 0.75, "curve_tokens_per_s": 0.75, "gen_tokens_per_s": 0.5}  # assumed
 TOL = {"float32": 1e-4, "bfloat16": 0.1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _sync() -> None:
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -100,8 +103,11 @@ def _tokenizer():
     return load_tokenizer(get_model_spec("smollm2-135m-instruct"))
 
 
-def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A randomly initialised Llama of ``shape``, built directly on ``device`` (no CPU copy)."""
+def random_llama(shape: dict, tokenizer, dtype: str, device: torch.device, seed: int = 0):
+    """A randomly initialised Llama of ``shape`` in ``dtype`` (``float32`` | ``bfloat16``), built directly
+    on ``device`` (no CPU copy)."""
+    import torch
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{"vocab_size": len(tokenizer), **shape}, bos_token_id=tokenizer.bos_token_id,
@@ -109,7 +115,7 @@ def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.devic
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
@@ -119,6 +125,8 @@ def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.devic
 
 
 def _loaded(name: str, model, tokenizer, device, dtype: str, max_length: int):
+    import torch
+
     from .backends.hf import HFBackend
     from .models.loader import LoadedModel
     from .models.registry import ModelSpec
@@ -130,6 +138,8 @@ def _loaded(name: str, model, tokenizer, device, dtype: str, max_length: int):
 
 # ---------------------------------------------------------------- (a) contract
 def _plain_logprob(model, ids: list[int], choice: list[int], device) -> float:
+    import torch
+
     full = torch.tensor([ids + choice], device=device)
     with torch.inference_mode():
         lsm = model(full).logits[0].float().log_softmax(-1)
@@ -137,6 +147,8 @@ def _plain_logprob(model, ids: list[int], choice: list[int], device) -> float:
 
 
 def contract(be, dtype: str) -> dict:
+    import torch
+
     from .engine import ChoiceRequest, CurveRequest
     from .prompts import encode_piece, encode_prompt
 
@@ -182,7 +194,7 @@ def contract_checks(device: torch.device, tok) -> list[dict]:
     for dtype in ("float32", "bfloat16"):
         spec = get_model_spec("tiny-random").model_copy(update={"dtype": dtype})
         out.append(contract(load_backend(spec, device=device), dtype))
-        model = random_llama(SMALL_LLAMA, tok, DTYPES[dtype], device)
+        model = random_llama(SMALL_LLAMA, tok, dtype, device)
         out.append(contract(_loaded("random-small-llama", model, tok, device, dtype, 4096), dtype))
         del model
     return out
@@ -211,6 +223,8 @@ def device_peak(name: str) -> tuple[str, float, float] | None:
 
 def peak_flops(device: torch.device, dtype: str, override_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of ``device`` for ``dtype`` (bf16/fp16 tensor cores, or fp32); ``override_tflops``: the bf16 figure."""
+    import torch
+
     if override_tflops and dtype != "float32":
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -224,6 +238,8 @@ def peak_flops(device: torch.device, dtype: str, override_tflops: float | None =
 def scoring_throughput(be, n_ctx: int, len_range: tuple[int, int], peak: float | None, batch_tokens: int = 8192,
                        seed: int = 0) -> dict:
     """Needle-like scoring: ``n_ctx`` contexts, one read per row (1–3 token choices), ``batch_tokens`` batches."""
+    import torch
+
     from .engine import ChoiceRequest, _batches
 
     model = getattr(be.model, "module", be.model)
@@ -329,11 +345,13 @@ def generation_throughput(be, n_rows: int, prompt_len: int, max_new_tokens: int,
 
 def measure(device: torch.device, tok, shape: dict, name: str, dtype: str, work: dict, peak_tflops: float | None) -> dict:
     """Build a random model of ``shape`` in ``dtype`` and measure the three kinds of work sized by ``work``."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t = _now()
-    model = random_llama(shape, tok, DTYPES[dtype], device)
+    model = random_llama(shape, tok, dtype, device)
     build_s = _now() - t
     be = _loaded(name, model, tok, device, dtype, 8192)
     total, body = _param_counts(model)
@@ -394,6 +412,8 @@ def calibration(thr: dict) -> dict:
 
 # ---------------------------------------------------------------- main
 def machine(device: torch.device) -> dict:
+    import torch
+
     from .store import library_versions
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
@@ -454,6 +474,8 @@ def write_calibration(res: dict, template: str) -> Path:
 
 def resolve_device(device: str | None):
     """The device to check: CUDA unless ``device`` says otherwise; no usable CUDA device is a DeviceError."""
+    import torch
+
     from .backends.distributed import DeviceError
 
     dev = torch.device(device or "cuda")

@@ -10,7 +10,9 @@ from bayesflip.gpu_check import device_peak, main
 
 
 def test_gpu_check_without_cuda_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpu_check, "_tokenizer", lambda: pytest.fail("loaded something before refusing"))
     assert main(["--out", str(tmp_path / "gc.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

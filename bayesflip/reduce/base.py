@@ -21,7 +21,8 @@ import pandas as pd
 from .load import StoreData
 
 # Modules of this package that are not family reducers.
-_INFRA = {"base", "load", "figures", "report", "pipeline", "overview", "published"}
+_INFRA = {"base", "load", "figures", "report", "pipeline", "overview", "published", "published_values",
+          "original_results", "findings"}
 
 
 # ---------------------------------------------------------------------------- report blocks
@@ -103,6 +104,9 @@ class ReducedFamily:
 
 
 Reducer = Callable[[FamilyInput], ReducedFamily]
+
+LOW_MASS = 0.10
+"""An on-choice mass ``Σ_c exp(logprob_c)`` below this is flagged beside the renormalised probability it carries."""
 
 
 def protocol_of(st: StoreData) -> str:
