@@ -17,7 +17,7 @@ help:
 	@echo "make test               all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
 	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report paths (.md, .html)"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
-	@echo "make gpu-check          on a fresh GPU node (< 5 min, no downloads): engine contract + throughput -> results/gpu_check/gpu_check.json, planner calibration -> \$$BAYESFLIP_CACHE/throughput/gpu-small.json [ARGS='--tiny --device cpu']"
+	@echo "make gpu-check          on a fresh GPU node (minutes, no downloads; exits 2 without CUDA): engine contract + job-shape throughput -> results/gpu_check/gpu_check.json, planner calibration of every GPU template -> \$$BAYESFLIP_CACHE/throughput/<template>.json [ARGS='--tiny --device cpu']"
 	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"
 	@echo "bayesflip plan --exp paper_coinflips --model-type std --dry-run   cost per model (tokens, tasks, device-minutes); writes nothing"
 	@echo "make paper MODEL_TYPE=std|instruct|all|<model> [ARGS=...]   both studies' full grids (paper_coinflips, paper_iicl) on the paper models or yours"

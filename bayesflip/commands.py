@@ -166,7 +166,8 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-per-task", type=int, default=None, help="fixed shards per task (no packing by time)")
     p.add_argument("--target-task-min", type=int, default=None,
                    help="pack shards into tasks of about this many minutes (template target_task_min)")
-    p.add_argument("--template", default=None, help="override the model's job template")
+    p.add_argument("--template", default=None, help="job template(s) instead of the models' own: a name, or a "
+                   "comma-separated list; each applies to the models whose tp equals its task count")
     p.add_argument("--executor", default="slurm", choices=["slurm", "local"], help="submitit backend")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
     p.add_argument("--dry-run", action="store_true",

@@ -22,10 +22,15 @@ device-minutes. All figures are **estimates**:
 * **Tokenizer**: a model's own when it is available offline (local / packaged models, prepared
   Hub models); a Hub model that is not prepared yet is costed with the proxy tokenizer
   :data:`PROXY_TOKENIZER` and flagged, so a sweep can be costed before anything is downloaded.
-* **Time** (:func:`model_speed`, :func:`shard_seconds`, :func:`task_seconds`): the job
-  template's ``throughput`` (figures for a model of ``ref_params_b`` billion parameters) scaled
-  linearly by the model's size; a calibration file ``$BAYESFLIP_CACHE/throughput/<template>.json``
-  written by ``make gpu-check`` overrides the template's figures.
+* **Time** (:func:`kind_speed`, :func:`shard_seconds`, :func:`task_seconds`): the job
+  template's ``throughput`` per kind of work — scored prompt tokens, **reads** (every read point
+  costs the output layer and a log-softmax: the difference between the every-position
+  ``curve_tokens_per_s`` and ``score_tokens_per_s``), generated tokens — for a model of
+  ``ref_params_b`` billion parameters in the figures' ``dtype``, scaled by the model's size (through
+  the measured ``small`` model when given: small models are launch-bound) and dtype (measured
+  ``float32`` figures, else :data:`FP32_SLOWDOWN` on paper); a calibration file
+  ``$BAYESFLIP_CACHE/throughput/<template>.json`` written by ``make gpu-check`` overrides the
+  template's figures.
 * **Packing** (:func:`pack_work`): with a template ``target_task_min``, a model's pending shards
   (in experiment order, so one experiment's shards stay contiguous) are split into the fewest
   tasks of balanced estimated time that each fit ``target_task_min`` (model load included);
@@ -39,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -54,17 +59,20 @@ SAMPLE_CELLS = 1000                         # ... and at most about this many ce
 @dataclass
 class TokenCount:
     """Tokens of some cells: ``prompt`` forwarded for scoring/prefill, ``generated`` sampled,
-    ``rows`` generation rows (sequences sampled)."""
+    ``rows`` generation rows (sequences sampled), ``reads`` scored read points (positions whose
+    log-probs are read: one per needle prompt, one per token of a Markov curve)."""
 
     prompt: int = 0
     generated: int = 0
     rows: int = 0
+    reads: int = 0
 
     def __add__(self, other: "TokenCount") -> "TokenCount":
-        return TokenCount(self.prompt + other.prompt, self.generated + other.generated, self.rows + other.rows)
+        return TokenCount(self.prompt + other.prompt, self.generated + other.generated, self.rows + other.rows,
+                          self.reads + other.reads)
 
     def scaled(self, k: int) -> "TokenCount":
-        return TokenCount(self.prompt * k, self.generated * k, self.rows * k)
+        return TokenCount(self.prompt * k, self.generated * k, self.rows * k, self.reads * k)
 
 
 def branch_tokens(choices: list) -> int:
@@ -101,7 +109,8 @@ def count_rendered(rendered: list, cells: list[dict], tokenizer) -> TokenCount:
     per cell; an item's ``cell`` holds the cell's coordinates plus its read point). Per cell: every
     generation item = its prompt + ``max_new_tokens`` sampled; scored items = the maximal texts (read
     points that are prefixes of a longer text of the same cell are free), each text once per call
-    (identical prompts are scored once), each + Σ_choices (len(choice tokens) − 1)."""
+    (identical prompts are scored once), each + Σ_choices (len(choice tokens) − 1); every scored item
+    is one read."""
     from .prompts import encode_piece, encode_text
 
     keys = list(cells[0]) if cells else []
@@ -124,6 +133,7 @@ def count_rendered(rendered: list, cells: list[dict], tokenizer) -> TokenCount:
                 out.rows += 1
             else:
                 scored[r.text] = tuple(r.choices or ())
+                out.reads += 1
         for text in _maximal_texts(list(scored)):
             if text in seen:
                 continue
@@ -152,6 +162,7 @@ class ExperimentTokens:
     prompt: list[float]
     generated: list[float]
     sampled: list[int]
+    reads: list[float] = field(default_factory=list)   # read points per shard (empty: none counted)
 
     @property
     def exact(self) -> bool:
@@ -176,8 +187,9 @@ def experiment_tokens(exp, cells: list[dict], tokenizer, model_kind: str) -> Exp
     idx = np.arange(n)
     prompt = np.interp(idx, picks, [c.prompt for c in counts])
     gen = np.interp(idx, picks, [c.generated for c in counts])
+    reads = np.interp(idx, picks, [getattr(c, "reads", 0) for c in counts])
     shard_cells = [min(size, len(cells) - s * size) for s in range(n)]
-    return ExperimentTokens(exp.name, shard_cells, prompt.tolist(), gen.tolist(), picks)
+    return ExperimentTokens(exp.name, shard_cells, prompt.tolist(), gen.tolist(), picks, reads.tolist())
 
 
 # ---------------------------------------------------------------------- tokenizers
@@ -211,7 +223,9 @@ def calibration_path(template_name: str) -> Path:
 
 def template_throughput(t) -> tuple[Optional[object], str]:
     """(Throughput or None, where the figure comes from): the calibration file of the template when
-    there is one (its figures over the template's defaults), else the template's ``throughput``."""
+    there is one (its figures over the template's defaults; a default tied to the template's reference —
+    ``load_s`` per parameter, ``curve_tokens_per_s`` as a ratio to the scoring figure — follows the file's
+    ``ref_params_b`` / ``score_tokens_per_s``), else the template's ``throughput``."""
     from pydantic import ValidationError
 
     from .config import pydantic_error
@@ -228,6 +242,12 @@ def template_throughput(t) -> tuple[Optional[object], str]:
         if not isinstance(doc, dict):
             raise ConfigError("throughput", "calibration file must hold a JSON object", source=str(path))
         fig = {k: doc[k] for k in Throughput.model_fields if k in doc and k != "source"}
+        if "load_s" not in fig and "load_s" in base and "ref_params_b" in fig and base.get("ref_params_b"):
+            # the template's load time is for its own reference size: keep it per parameter
+            fig["load_s"] = base["load_s"] * fig["ref_params_b"] / base["ref_params_b"]
+        if "curve_tokens_per_s" not in fig and base.get("curve_tokens_per_s") and "score_tokens_per_s" in fig:
+            # a file without the every-position figure: keep the template's ratio to the scoring figure
+            fig["curve_tokens_per_s"] = fig["score_tokens_per_s"] * base["curve_tokens_per_s"] / base["score_tokens_per_s"]
         try:
             thr = Throughput(**{**base, **fig, "source": f"calibrated {path}"})
         except ValidationError as err:
@@ -252,9 +272,83 @@ def model_speed(score_tokens_per_s: float, gen_tokens_per_s: float, load_s: floa
             load_s * params_b / ref_params_b)
 
 
-def shard_seconds(prompt_tokens: float, gen_tokens: float, score_tps: float, gen_tps: float) -> float:
-    """Estimated seconds of one shard: ``prompt / score_tps + generated / gen_tps``."""
-    return prompt_tokens / score_tps + gen_tokens / gen_tps
+FP32_SLOWDOWN = {"score": 8.0, "curve": 8.0, "gen": 2.0}
+"""On paper, GPU templates only: a float32 model vs bf16 figures (or the reverse, divided): scoring is
+compute-bound (fp32 without TF32 runs at 1/15 of the bf16 tensor-core peak on an H100, 1/16 on an A100;
+taken as 1/8, kernels being far from peak in either), decoding reads twice the bytes. Measured
+``float32`` figures (``make gpu-check``) replace these."""
+
+
+class Speed(NamedTuple):
+    """Rates of one model on one template: scored tokens/s, generated tokens/s, load seconds, and the extra
+    seconds of one read point (output layer + log-softmax; 0 when the template has no curve figure)."""
+
+    score: float
+    gen: float
+    load: float
+    read_s: float = 0.0
+
+
+def _per_token(rate_ref: float, ref_b: float, n_b: float, small: Optional[tuple[float, float]] = None) -> float:
+    """Seconds per token of a model of ``n_b`` billion parameters from ``rate_ref`` tokens/s at ``ref_b``:
+    ``t(N) = t_ref · N / ref`` (through the origin), or with a small model's (rate, size) the line through
+    both points, never below the small model's time (launch-bound: ``t(N) = t_small`` for N ≤ its size)."""
+    t_ref = 1.0 / rate_ref
+    if small is None:
+        return t_ref * n_b / ref_b
+    rate_s, size_s = small
+    t_s = 1.0 / rate_s
+    if size_s >= ref_b or t_s >= t_ref:           # no usable slope: linear from the reference
+        return max(t_ref * n_b / ref_b, t_s if n_b <= size_s else 0.0)
+    if n_b <= size_s:
+        return t_s
+    return t_s + (t_ref - t_s) * (n_b - size_s) / (ref_b - size_s)
+
+
+def kind_speed(thr, params_b: float, active_params_b: Optional[float] = None, dtype: Optional[str] = None,
+               gpu: bool = True) -> Speed:
+    """:class:`Speed` of a model of ``params_b`` (``active_params_b`` per token for a mixture of experts) in
+    ``dtype`` from a template's :class:`~bayesflip.hpc.templates.Throughput`.
+
+    Per kind k (score: active parameters, compute-bound; generation: all parameters, weight reads):
+    seconds per token :func:`_per_token` of the figures of the model's dtype — the template's own when the
+    dtypes agree (bf16 and fp16 count as one), else the measured ``thr.float32`` / the reference, else the
+    reference × :data:`FP32_SLOWDOWN` (÷ for bf16 on float32 figures; GPU templates only, 1 on a CPU).
+    A read costs ``t_curve − t_score`` (curve figures: one read per token). Loading reads all weights:
+    ``load = load_ref · N / ref``."""
+    active = active_params_b or params_b
+    model_fp32 = (dtype or thr.dtype) == "float32"
+    ref_fp32 = thr.dtype == "float32"
+    rates = {"score": thr.score_tokens_per_s, "gen": thr.gen_tokens_per_s, "curve": thr.curve_tokens_per_s}
+    small = thr.small
+    factor = {k: 1.0 for k in FP32_SLOWDOWN}
+    if model_fp32 != ref_fp32:
+        if model_fp32 and thr.float32 is not None:
+            rates = {"score": thr.float32.score_tokens_per_s, "gen": thr.float32.gen_tokens_per_s,
+                     "curve": thr.float32.curve_tokens_per_s}
+            small = None                          # the small figures are for the reference dtype
+        elif gpu:
+            factor = {k: (1 / v if model_fp32 else v) for k, v in FP32_SLOWDOWN.items()}
+            small = None
+
+    def t(kind: str, rate: float, n: float) -> float:
+        s = None
+        if small is not None:
+            srate = {"score": small.score_tokens_per_s, "gen": small.gen_tokens_per_s,
+                     "curve": small.curve_tokens_per_s}[kind]
+            s = (srate, small.ref_params_b) if srate else None
+        return _per_token(rate * factor[kind], thr.ref_params_b, n, s)
+
+    t_score = t("score", rates["score"], active)
+    read_s = max(0.0, t("curve", rates["curve"], active) - t_score) if rates["curve"] else 0.0
+    return Speed(1.0 / t_score, 1.0 / t("gen", rates["gen"], params_b), thr.load_s * params_b / thr.ref_params_b,
+                 read_s)
+
+
+def shard_seconds(prompt_tokens: float, gen_tokens: float, score_tps: float, gen_tps: float, reads: float = 0.0,
+                  read_s: float = 0.0) -> float:
+    """Estimated seconds of one shard: ``prompt / score_tps + reads · read_s + generated / gen_tps``."""
+    return prompt_tokens / score_tps + reads * read_s + gen_tokens / gen_tps
 
 
 def task_seconds(load_s: float, shard_secs: list[float]) -> float:
@@ -302,21 +396,22 @@ class ModelCost:
     def params_b(self) -> Optional[float]:
         return self.spec.params_b
 
-    def speed(self) -> Optional[tuple[float, float, float]]:
-        """(scored tok/s, generated tok/s, load s) for this model, or None without a throughput figure."""
+    def speed(self) -> Optional[Speed]:
+        """(scored tok/s, generated tok/s, load s, seconds per read) for this model (:func:`kind_speed`), or
+        None without a throughput figure."""
         thr = self.throughput
         if thr is None:
             return None
         p = self.params_b or thr.ref_params_b
-        return model_speed(thr.score_tokens_per_s, thr.gen_tokens_per_s, thr.load_s, thr.ref_params_b, p,
-                           self.spec.active_params_b)
+        return kind_speed(thr, p, self.spec.active_params_b, self.spec.dtype, gpu=self.template.gpus_per_node > 0)
 
     def shard_seconds(self, exp: str, shard: int) -> float:
         sp = self.speed()
         if sp is None:
             return float("nan")
         t = self.tokens[exp]
-        return shard_seconds(t.prompt[shard], t.generated[shard], sp[0], sp[1])
+        reads = t.reads[shard] if t.reads else 0.0
+        return shard_seconds(t.prompt[shard], t.generated[shard], sp.score, sp.gen, reads, sp.read_s)
 
     @property
     def packable(self) -> bool:
@@ -392,19 +487,22 @@ def cost_rows(costs: dict[str, ModelCost], units, arrays, packing: bool = True) 
                "task_minutes": None, "max_task_minutes": None, "device_minutes": None, "experiments": {}}
         for e, s in work:
             x = row["experiments"].setdefault(e, {"shards": 0, "cells": 0, "prompt_tokens": 0.0,
-                                                  "generated_tokens": 0.0, "exact": mc.tokens[e].exact})
+                                                  "generated_tokens": 0.0, "reads": 0.0, "exact": mc.tokens[e].exact})
             x["shards"] += 1
             x["cells"] += mc.tokens[e].shard_cells[s]
             x["prompt_tokens"] += mc.tokens[e].prompt[s]
             x["generated_tokens"] += mc.tokens[e].generated[s]
+            x["reads"] += mc.tokens[e].reads[s] if mc.tokens[e].reads else 0.0
         for x in row["experiments"].values():
             x["prompt_tokens"], x["generated_tokens"] = int(round(x["prompt_tokens"])), int(round(x["generated_tokens"]))
+            x["reads"] = int(round(x["reads"]))
         if sp is not None:
             mins = [task_seconds(sp[2], [mc.shard_seconds(e, s) for e, s in t.work]) / 60 for t in tasks]
             row.update(task_minutes=round(sum(mins) / len(mins), 2) if mins else 0.0,
                        max_task_minutes=round(max(mins), 2) if mins else 0.0,
-                       device_minutes=round(sum(mins) * n_dev, 2), load_s=round(sp[2], 1),
-                       score_tokens_per_s=round(sp[0]), gen_tokens_per_s=round(sp[1]))
+                       device_minutes=round(sum(mins) * n_dev, 2), load_s=round(sp.load, 1),
+                       score_tokens_per_s=round(sp.score), gen_tokens_per_s=round(sp.gen),
+                       read_us=round(sp.read_s * 1e6, 2))
         rows.append(row)
     return rows
 

@@ -128,12 +128,12 @@ def test_fp32_head_keeps_body_dtype_and_unties(smol):
     assert out.logits.dtype == torch.float32
 
 
-def _torchrun(model: str, out: Path) -> list[dict]:
+def _torchrun(model: str, out: Path, *extra: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(29400 + os.getpid() % 500), "-m", "bayesflip.backends.tp_check",
-                        "--model", model, "--device", "cpu", "--out", str(out)],
+                        "--model", model, "--device", "cpu", "--out", str(out), *extra],
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
@@ -148,6 +148,7 @@ def _compare_tp(ref_model: str, tp_model: str, out: Path, tol: float) -> None:
     assert [d["rank"] for d in ranks] == [0, 1] and {d["world_size"] for d in ranks} == {2}
     for d in ranks:
         assert d["model_class"] == "InferenceEngine"
+        assert d["read_head"] == "VocabParallelReadHead"   # float32 reads, vocabulary-parallel over the 2 ranks
         assert np.abs(np.array(d["choices"]) - ref["choices"]).max() <= tol
         assert np.abs(np.array(d["curve"]) - ref["curve"]).max() <= tol
         assert d["greedy"] == ref["greedy"] and d["sampled"] == ref["sampled"]
@@ -159,6 +160,23 @@ def _compare_tp(ref_model: str, tp_model: str, out: Path, tol: float) -> None:
 
 def test_deepspeed_tp2_on_cpu_equals_single_process(tmp_path):
     _compare_tp("tiny-random-llama", "tiny-random-llama-tp2", tmp_path, 1e-4)
+
+
+def test_deepspeed_tp2_bf16_reads_in_float32(tmp_path):
+    """A bf16 model under TP: the vocabulary-parallel read head all-gathers the bf16 output-layer shards
+    once and reads in float32; scores agree with the single-process bf16 model's float32 reads up to the
+    bf16 rounding of the TP body (its partial sums are all-reduced in bf16)."""
+    from bayesflip.backends.tp_check import collect
+    from bayesflip.models.registry import get_model_spec
+
+    ranks = _torchrun("tiny-random-llama-tp2", tmp_path, "--dtype", "bfloat16")
+    ref = collect(load_backend(get_model_spec("tiny-random-llama").model_copy(update={"dtype": "bfloat16"}),
+                               device="cpu"))
+    for d in ranks:
+        assert d["read_head"] == "VocabParallelReadHead"
+        assert np.abs(np.array(d["choices"]) - ref["choices"]).max() <= 1e-2
+        assert np.abs(np.array(d["curve"]) - ref["curve"]).max() <= 1e-2
+    assert ranks[0]["choices"] == ranks[1]["choices"]                  # every rank holds the same reads
 
 
 @pytest.mark.integration

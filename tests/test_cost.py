@@ -180,7 +180,9 @@ def test_calibration_file_overrides_the_template(tmp_path, monkeypatch):
                                 "device": "NVIDIA H100", "measured": "2026-11-30T00:00:00Z"}))
     thr, src = cost.template_throughput(t)
     assert (thr.score_tokens_per_s, thr.gen_tokens_per_s, thr.ref_params_b) == (50000, 4000, 7.5)
-    assert thr.load_s == t.throughput.load_s and "calibrated" in src and "NVIDIA H100" in src
+    assert thr.load_s == pytest.approx(t.throughput.load_s * 7.5 / 8)      # the template's load time per parameter
+    assert thr.curve_tokens_per_s == pytest.approx(50000 * 16000 / 25000)  # the template's curve/score ratio
+    assert "calibrated" in src and "NVIDIA H100" in src
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable calibration file"):
         cost.template_throughput(t)
@@ -321,3 +323,72 @@ def test_generational_counts_follow_the_run(name, ov, factor):
     assert real / factor <= forwarded <= real * factor, (est, real)
     assert est.rows == cb.rows and est.generated >= cb.sampled
     assert old.prompt + old.generated < forwarded / 1.5 or name in ("rules", "chain_coin")
+
+
+def test_kind_speed_per_kind_size_and_dtype():
+    """Per kind of work: reads cost the curve figure's extra time; a small model's figures bend the size
+    scaling (launch-bound); float32 uses measured figures, else on-paper factors on GPU templates only."""
+    thr = T.Throughput(score_tokens_per_s=25000, gen_tokens_per_s=2000, load_s=90, ref_params_b=8,
+                       curve_tokens_per_s=20000)
+    sp = cost.kind_speed(thr, 8)
+    assert (sp.score, sp.gen, sp.load) == pytest.approx((25000, 2000, 90))
+    assert sp.read_s == pytest.approx(1 / 20000 - 1 / 25000)                # 10 µs per read
+    assert cost.shard_seconds(50000, 2000, sp.score, sp.gen, 50000, sp.read_s) == pytest.approx(2 + 1 + 0.5)
+    lin = cost.kind_speed(thr, 2)                                            # no small figure: linear, as model_speed
+    assert (lin.score, lin.gen, lin.load) == pytest.approx(cost.model_speed(25000, 2000, 90, 8, 2))
+    assert cost.kind_speed(thr, 8, active_params_b=1).score == pytest.approx(200000)   # mixture of experts
+    small = thr.model_copy(update={"small": T.KindRates(score_tokens_per_s=100000, gen_tokens_per_s=4000,
+                                                        ref_params_b=0.135)})
+    tiny = cost.kind_speed(small, 0.05)                                      # below the small size: its own rate
+    assert (tiny.score, tiny.gen) == pytest.approx((100000, 4000))
+    mid = cost.kind_speed(small, 2)                                          # between: on the line through both
+    t = 1 / 100000 + (1 / 25000 - 1 / 100000) * (2 - 0.135) / (8 - 0.135)
+    assert mid.score == pytest.approx(1 / t) and mid.score < lin.score      # launch-bound: slower than linear
+    fp = cost.kind_speed(thr, 8, dtype="float32")                            # on paper: ÷8 scoring, ÷2 decoding
+    assert (fp.score, fp.gen) == pytest.approx((25000 / 8, 1000))
+    assert cost.kind_speed(thr, 8, dtype="float32", gpu=False).score == pytest.approx(25000)   # CPU: no factor
+    meas = thr.model_copy(update={"float32": T.KindRates(score_tokens_per_s=4000, gen_tokens_per_s=900)})
+    assert cost.kind_speed(meas, 16, dtype="float32").score == pytest.approx(2000)    # measured, scaled by size
+    with pytest.raises(ValueError, match="small needs its own ref_params_b"):
+        T.Throughput(score_tokens_per_s=1, gen_tokens_per_s=1, load_s=1, ref_params_b=1,
+                     small={"score_tokens_per_s": 1, "gen_tokens_per_s": 1})
+
+
+def test_calibration_per_kind_and_tp_templates(tmp_path, monkeypatch):
+    """gpu-check's calibration (per kind, float32, small) feeds the planner; a TP template gets the one-GPU
+    figures × GPUs × the assumed efficiency (marked derived) and keeps its load time per parameter."""
+    from bayesflip.gpu_check import TP_EFFICIENCY, write_calibration
+
+    monkeypatch.setenv("BAYESFLIP_CACHE", str(tmp_path))
+    one = {"score_tokens_per_s": 30000.0, "curve_tokens_per_s": 18000.0, "gen_tokens_per_s": 2500.0,
+           "ref_params_b": 8.03, "dtype": "bfloat16",
+           "float32": {"score_tokens_per_s": 3000.0, "curve_tokens_per_s": 2000.0, "gen_tokens_per_s": 1200.0},
+           "small": {"score_tokens_per_s": 200000.0, "curve_tokens_per_s": 90000.0, "gen_tokens_per_s": 9000.0,
+                     "ref_params_b": 0.135}}
+    res = {"calibration": {"device": "NVIDIA H100 80GB HBM3", "throughput": one}, "git_commit": None}
+    write_calibration(res, "gpu-small")
+    thr, src = cost.template_throughput(T.load_template("gpu-small"))
+    assert (thr.score_tokens_per_s, thr.curve_tokens_per_s, thr.float32.score_tokens_per_s,
+            thr.small.ref_params_b) == (30000, 18000, 3000, 0.135)
+    assert thr.load_s == pytest.approx(90 * 8.03 / 8) and "calibrated" in src
+    path = write_calibration(res, "gpu-large")
+    doc = json.loads(path.read_text())
+    assert doc["score_tokens_per_s"] == pytest.approx(30000 * 4 * TP_EFFICIENCY["score_tokens_per_s"])
+    assert doc["float32"]["gen_tokens_per_s"] == pytest.approx(1200 * 4 * TP_EFFICIENCY["gen_tokens_per_s"])
+    assert "assumed TP efficiency" in doc["derived"]
+    thr, _ = cost.template_throughput(T.load_template("gpu-large"))
+    sp = cost.kind_speed(thr, 70.6)
+    assert sp.load == pytest.approx(600 * 70.6 / 70, rel=1e-6)          # the template's 600 s for 70B, kept
+
+
+def test_markov_counts_its_reads():
+    """Every position of a paper Markov curve is a read; a needle prompt is one read."""
+    for name, per_cell in (("paper_markov", None), ("needle_coin", 1)):
+        exp = load_experiment(name, {})
+        fam = get_family(exp.family)
+        cells = fam.cells(exp.params)[:2]
+        n = fam.count_tokens(exp.params, cells, _tok(), "std", exp.seed)
+        if per_cell is None:
+            assert n.reads > 100 and n.reads <= n.prompt
+        else:
+            assert n.reads == per_cell * len(cells)

@@ -77,8 +77,8 @@ def test_template_vs_partition():
 def test_tp_degree_must_match_tasks():
     sweep = load_sweep("icl_coin", "llama-3.1-70b")
     assert resolve_templates(sweep)["llama-3.1-70b"].n_tasks == 4          # gpu-large: 4 ranks
-    with pytest.raises(ConfigError, match=r"cpu-debug\.tasks_per_node.*tp=4"):
-        resolve_templates(sweep, template="cpu-debug")
+    with pytest.raises(ConfigError, match=r"cpu-debug\.tasks_per_node \(--template\).*1 task.*llama-3.1-70b: tp=4"):
+        resolve_templates(sweep, template="cpu-debug")      # fits no model of the sweep
     sweep = load_sweep("icl_coin", "smollm2-135m-instruct")
     t = resolve_templates(sweep, partition="other", time_min=20, shards_per_task=7)["smollm2-135m-instruct"]
     assert (t.name, t.partition, t.time_min, t.shards_per_task) == ("cpu-debug", "other", 20, 7)
@@ -113,3 +113,30 @@ def test_status_from_records_and_task_states(tmp_path):
     assert msg.splitlines()[0].startswith("bayesflip.hpc.launch.ShardsFailed") and "oom-kill" in msg
     assert "Exited with exit code" not in msg
     assert _expand_array("2-4%2") == [2, 3, 4] and _expand_array("1,5-6") == [1, 5, 6]
+
+
+def test_tp_picks_the_template(tmp_path):
+    """A model's tp picks a compatible template: tp 8 on a 4-task entry gets the 8-GPU template without
+    edits; --template applies per model type (to the models whose tp fits it); ties and misses name the
+    templates that fit."""
+    from bayesflip.models.registry import get_model_spec
+
+    big = get_model_spec("llama-3.1-70b")
+    assert (big.template, T.template_for(big).name) == ("gpu-large", "gpu-large")
+    tp8 = big.model_copy(update={"tp": 8})
+    t = T.template_for(tp8)
+    assert (t.name, t.n_tasks, t.gpus_per_node) == ("gpu-tp8", 8, 8)
+    small = get_model_spec("smollm2-135m-instruct")
+    both = T.templates_for([big, small], "gpu-small")           # gpu-small: 1 task → only the 1-rank model
+    assert (both["llama-3.1-70b"].name, both["smollm2-135m-instruct"].name) == ("gpu-large", "gpu-small")
+    both = T.templates_for([tp8, small], "gpu-tp8,cpu-debug")
+    assert (both["llama-3.1-70b"].name, both["smollm2-135m-instruct"].name) == ("gpu-tp8", "cpu-debug")
+    for n in ("gpu-small", "gpu-large", "gpu-tp8"):                  # a private template dir with a tie
+        (tmp_path / f"{n}.yaml").write_text((T.TEMPLATE_DIR / f"{n}.yaml").read_text())
+    (tmp_path / "gpu-tp8b.yaml").write_text((T.TEMPLATE_DIR / "gpu-tp8.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"models\.llama-3\.1-70b\.template.*tp=8.*several.*gpu-tp8, gpu-tp8b"):
+        T.template_for(tp8, template_dir=tmp_path)
+    assert T.template_for(tp8, "gpu-tp8b", template_dir=tmp_path).name == "gpu-tp8b"
+    tp3 = big.model_copy(update={"tp": 3})
+    with pytest.raises(ConfigError, match=r"tp=3.*no other GPU template starts 3"):
+        T.template_for(tp3)

@@ -59,6 +59,33 @@ def test_sweep_task_checks_the_device_before_loading(tmp_path):
     assert SweepTask("s", "m", str(tmp_path)).template is None   # old call sites: the model's own template
 
 
+def test_rendezvous_variables_already_set_are_respected(monkeypatch):
+    """A SLURM task's env:// variables: missing ones are derived from SLURM, ones already set (by SLURM's
+    launcher, submitit or the site) are kept — submitit's export(overwrite=False) raised here."""
+    import submitit
+
+    from bayesflip.backends.distributed import RENDEZVOUS_VARS, export_rendezvous
+
+    for k in RENDEZVOUS_VARS:
+        monkeypatch.delenv(k, raising=False)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "node7"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    monkeypatch.setenv("MASTER_PORT", "31337")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR is already set"):   # what launch.py called before
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    got = export_rendezvous()
+    assert got == {"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "31337", "RANK": "1", "WORLD_SIZE": "2",
+                   "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "31337"
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("RANK", "0")                  # set by a launcher: kept, too
+    got = export_rendezvous()
+    assert got["RANK"] == "0" and got["MASTER_PORT"] == str(20000 + (4242 * 131) % 20000)
+
+
 def _torchrun(root: Path, work, env_extra: dict | None = None) -> list[dict]:
     script = root / "rank.py"
     script.write_text(RANK_SCRIPT)

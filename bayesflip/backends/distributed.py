@@ -1,7 +1,8 @@
 """Multi-process helpers for tensor-parallel backends (one process per TP rank).
 
 * :func:`dist_env` — rank / world size / local rank from ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK)
-  or from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), so ``srun`` tasks need no launcher.
+  or from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), so ``srun`` tasks need no launcher;
+  :func:`export_rendezvous` sets the env:// variables a SLURM task lacks and keeps those already set.
 * :func:`rank_device` — ``cuda:LOCAL_RANK`` (CUDA_VISIBLE_DEVICES is left alone), or ``cpu``.
 * :func:`init_distributed` — the process group (NCCL on CUDA, gloo on CPU) with DeepSpeed's CPU
   shared-memory all-reduce switched off (:func:`disable_shm_allreduce`).
@@ -85,6 +86,29 @@ def dist_env() -> DistEnv:
         port = str(20000 + (job * 131 + task) % 20000)
     return DistEnv(rank=int(rank or 0), world_size=int(world or 1), local_rank=int(local or 0),
                    master_addr=addr, master_port=int(port))
+
+
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def export_rendezvous() -> dict[str, str]:
+    """Set the env:// rendezvous variables of this task for torch.distributed / DeepSpeed, keeping every one
+    that is already set (by SLURM's launcher, submitit, torchrun or the site); returns the values in force.
+
+    Missing ones come from :func:`dist_env` (RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK =
+    SLURM_LOCALID, MASTER_ADDR = the job's first node, MASTER_PORT derived from the job id, the same on
+    every task) and LOCAL_WORLD_SIZE = SLURM_NTASKS_PER_NODE (else WORLD_SIZE / SLURM_JOB_NUM_NODES).
+    (submitit's ``TorchDistributedEnvironment.export()`` raises when one of them is already set.)"""
+    env = dist_env()
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
+    per_node = (os.environ.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0]
+    values = {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+              "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+              "LOCAL_WORLD_SIZE": per_node if per_node.isdigit() else str(max(1, env.world_size // max(1, nodes)))}
+    for k, v in values.items():
+        if os.environ.get(k) in (None, ""):
+            os.environ[k] = v
+    return {k: os.environ[k] for k in RENDEZVOUS_VARS}
 
 
 def rank_device(env: DistEnv, want: str | None = None):
@@ -256,13 +280,6 @@ def all_reduce_sum(t):
 def all_reduce_max(t):
     """Element-wise maximum of ``t`` over ranks (in place, returned); single process: ``t``."""
     return _all_reduce(t, "MAX")
-    import torch.distributed as dist
-
-    dev = t.device
-    buf = t.to(_comm_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    t.copy_(buf.to(dev))
-    return t
 
 
 def check_device(spec: Any, template: Any = None) -> None:
@@ -274,9 +291,9 @@ def check_device(spec: Any, template: Any = None) -> None:
     import torch
 
     if template is None or isinstance(template, str):
-        from ..hpc.templates import load_template
+        from ..hpc.templates import load_template, template_for
 
-        template = load_template(template or spec.template)
+        template = load_template(template) if template else template_for(spec)
     get = template.get if isinstance(template, dict) else (lambda k, d=None: getattr(template, k, d))
     name = get("name", "?")
     gpus = int(get("gpus_per_node", 0) or 0)

@@ -1,11 +1,12 @@
-"""bf16 vs float32: how far P(heads) moves, with and without ``fp32_head``.
+"""bf16 vs float32: how far P(heads) moves — bf16 logits, float32 reads (the default), ``fp32_head``.
 
     python -m bayesflip.backends.precision [--model smollm2-135m-instruct] [--device cpu]
 
-Scores coin prompts with the model in float32, in bfloat16, and in bfloat16 with the final
-norm and output layer in float32 (``fp32_head: true``), through the same engine, and reports
-the largest deviation from float32 of P(" heads") (raw and renormalised over heads/tails) and
-of the choice log-probs.
+Scores coin prompts with the model in float32; in bfloat16 with bf16 logits (``read_dtype:
+model``); in bfloat16 with the output layer applied in float32 at the read positions
+(``read_dtype: float32``, the default); and in bfloat16 with the final norm and output layer in
+float32 (``fp32_head: true``), through the same engine, and reports the largest deviation from
+float32 of P(" heads") (raw and renormalised over heads/tails) and of the choice log-probs.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def bf16_deviation(model: str = "smollm2-135m-instruct", device: str | None = No
     prompts = prompts or COIN_PROMPTS
     base = get_model_spec(model)
     runs = {"float32": base.model_copy(update={"dtype": "float32", "fp32_head": False}),
-            "bfloat16": base.model_copy(update={"dtype": "bfloat16", "fp32_head": False}),
+            "bfloat16": base.model_copy(update={"dtype": "bfloat16", "fp32_head": False, "read_dtype": "model"}),
+            "bfloat16+fp32_reads": base.model_copy(update={"dtype": "bfloat16", "fp32_head": False,
+                                                           "read_dtype": "float32"}),
             "bfloat16+fp32_head": base.model_copy(update={"dtype": "bfloat16", "fp32_head": True})}
     got = {k: _probs(load_backend(s, device=device), prompts) for k, s in runs.items()}
     ref_raw, ref_ren, ref_lp = got["float32"]
     out: dict = {"model": model, "prompts": prompts, "p_heads_float32": ref_raw.tolist()}
-    for k in ("bfloat16", "bfloat16+fp32_head"):
+    for k in ("bfloat16", "bfloat16+fp32_reads", "bfloat16+fp32_head"):
         raw, ren, lp = got[k]
         out[k] = {"max_abs_dp_heads": float(np.abs(raw - ref_raw).max()),
                   "mean_abs_dp_heads": float(np.abs(raw - ref_raw).mean()),

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except RankFailure as e:
         res["agree_error"] = str(e)
     res.update(rank=be.rank, world_size=be.world_size, is_writer=be.is_writer, device=str(be.device),
-               model_class=type(be.model).__name__)
+               model_class=type(be.model).__name__, read_head=type(be.scorer.read_head).__name__)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{be.rank}.json").write_text(json.dumps(res))

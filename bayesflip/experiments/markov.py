@@ -379,11 +379,12 @@ class MarkovFamily(Family):
         return out
 
     def count_tokens(self, p: MarkovParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
-        """The exact ids of every cell's one curve pass (decoded digit runs would re-tokenize differently)."""
+        """The exact ids of every cell's one curve pass (decoded digit runs would re-tokenize differently),
+        and its read positions (every position under the paper protocol)."""
         from ..cost import TokenCount
 
-        return TokenCount(prompt=sum(len(self.request(p, tokenizer, model_kind, self.trajectory(p, c, seed)[2]).ids)
-                                     for c in cells))
+        reqs = [self.request(p, tokenizer, model_kind, self.trajectory(p, c, seed)[2]) for c in cells]
+        return TokenCount(prompt=sum(len(r.ids) for r in reqs), reads=sum(len(r.positions) for r in reqs))
 
     def run(self, p: MarkovParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         trajs = [self.trajectory(p, c, ctx.seed) for c in cells]

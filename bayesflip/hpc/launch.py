@@ -50,7 +50,7 @@ from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
 from ..plan import Task, Unit, make_tasks, plan_sweep, write_manifest
 from .templates import (JobTemplate, check_against_partition, load_template, query_partition, slurm_available,
-                        with_overrides)
+                        templates_for, with_overrides)
 
 EXECUTORS = ("slurm", "local")
 
@@ -87,7 +87,9 @@ class SweepTask(Checkpointable):
             # tensor-parallel ranks: env:// rendezvous for torch.distributed / DeepSpeed. Rank 0 alone
             # takes leases and writes (bayesflip.job.run_task); every rank computes. CUDA_VISIBLE_DEVICES
             # is left as SLURM set it: rank_device picks cuda:LOCAL_RANK (or cuda:0 with one GPU per task).
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            from ..backends.distributed import export_rendezvous
+
+            export_rendezvous()             # keeps MASTER_ADDR / MASTER_PORT / RANK ... that are already set
         from ..backends.distributed import check_device
         from ..job import run_task
 
@@ -190,9 +192,10 @@ def resolve_templates(sweep: SweepConfig, template: Optional[str] = None, **over
     if overrides.get("array_throttle") is None and sweep.array_throttle is not None:
         overrides["array_throttle"] = sweep.array_throttle
     out: dict[str, JobTemplate] = {}
+    chosen = templates_for([get_model_spec(n) for n in sweep.models], template)  # tp picks the template
     for name in sweep.models:
         spec = get_model_spec(name)
-        t = with_overrides(load_template(template or spec.template), **overrides)
+        t = with_overrides(chosen[name], **overrides)
         if t.n_tasks != spec.tp:
             raise ConfigError(f"job_templates/{t.name}.tasks_per_node",
                               f"model {name} has tensor-parallel degree tp={spec.tp}, but the template runs "

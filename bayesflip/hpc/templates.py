@@ -16,10 +16,14 @@ values are errors naming the key)::
     target_task_min: 30     # optional: pack shards into tasks of about this many minutes (model load included)
                             # from the throughput below; must be <= 0.75·time_min (margin for estimate errors)
     throughput:             # optional: figures of one task for a model of ref_params_b parameters
-      score_tokens_per_s: 25000   # prompt tokens forwarded per second (scoring, prefill)
+      score_tokens_per_s: 25000   # prompt tokens forwarded per second (scoring, prefill; one read per row)
+      curve_tokens_per_s: 16000   # optional: tokens per second with every position read (Markov)
       gen_tokens_per_s: 2000      # generated tokens per second (batched decoding, all rows together)
       load_s: 90                  # seconds to load the model (weights from shared storage to the device)
       ref_params_b: 8             # billions of parameters the figures are for; scaled linearly by the model's
+      dtype: bfloat16             # the dtype the figures are for (default bfloat16)
+      float32: {score_tokens_per_s: .., gen_tokens_per_s: .., curve_tokens_per_s: ..}   # optional, measured
+      small: {score_tokens_per_s: .., gen_tokens_per_s: .., ref_params_b: 0.135}         # optional, measured
       source: "how the figures were obtained"
     max_requeues: 3         # submitit max_num_timeout: time-outs tolerated per task
     account: null           # optional (--account / --qos override)
@@ -30,6 +34,10 @@ values are errors naming the key)::
 :func:`check_against_partition` compares a template with what the partition really offers
 (``scontrol show partition`` + ``sinfo`` per node: CPUs, memory, GPUs from Gres, MaxTime,
 MaxNodes) and refuses, naming the key, a template that could never be scheduled.
+
+Which template a model gets (:func:`template_for`): one whose ``nodes × tasks_per_node`` equals the
+model's ``tp`` — ``--template`` (a comma-separated list: each name for the models whose ``tp`` fits it),
+else the registry's ``template``, else the one template of the same kind that starts ``tp`` tasks.
 
 Time-based packing (:mod:`bayesflip.cost`): with ``target_task_min`` and a throughput figure
 (the template's ``throughput``, or a calibration file ``$BAYESFLIP_CACHE/throughput/<name>.json``
@@ -46,7 +54,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -59,12 +67,29 @@ from ..paths import TEMPLATE_DIR
 MIN_TIME_MIN = 3
 
 
-class Throughput(BaseModel):
-    """Throughput of one array task of the template, for a model of ``ref_params_b`` billion parameters.
+class KindRates(BaseModel):
+    """Per-kind tokens/s of another model than the reference (``float32``: the reference size in float32;
+    ``small``: a small model, with its own ``ref_params_b``)."""
 
-    Time estimates scale every figure linearly with the model's parameter count
-    (:func:`bayesflip.cost.model_speed`): scoring is compute-bound (≈ 2·N FLOP per token),
-    batched decoding and loading are bound by reading N weights."""
+    model_config = ConfigDict(extra="forbid")
+
+    score_tokens_per_s: float = Field(gt=0)
+    gen_tokens_per_s: float = Field(gt=0)
+    curve_tokens_per_s: Optional[float] = Field(None, gt=0)
+    ref_params_b: Optional[float] = Field(None, gt=0)
+
+
+class Throughput(BaseModel):
+    """Throughput of one array task of the template, for a model of ``ref_params_b`` billion parameters
+    in ``dtype``, per kind of work: ``score_tokens_per_s`` (prompt tokens forwarded, one read per row),
+    ``curve_tokens_per_s`` (every position read, the Markov shape; None: reads cost nothing extra),
+    ``gen_tokens_per_s`` (sampled tokens, batched decoding).
+
+    Time estimates (:func:`bayesflip.cost.kind_speed`) scale seconds per token linearly with the
+    model's parameter count — through the ``small`` model's figures when given (small models are
+    bound by kernel launches, not FLOPs: no faster per token than the small one), else through the
+    origin; a model in another dtype uses the ``float32`` figures when measured, else on-paper
+    factors (:data:`bayesflip.cost.FP32_SLOWDOWN`, GPU templates only)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,7 +97,17 @@ class Throughput(BaseModel):
     gen_tokens_per_s: float = Field(gt=0)
     load_s: float = Field(ge=0)
     ref_params_b: float = Field(gt=0)
+    curve_tokens_per_s: Optional[float] = Field(None, gt=0)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    float32: Optional[KindRates] = None
+    small: Optional[KindRates] = None
     source: str = ""
+
+    @model_validator(mode="after")
+    def _small_has_a_size(self) -> "Throughput":
+        if self.small is not None and self.small.ref_params_b is None:
+            raise ValueError("throughput.small needs its own ref_params_b")
+        return self
 
 
 class JobTemplate(BaseModel):
@@ -158,6 +193,52 @@ def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
     if "name" in raw:
         raise ConfigError("name", "unknown key (the name is the file name)", source=str(path))
     return _validate({**raw, "name": name}, str(path))
+
+
+def template_for(spec, requested: Optional[str] = None, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
+    """The job template of model ``spec``: one that starts ``spec.tp`` tasks (one per TP rank).
+
+    In order: the first of ``requested`` (``--template``; a comma-separated list applies each name to
+    the models whose ``tp`` equals its ``nodes × tasks_per_node``) that fits; the registry entry's
+    ``template`` when it fits; else the one template of ``job_templates/`` that fits and is of the same
+    kind (GPU or CPU) as the entry's, preferring its partition (so ``tp: 8`` on a model whose template
+    has 4 tasks picks the 8-task GPU template without edits). None fits, or a tie: a ConfigError
+    naming the templates that start ``tp`` tasks."""
+    names = [n.strip() for n in (requested or "").split(",") if n.strip()]
+    for name in names:
+        t = load_template(name, template_dir)
+        if t.n_tasks == spec.tp:
+            return t
+    own = load_template(spec.template, template_dir)
+    if own.n_tasks == spec.tp:
+        return own
+    fits = [t for t in (load_template(n, template_dir) for n in template_names(template_dir)) if t.n_tasks == spec.tp]
+    same = [t for t in fits if (t.gpus_per_node > 0) == (own.gpus_per_node > 0)]
+    pick = [t for t in same if t.partition == own.partition] or same
+    if len(pick) == 1:
+        return pick[0]
+    tried = ", ".join(names + [spec.template])
+    raise ConfigError(f"models.{spec.name}.template",
+                      f"model {spec.name} has tensor-parallel degree tp={spec.tp}, but {tried} start(s) "
+                      f"{', '.join(str(load_template(n, template_dir).n_tasks) for n in names + [spec.template])} "
+                      f"task(s) and {'several' if pick else 'no'} other {'GPU' if own.gpus_per_node else 'CPU'} "
+                      f"template starts {spec.tp} (nodes × tasks_per_node = tp; name one with --template)",
+                      allowed=[t.name for t in fits])
+
+
+def templates_for(specs: list, requested: Optional[str] = None, template_dir: Path = TEMPLATE_DIR) -> dict[str, JobTemplate]:
+    """:func:`template_for` of every model (name → template). A ``requested`` name that fits none of
+    the models (its task count is no model's ``tp``) is an error: it was meant for some model."""
+    out = {spec.name: template_for(spec, requested, template_dir) for spec in specs}
+    for name in [n.strip() for n in (requested or "").split(",") if n.strip()]:
+        if not any(t.name == name for t in out.values()):
+            t = load_template(name, template_dir)
+            raise ConfigError(f"job_templates/{name}.tasks_per_node (--template)",
+                              f"--template {name} starts nodes × tasks_per_node = {t.n_tasks} task(s), the "
+                              f"tensor-parallel degree of none of the models ("
+                              + ", ".join(f"{sp.name}: tp={sp.tp}" for sp in specs) + ")",
+                              allowed=sorted({sp.tp for sp in specs}))
+    return out
 
 
 def with_overrides(t: JobTemplate, **over) -> JobTemplate:

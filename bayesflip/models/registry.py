@@ -14,6 +14,7 @@ Each file is a *model set* (``paper``, ``pythia``, ``local``, ...; ``MODEL_TYPE=
         tp: 1                           # tensor-parallel degree (deepspeed)
         device_map: auto                # hf only: one process over all visible GPUs (accelerate)
         fp32_head: true                 # final norm + output layer in float32 (bf16/fp16 models)
+        read_dtype: float32 | model     # output layer at scored read positions (default float32; model: faster, bf16 logits)
         template: gpu-small             # job template in job_templates/
         params_b: 8.03                  # billions of parameters (cost estimates: load time, throughput scaling)
         active_params_b: 1.3            # optional: parameters used per token (mixture of experts); default params_b
@@ -50,6 +51,7 @@ class ModelSpec(BaseModel):
     tp: int = Field(1, ge=1)
     device_map: Optional[Literal["auto"]] = None  # hf: spread one model over all visible GPUs
     fp32_head: bool = False             # compute the final norm and the output layer in float32
+    read_dtype: Literal["float32", "model"] = "float32"  # output layer at read positions (bayesflip.engine.ReadHead)
     tiny_arch: Literal["gpt2", "llama"] = "gpt2"  # tiny_random: architecture (llama supports DeepSpeed AutoTP)
     template: str = "gpu-small"
     package: Optional[str] = None       # gguf_package: the Python package carrying the file
