@@ -20,11 +20,17 @@ Per store (experiment × model) and every cell and read position n (n outcomes s
 * ``TVD(p, q) = ½ Σ_i |p_i − q_i|`` and ``KL(q ‖ p) = Σ_i q_i log(q_i / p_i)`` (nats; the
   reference first, so a degenerate θ ∈ {0, 1} gives a finite value);
 * coin i.i.d.: the importance-weighted single-branch martingale gap (:func:`bayes.martingale_gap`).
+
+Stores with one sequence per N (``flips: random_choices``: a cell coordinate ``n`` = the length
+of the cell's own sequence, reads 0..n, NaN after): the paper TVD at N reads position N of the
+cells with n = N (:func:`paper_tvd_table`); every other metric (priors, fits, γ, martingale,
+curves, summary, figures) reads only the cells with n = n_flips, i.e. full 0..N curves of one
+sequence each (:func:`sequence_length_view`), never a mix of sequences of different lengths.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -80,7 +86,7 @@ def _curves(st: StoreData) -> Curves:
     probs, off = choice_distribution(st.arrays["logprobs"])
     outcomes = st.arrays["outcomes"].astype(np.int64)
     k = probs.shape[-1]
-    seen = np.eye(k)[outcomes]                                       # (C, N, K)
+    seen = np.eye(k)[np.maximum(outcomes, 0)] * (outcomes >= 0)[..., None]   # (C, N, K); −1 = no outcome
     counts = np.concatenate([np.zeros((len(outcomes), 1, k)), np.cumsum(seen, axis=1)], axis=1)
     process = str(p.get("process", "coin"))
     if process == "die" and "face" in st.cells:
@@ -90,6 +96,18 @@ def _curves(st: StoreData) -> Curves:
     return Curves(store=st, process=process, shift=str(p.get("shift", "none")), probs=probs, off=off,
                   counts=counts, outcomes=outcomes, track=track,
                   labels=[str(x).strip() for x in st.labels.get("choice", range(k))])
+
+
+def sequence_length_view(st: StoreData) -> StoreData:
+    """A store with one sequence per N (cell coordinate ``n``, ``flips: random_choices``) → the same
+    store restricted to its full-length cells (n = ``n_flips``: reads 0..n_flips of one sequence);
+    any other store unchanged. Every curve-based metric reads this view."""
+    if "n" not in st.cells:
+        return st
+    n = st.cells["n"].to_numpy()
+    keep = np.flatnonzero(n == int(st.params.get("n_flips", n.max() if len(n) else 0)))
+    return replace(st, cells=st.cells.iloc[keep].reset_index(drop=True),
+                   arrays={k: v[keep] for k, v in st.arrays.items()})
 
 
 def _fit_priors(curves: list[Curves]) -> dict[tuple[str, str], PriorFit]:
@@ -179,11 +197,14 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     * ``tvd_of_mean = TVD(mean_i p_i,N, q_N)`` — the TVD of the prompt-mean distribution;
 
     ``q_N`` = the generating distribution of the next outcome (``p_true``: θ; die: b on the face).
-    Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N).
+    Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N). A store with
+    one sequence per N (cell coordinate ``n``) reads position N of the cells with n = N only
+    (column ``sequences``: ``one per N``; otherwise ``prefixes`` — every N a prefix read).
     """
     cells = c.store.cells
     axis = averaging_axis(cells)
-    ns = [n for n in grid if n < c.probs.shape[1]]
+    per_n = "n" in cells                       # one sequence per N: position N of the cells with n = N
+    ns = [n for n in grid if n < c.probs.shape[1] and (not per_n or (cells["n"] == n).any())]
     if not ns or "theta" not in cells:
         return pd.DataFrame()
     keys = [k for k in ("theta", "face") if k in cells]
@@ -192,9 +213,11 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     q = c.store.arrays["p_true"].astype(np.float64)
     rows = []
     for gkey, g in cells.groupby(keys, sort=True):
-        idx = g.index.to_numpy()
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         for n in ns:
+            idx = (g.index[g["n"] == n] if per_n else g.index).to_numpy()
+            if not len(idx):
+                continue
             p = c.probs[idx, n, :]
             qn = q[idx[0], n, :]
             t = np.asarray(bayes.tvd(p, qn), dtype=float)
@@ -206,6 +229,7 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
         tvd_paper=("tvd_paper", "mean"), tvd_paper_std=("tvd_paper_std", "mean"),
         tvd_of_mean=("tvd_of_mean", "mean"), n_prompts=("n_prompts", "mean"),
         n_groups=("tvd_paper", "size")).reset_index()
+    out.insert(0, "sequences", "one per N" if per_n else "prefixes")
     out.insert(0, "averaged_over", axis)
     for k, v in (("process", c.process), ("protocol", protocol_of(c.store)), ("model", c.store.model),
                  ("experiment", c.store.experiment)):
@@ -560,7 +584,8 @@ def _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab) -> dict:
 
 @register_reducer("icl")
 def reduce_icl(inp: FamilyInput) -> ReducedFamily:
-    curves = [_curves(st) for st in inp.stores]
+    full = [_curves(st) for st in inp.stores]           # the paper TVD reads each N from its own cells
+    curves = [c if (v := sequence_length_view(c.store)) is c.store else _curves(v) for c in full]
     fits = _fit_priors(curves)
     gammas = {}
     for c in curves:
@@ -574,7 +599,7 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
     fit_tab = _fit_table(fits, labels)
     paper_gammas = {(c.store.experiment, c.store.model): g for c in curves if (g := paper_gamma(c)) is not None}
     summary_tab = _summary_table(curves, table, gammas, paper_gammas)
-    by_theta = [t for c in curves if c.shift == "none" and len(t := paper_tvd_table(c))]
+    by_theta = [t for c in full if c.shift == "none" and len(t := paper_tvd_table(c))]
     paper_theta = pd.concat(by_theta, ignore_index=True) if by_theta else pd.DataFrame()
     ngrid = paper_ngrid(paper_theta)
     paper_gamma_tab = pd.DataFrame(
@@ -643,7 +668,9 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
             Text("As in the coin-flip paper: for each θ and N ∈ {0, 1, 3, 5, 10, 20, 100} the TVD between each "
                  "prompt's renormalised distribution and θ, averaged over the prompts (paraphrases; samples when "
                  "the store has no paraphrase axis) — `tvd_paper` — then averaged over θ. `tvd_of_mean` (table "
-                 "icl_paper_by_theta) is the TVD of the prompt-mean distribution instead; it is never larger."),
+                 "icl_paper_by_theta) is the TVD of the prompt-mean distribution instead; it is never larger. "
+                 "`sequences`: `one per N` — each N read at the end of its own sequence, as the published runs "
+                 "(`flips: random_choices`); `prefixes` — every N a prefix of one sequence."),
             Table(wide.reset_index(), "Mean over θ of the paper's ICL TVD per N."),
             Table(paper_theta, "Per θ and N (the paper's per-bias curves).", max_rows=80),
         ]
