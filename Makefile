@@ -20,7 +20,8 @@ help:
 	@echo "make gpu-check          on a fresh GPU node (< 5 min, no downloads): engine contract + throughput -> results/gpu_check/gpu_check.json, planner calibration -> \$$BAYESFLIP_CACHE/throughput/gpu-small.json [ARGS='--tiny --device cpu']"
 	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"
 	@echo "bayesflip plan --exp paper_coinflips --model-type std --dry-run   cost per model (tokens, tasks, device-minutes); writes nothing"
-	@echo "make paper MODEL_TYPE=std|instruct|all [ARGS=...]   both studies' full grids (paper_coinflips, paper_iicl) on the paper models"
+	@echo "make paper MODEL_TYPE=std|instruct|all|<model> [ARGS=...]   both studies' full grids (paper_coinflips, paper_iicl) on the paper models or yours"
+	@echo "bayesflip models add <hub-id> [--kind base|instruct] [--tp K]   a registry entry for your model (configs/models/user.yaml)"
 	@echo "make paper-smol          a slice of every paper protocol on the embedded model, then its report"
 	@echo "make resubmit / status / reduce SWEEP=...   make debug EXP=..."
 	@echo "make slurm-up / slurm-down   local SLURM cluster for tests"
@@ -57,8 +58,9 @@ gpu-check: install
 submit: install
 	$(BF) submit $(if $(MODEL_TYPE),--model-type $(MODEL_TYPE)) --exp $(EXP) $(ARGS)
 
-# The studies' own models: MODEL_TYPE=std|instruct selects that kind from the `paper` set, all = both.
-PAPER_MODELS = $(if $(filter std instruct,$(MODEL_TYPE)),paper:$(MODEL_TYPE),paper)
+# The studies' own models: MODEL_TYPE=std|instruct selects that kind from the `paper` set, all (or none) = both;
+# any other MODEL_TYPE (your model's name from `bayesflip models add`, a set, `user:instruct`) is used as given.
+PAPER_MODELS = $(if $(filter std instruct,$(MODEL_TYPE)),paper:$(MODEL_TYPE),$(if $(filter-out all,$(MODEL_TYPE)),$(MODEL_TYPE),paper))
 
 paper: install
 	$(BF) submit --model-type $(PAPER_MODELS) --exp paper_coinflips $(ARGS)

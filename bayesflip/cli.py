@@ -12,12 +12,15 @@ from .errors import BayesflipError
 
 
 def _cmd_score(args) -> int:
-    from .engine import Scorer, score_prompts
-    from .models.loader import load_model
+    from .models.prepare import require_prepared_models
     from .models.registry import get_model_spec
-    from .prompts import Prompt, validate_choices
 
     spec = get_model_spec(args.model)          # unknown model -> clear error before loading
+    require_prepared_models([spec.name])       # an unprepared Hub model -> the `models prepare` hint, no network
+    from .engine import Scorer, score_prompts
+    from .models.loader import load_model
+    from .prompts import Prompt, validate_choices
+
     validate_choices(args.choice)              # empty / duplicate -> clear error before loading
     if args.chat and spec.kind != "instruct":
         raise BayesflipError(f"--chat needs an instruct model; {spec.name} is kind {spec.kind}")
@@ -42,6 +45,10 @@ def _cmd_models(args) -> int:
     from .models.prepare import prepare_cli, prepared_label
     from .models.registry import load_registry
 
+    if args.action == "add":
+        from .models.add import add_cli
+
+        return add_cli(args)
     if args.action == "list":
         for name, spec in load_registry().items():
             print(f"{name:28s} {spec.model_set:8s} {spec.kind:9s} {spec.backend:9s} tp={spec.tp} {spec.template:10s} "
@@ -74,9 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_score)
 
-    m = sub.add_parser("models", help="list or prepare (cache) registry models")
-    m.add_argument("action", choices=["list", "prepare"])
-    m.add_argument("names", nargs="*")
+    m = sub.add_parser("models", help="list, prepare (cache) or add registry models")
+    ms = m.add_subparsers(dest="action", required=True)
+    ms.add_parser("list", help="every registry model: set, kind, backend, tp, template, id, pinned sha")
+    a = ms.add_parser("prepare", help="download Hub models into the Hub cache and pin their commit (needs internet)")
+    a.add_argument("names", nargs="*", help="model names, set names or MODEL_TYPE expressions (paper:std)")
+    a = ms.add_parser("add", help="write a registry entry for a Hub model or a local directory, filled from its "
+                                  "config (reads the Hub cache / the directory; the network only with --hub)")
+    a.add_argument("model", help="a Hub id (Qwen/Qwen2.5-0.5B) or a local model directory")
+    a.add_argument("--name", default=None, help="registry name (default: the id's last part, lower case)")
+    a.add_argument("--kind", default=None, choices=["base", "std", "instruct"],
+                   help="base (= std) or instruct (default: from the chat template and the name; required when "
+                        "the model's files are not here)")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (> 1: DeepSpeed, one task per rank)")
+    a.add_argument("--set", default="user", help="model set = file configs/models/<set>.yaml (default user)")
+    a.add_argument("--revision", default="main", help="Hub branch, tag or commit (default main)")
+    a.add_argument("--template", default=None, help="job template (default gpu-small; with --tp: a GPU template "
+                                                     "with tp tasks)")
+    a.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the config's")
+    a.add_argument("--params-b", type=float, default=None, help="billions of parameters (default: counted)")
+    a.add_argument("--hub", action="store_true", help="read the config files (a few kB, no weights) from the Hub "
+                                                      "when the model is not in the Hub cache")
     m.set_defaults(func=_cmd_models)
 
     r = sub.add_parser("reference", help="exact Bayesian references (il: iterated-learning chains)")
@@ -93,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not (args.cmd == "models" and (args.action == "prepare" or getattr(args, "hub", False))):
+        # offline by default: only `models prepare` and `models add --hub` may reach the Hub; everything else
+        # reads prepared snapshots (an unprepared Hub model is the one-line `models prepare` error, not retries)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.cmd == "reference":
             return _cmd_reference(args, rest)

@@ -16,6 +16,15 @@ def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:
     p.add_argument("--results-dir", default=None)
 
 
+def _require_prepared(args) -> None:
+    """The sweep's Hub models are prepared, checked first: no heavy import, no network; else exit 2 with
+    the ``bayesflip models prepare`` line (:func:`bayesflip.models.prepare.require_prepared_models`)."""
+    from .config import sweep_models
+    from .models.prepare import require_prepared_models
+
+    require_prepared_models(sweep_models(args.sweep, args.model_type))
+
+
 def _refuse_busy_overwrite(sweep, args) -> None:
     """--overwrite deletes stores: never while a job or process of the sweep still works on them."""
     if not args.overwrite:
@@ -35,9 +44,6 @@ def _refuse_busy_overwrite(sweep, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .config import load_sweep
-    from .plan import plan_sweep, write_manifest
-
     if args.dry_run:       # writes nothing: the cost table (bayesflip.cost)
         from .cost import dry_run
 
@@ -45,6 +51,10 @@ def cmd_plan(args) -> int:
                 shards_per_task=args.shards_per_task, target_task_min=args.target_task_min, time_min=args.time,
                 as_json=args.json, overwrite=args.overwrite)
         return 0
+    _require_prepared(args)
+    from .config import load_sweep
+    from .plan import plan_sweep, write_manifest
+
     sweep = load_sweep(args.sweep, args.model_type)
     _refuse_busy_overwrite(sweep, args)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
@@ -56,6 +66,7 @@ def cmd_plan(args) -> int:
 
 def cmd_debug(args) -> int:
     """Plan, then run every pending shard in this process (local GPU or CPU): the job code path, no SLURM."""
+    _require_prepared(args)
     from .config import load_sweep
     from .job import run_task
     from .plan import make_tasks, plan_sweep, write_manifest
@@ -89,6 +100,8 @@ def cmd_debug(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    if not args.dry_run:    # a dry run costs unprepared Hub models with the proxy tokenizer (marked *)
+        _require_prepared(args)
     from .hpc.launch import submit_cli
 
     return submit_cli(args)

@@ -315,8 +315,6 @@ class SweepConfig:
 
 def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONFIG_DIR) -> SweepConfig:
     """A sweep by name, or a single experiment name (a sweep of one, named after it)."""
-    from .models.registry import models_of_type
-
     check_name(name, "--exp/--sweep")
     path = Path(config_dir) / "sweeps" / f"{name}.yaml"
     if path.exists():
@@ -337,11 +335,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
                 raise ConfigError(f"experiments.{e}", f"must be a mapping of overrides (got a {_kind(ov)})",
                                   source=str(path))
             exps.append(load_experiment(e, ov or {}, config_dir, prefix=f"experiments.{e}.", override_source=str(path)))
-        models_raw = model_type or raw.get("models") or DEFAULT_MODEL
-        if not isinstance(models_raw, str) and not (isinstance(models_raw, list)
-                                                    and all(isinstance(m, str) for m in models_raw)):
-            raise ConfigError("models", f"must be a MODEL_TYPE string or a list of model names (got "
-                              f"{_kind(models_raw)} {models_raw!r})", source=str(path))
+        models_raw = _models_raw(raw, model_type, path)
         throttle = raw.get("array_throttle")
         if throttle is not None and (isinstance(throttle, bool) or not isinstance(throttle, int) or throttle < 1):
             raise ConfigError("array_throttle", f"must be a positive integer (got {_kind(throttle)} {throttle!r})",
@@ -353,11 +347,39 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
     else:
         raise ConfigError("EXP", f"unknown experiment or sweep {name!r}",
                           allowed=sweep_names(config_dir) + experiment_names(config_dir))
+    return SweepConfig(name=name, models=_resolve_models(models_raw, config_dir), experiments=exps,
+                       array_throttle=throttle)
+
+
+def _models_raw(raw: dict, model_type: str | None, path: Path):
+    models_raw = model_type or raw.get("models") or DEFAULT_MODEL
+    if not isinstance(models_raw, str) and not (isinstance(models_raw, list)
+                                                and all(isinstance(m, str) for m in models_raw)):
+        raise ConfigError("models", f"must be a MODEL_TYPE string or a list of model names (got "
+                          f"{_kind(models_raw)} {models_raw!r})", source=str(path))
+    return models_raw
+
+
+def _resolve_models(models_raw, config_dir: Path) -> list[str]:
+    from .models.registry import get_model_spec, models_of_type
+
     if isinstance(models_raw, str):
         models = [m.name for m in models_of_type(models_raw, config_dir)]
     else:
-        from .models.registry import get_model_spec
         models = [get_model_spec(m, config_dir).name for m in models_raw]
     if not models:
         raise ConfigError("models", f"no models selected by {models_raw!r}")
-    return SweepConfig(name=name, models=models, experiments=exps, array_throttle=throttle)
+    return models
+
+
+def sweep_models(name: str, model_type: str | None = None, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The models :func:`load_sweep` would select, without loading the experiments (cheap: commands
+    check that the models are prepared before anything heavy is imported). A name that is neither
+    a sweep nor an experiment is left to :func:`load_sweep`'s error (returns ``[]``)."""
+    check_name(name, "--exp/--sweep")
+    path = Path(config_dir) / "sweeps" / f"{name}.yaml"
+    if path.exists():
+        return _resolve_models(_models_raw(read_yaml_mapping(path), model_type, path), config_dir)
+    if (Path(config_dir) / "experiments" / f"{name}.yaml").exists():
+        return _resolve_models(model_type or DEFAULT_MODEL, config_dir)
+    return []

@@ -27,6 +27,9 @@ The tokenizer is the embedded SmolLM2's (installed by ``make install``); weights
 
 from __future__ import annotations
 
+# torch is imported inside the functions that run checks, so that building the CLI parser
+# (``add_arguments``) does not import it: every ``bayesflip`` command pays for that import.
+
 import argparse
 import json
 import platform
@@ -35,7 +38,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
@@ -46,10 +48,10 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0,
                     "L40": 181.0, "A6000": 155.0, "A40": 150.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
 TOL = {"float32": 1e-4, "bfloat16": 0.1}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _sync() -> None:
+    import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -66,8 +68,10 @@ def _tokenizer():
     return load_tokenizer(get_model_spec("smollm2-135m-instruct"))
 
 
-def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A randomly initialised Llama of ``shape``, built directly on ``device`` (no CPU copy)."""
+def random_llama(shape: dict, tokenizer, dtype: str, device: torch.device, seed: int = 0):
+    """A randomly initialised Llama of ``shape`` in ``dtype`` (``float32`` | ``bfloat16``), built directly
+    on ``device`` (no CPU copy)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{"vocab_size": len(tokenizer), **shape}, bos_token_id=tokenizer.bos_token_id,
@@ -75,7 +79,7 @@ def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.devic
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
@@ -85,6 +89,7 @@ def random_llama(shape: dict, tokenizer, dtype: torch.dtype, device: torch.devic
 
 
 def _loaded(name: str, model, tokenizer, device, dtype: str, max_length: int):
+    import torch
     from .backends.hf import HFBackend
     from .models.loader import LoadedModel
     from .models.registry import ModelSpec
@@ -96,6 +101,7 @@ def _loaded(name: str, model, tokenizer, device, dtype: str, max_length: int):
 
 # ---------------------------------------------------------------- (a) contract
 def _plain_logprob(model, ids: list[int], choice: list[int], device) -> float:
+    import torch
     full = torch.tensor([ids + choice], device=device)
     with torch.inference_mode():
         lsm = model(full).logits[0].float().log_softmax(-1)
@@ -103,6 +109,7 @@ def _plain_logprob(model, ids: list[int], choice: list[int], device) -> float:
 
 
 def contract(be, dtype: str) -> dict:
+    import torch
     from .engine import ChoiceRequest, CurveRequest
     from .prompts import encode_piece, encode_prompt
 
@@ -148,7 +155,7 @@ def contract_checks(device: torch.device, tok) -> list[dict]:
     for dtype in ("float32", "bfloat16"):
         spec = get_model_spec("tiny-random").model_copy(update={"dtype": dtype})
         out.append(contract(load_backend(spec, device=device), dtype))
-        model = random_llama(SMALL_LLAMA, tok, DTYPES[dtype], device)
+        model = random_llama(SMALL_LLAMA, tok, dtype, device)
         out.append(contract(_loaded("random-small-llama", model, tok, device, dtype, 4096), dtype))
         del model
     return out
@@ -168,6 +175,7 @@ def _flops(rows_lens: list[int], body_params: int, n_layers: int, hidden: int) -
 
 
 def _peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    import torch
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -181,6 +189,7 @@ def _peak_flops(device: torch.device, override_tflops: float | None) -> float | 
 
 def scoring_throughput(be, n_ctx: int, len_range: tuple[int, int], peak: float | None, batch_tokens: int,
                        seed: int = 0) -> dict:
+    import torch
     from .engine import ChoiceRequest, _batches
 
     model = getattr(be.model, "module", be.model)
@@ -225,6 +234,7 @@ def scoring_throughput(be, n_ctx: int, len_range: tuple[int, int], peak: float |
 
 
 def throughput(device: torch.device, tok, tiny: bool, peak_tflops: float | None) -> dict:
+    import torch
     from .bench_generate import bench_generate
 
     shape = SMALL_LLAMA if tiny else LLAMA_8B
@@ -232,7 +242,7 @@ def throughput(device: torch.device, tok, tiny: bool, peak_tflops: float | None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = _now()
-    model = random_llama(shape, tok, DTYPES[dtype], device)
+    model = random_llama(shape, tok, dtype, device)
     build_s = _now() - t
     be = _loaded("random-small-llama" if tiny else "random-llama-3.1-8b", model, tok, device, dtype, 8192)
     total, body = _param_counts(model)
@@ -254,6 +264,7 @@ def throughput(device: torch.device, tok, tiny: bool, peak_tflops: float | None)
 
 # ---------------------------------------------------------------- main
 def machine(device: torch.device) -> dict:
+    import torch
     from .store import library_versions
 
     info = {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "device": str(device),
@@ -283,6 +294,7 @@ def write_calibration(res: dict, template: str) -> Path:
 
 def run(device: str | None = None, tiny: bool = False, out: str | Path | None = None,
         peak_tflops: float | None = None, template: str | None = None) -> dict:
+    import torch
     from .backends.distributed import DeviceError
 
     t0 = time.perf_counter()

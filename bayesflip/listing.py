@@ -4,18 +4,25 @@ For every experiment × model: load the tokenizer (no weights), validate, expand
 ask the family to render them (:meth:`bayesflip.experiments.base.Family.render`). ``--json``
 prints one object per line with ``experiment``, ``model``, ``cell``, ``text``, ``choices`` (and
 ``generation`` when the family generates). ``--where key=value`` keeps cells whose coordinate
-equals the value (numbers compare numerically; ``n`` is the ICL read point), ``--limit N`` keeps
-the first N prompts per experiment × model. A family without a renderer gets one line, and the
-listing goes on.
+equals the value (numbers compare numerically; ``n`` is the ICL read point; an experiment without
+the key is not filtered by it), ``--limit N`` keeps the first N prompts per experiment × model. A
+family without a renderer gets one line, and the listing goes on.
+
+``--where`` is checked before anything is listed: a key no experiment of the listing has is one
+``bayesflip: error:`` line with a "did you mean" and the allowed keys, a value that does not parse
+as the key's type (``theta=abc``) too (exit 2); a filter that matches no prompt ends with one line
+naming the values the keys take, exit 1. Unprepared Hub models fail first, offline (exit 2).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import sys
 from typing import Iterator
 
-from .errors import BayesflipError, ConfigError
+from .errors import ConfigError
 
 
 def parse_where(items: list[str] | None) -> dict[str, str]:
@@ -28,46 +35,126 @@ def parse_where(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _type(x) -> str:
+    if isinstance(x, bool):
+        return "bool"
+    if isinstance(x, (int, float)):
+        return "number"
+    return "text"
+
+
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parses(v: str, kind: str) -> bool:
+    if kind == "number":
+        try:
+            float(v)
+        except ValueError:
+            return False
+        return True
+    return kind != "bool" or v.lower() in BOOLS
+
+
+def _equal(x, v: str) -> bool:
+    kind = _type(x)
+    if kind == "bool":
+        return BOOLS.get(v.lower()) is x
+    if kind == "number":
+        try:
+            y = float(v)
+        except ValueError:
+            return False
+        return (math.isnan(x) and math.isnan(y)) or math.isclose(float(x), y, abs_tol=1e-9)
+    return str(x) == v
+
+
 def _match(cell: dict, where: dict[str, str]) -> bool:
     for k, v in where.items():
         if k not in cell:
             continue  # a key this family does not have (e.g. n before rendering) filters nothing here
-        x = cell[k]
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            try:
-                if not math.isclose(float(x), float(v), abs_tol=1e-9):
-                    return False
-            except ValueError:
-                return False
-        elif str(x) != v:
+        if not _equal(cell[k], v):
             return False
     return True
 
 
+def where_catalog(fam, params, cells: list[dict], tok, kind: str, seed: int) -> dict[str, dict]:
+    """key → {"types": set of value types, "values": distinct values} of one experiment's cells and of
+    the read points its renderer adds (``n``, ``stage``, ``generation``: from rendering its first cell)."""
+    out: dict[str, dict] = {}
+
+    def note(c: dict) -> None:
+        for k, x in c.items():
+            e = out.setdefault(k, {"types": set(), "values": set()})
+            e["types"].add(_type(x))
+            if len(e["values"]) < 1000:
+                e["values"].add(x if not isinstance(x, (list, dict)) else repr(x))
+
+    for c in cells:
+        note(c)
+    try:
+        for r in fam.render(params, cells[:1], tok, kind, seed):
+            note(r.cell)
+    except NotImplementedError:
+        pass   # a family without a renderer: its cell keys only (the listing says it cannot render)
+    return out
+
+
+def check_where(where: dict[str, str], catalog: dict[str, dict]) -> None:
+    """Every ``--where`` key exists in some experiment of the listing (else one line with a "did you
+    mean" and the allowed keys) and its value parses as that key's type (a number for ``theta``)."""
+    for k, v in where.items():
+        if k not in catalog:
+            close = difflib.get_close_matches(k, list(catalog), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError("--where", f"unknown key {k!r}{hint}", allowed=sorted(catalog))
+        types = catalog[k]["types"]
+        if not any(_parses(v, t) for t in types):     # any value parses as text
+            raise ConfigError("--where", f"{k}={v!r} does not parse: {k} is a {' or '.join(sorted(types))}",
+                              allowed=_sample(catalog[k]["values"]))
+
+
+def _sample(values, n: int = 12) -> list:
+    vals = sorted(values, key=lambda x: (str(type(x)), x if isinstance(x, (int, float)) else str(x)))
+    return vals if len(vals) <= n else [*vals[: n - 1], "...", vals[-1]]
+
+
 def iter_prompts(name: str, model: str | None = None, limit: int | None = None,
-                 where: dict[str, str] | None = None) -> Iterator[dict]:
+                 where: dict[str, str] | None = None, catalog: dict | None = None) -> Iterator[dict]:
     """Rendered prompts (dicts) of experiment/sweep ``name``; a family that cannot render yields
-    ``{"experiment", "model", "error"}`` once."""
-    from .config import load_sweep
+    ``{"experiment", "model", "error"}`` once. With ``where``, the keys and values are checked first
+    (:func:`check_where`, before anything is yielded); ``catalog`` (a dict) receives the keys and values
+    the listing offers. Unprepared Hub models fail first, without network (exit 2 at the command line)."""
+    from .config import load_sweep, sweep_models
     from .experiments import get_family
+    from .models.prepare import require_prepared_models
+
+    require_prepared_models(sweep_models(name, model))
     from .models.loader import load_tokenizer
     from .models.registry import get_model_spec
 
     where = where or {}
+    catalog = {} if catalog is None else catalog
     sweep = load_sweep(name, model)
-    for model_name in sweep.models:
+    cells_of: dict[str, list] = {}
+    for mi, model_name in enumerate(sweep.models):
         spec = get_model_spec(model_name)
-        try:
-            tok = load_tokenizer(spec)
-        except BayesflipError:
-            raise
-        except Exception as e:  # an unreachable hub tokenizer: say so, go on with the next model
-            yield {"experiment": "*", "model": spec.name, "error": f"tokenizer not available ({type(e).__name__}: {e})"}
-            continue
+        tok = load_tokenizer(spec)
         for exp in sweep.experiments:
             fam = get_family(exp.family)
             fam.validate(exp.params, tok, spec.kind)
-            cells = [c for c in fam.cells(exp.params) if _match(c, where)]
+            if exp.name not in cells_of:
+                cells_of[exp.name] = fam.cells(exp.params)
+            if where and mi == 0:
+                for k, e in where_catalog(fam, exp.params, cells_of[exp.name], tok, spec.kind, exp.seed).items():
+                    c = catalog.setdefault(k, {"types": set(), "values": set()})
+                    c["types"] |= e["types"]
+                    c["values"] |= e["values"]
+        if where and mi == 0:
+            check_where(where, catalog)
+        for exp in sweep.experiments:
+            fam = get_family(exp.family)
+            cells = [c for c in cells_of[exp.name] if _match(c, where)]
             n = 0
             step = max(1, min(limit or 64, 64))
             try:
@@ -91,8 +178,12 @@ def iter_prompts(name: str, model: str | None = None, limit: int | None = None,
 
 
 def prompts_cli(args) -> int:
+    """Exit 0 with prompts listed; 1 when a ``--where`` filter matches no prompt (one line on stderr
+    naming the values the filtered keys take); 2 for a bad filter or an unprepared model."""
     where = parse_where(args.where)
-    for rec in iter_prompts(args.sweep, args.model, args.limit, where):
+    catalog: dict = {}
+    listed = 0
+    for rec in iter_prompts(args.sweep, args.model, args.limit, where, catalog):
         if "error" in rec:
             print(f"# {rec['experiment']} x {rec['model']}: {rec['error']}")
             continue
@@ -106,6 +197,12 @@ def prompts_cli(args) -> int:
                 print(f"   choices: {rec['choices']}")
             if rec.get("generation") is not None:
                 print(f"   generation: {rec['generation']}")
+        listed += 1
+    if where and not listed:
+        takes = "; ".join(f"{k} takes {', '.join(map(str, _sample(catalog[k]['values'])))}" for k in where)
+        print(f"bayesflip: no prompt of {args.sweep} matches --where "
+              f"{' '.join(f'{k}={v}' for k, v in where.items())} ({takes})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -107,8 +107,11 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
             path = store_path(sweep.name, exp.name, spec.name, results_dir)
             n_shards = (len(cells) + exp.shard_size - 1) // exp.shard_size
             if create:
+                attrs = provenance(exp, spec)
+                if (ev := fam.evidence(exp.params)) is not None:   # the cells' evidence kind, read by reduce
+                    attrs["evidence"] = ev
                 st = ResultStore.create(path, arrays, cells, exp.shard_size, fam.coords(exp.params),
-                                        provenance(exp, spec), overwrite=overwrite)
+                                        attrs, overwrite=overwrite)
             else:
                 st = ResultStore(path)
                 check_names({k: v.dims for k, v in arrays.items()}, {k: v.shape for k, v in arrays.items()},

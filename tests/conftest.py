@@ -36,7 +36,8 @@ def plain_choice_logprob(lm, text: str, choice: str, chat_messages=None) -> floa
 
 
 def synthetic_store(root, sweep, exp, family, params: dict, shard_size: int, seed: int, model: str = "synthetic-model"):
-    """A store of the real ``family`` (its cells, arrays and coords) with synthetic provenance.
+    """A store of the real ``family`` (its cells, arrays and coords) with synthetic provenance and, as
+    ``plan`` writes it, the family's ``evidence`` attribute.
 
     Returns (store, family, params, cells); the caller writes arrays shard by shard."""
     from bayesflip.config import config_hash
@@ -50,6 +51,8 @@ def synthetic_store(root, sweep, exp, family, params: dict, shard_size: int, see
     attrs = {"experiment": exp, "family": family, "config": raw, "config_hash": config_hash(raw), "seed": seed,
              "shard_size": shard_size, "model": model, "model_id": "synthetic", "model_revision": "r1",
              "git_commit": "test", "created": "now", "versions": {"python": "3"}}
+    if (ev := fam.evidence(p)) is not None:
+        attrs["evidence"] = ev
     st = ResultStore.create(store_path(sweep, exp, model, root), fam.arrays(p), cells, shard_size, fam.coords(p), attrs)
     return st, fam, p, cells
 

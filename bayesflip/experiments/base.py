@@ -6,6 +6,19 @@ with the shared :class:`~bayesflip.engine.Scorer`. Everything a family writes ha
 leading ``cell`` dimension; per-cell dimensions are named (``position``, ``choice``, ...).
 Cell coordinates (condition fields) are stored as 1-D arrays along ``cell``, so reduce can
 unstack them into condition × sample tables.
+
+Evidence kind (:meth:`Family.evidence`, written at plan time as the store attribute
+``evidence``): what precedes the scored choice in a cell besides the query —
+
+* ``statement``: the bias the prompt states: ``none``; ``theta`` the cell's own bias (ICL θ,
+  needle ``bias``); ``theta2`` the cell's second-regime θ2 (shift);
+* ``context``: ``none`` (the query alone, e.g. a paraphrase), ``outcomes`` (outcomes of the
+  process, e.g. ICL flips, chain data), ``filler`` (filler text).
+
+The attribute is ``{"statement": s, "context": c}`` for a store whose cells share one kind, or
+``{"by": <cell coordinate>, "values": {<value>: {"statement": s, "context": c}}}`` when the kind
+follows a coordinate (needle: ``condition``). Priors are only measured on ``statement: none``
+evidence (reduce: :meth:`bayesflip.reduce.load.StoreData.cell_evidence`).
 """
 
 from __future__ import annotations
@@ -31,6 +44,18 @@ class Params(BaseModel):
         if cls.PAPER_DEFAULTS and isinstance(data, dict) and data.get("protocol") == "paper":
             data = {**{k: v for k, v in cls.PAPER_DEFAULTS.items() if k not in data}, **data}
         return data
+
+
+STATEMENTS = ("none", "theta", "theta2")
+CONTEXTS = ("none", "outcomes", "filler")
+
+
+def evidence_kind(statement: str, context: str) -> dict[str, str]:
+    """One evidence kind ``{"statement": ..., "context": ...}`` (values from STATEMENTS / CONTEXTS)."""
+    if statement not in STATEMENTS or context not in CONTEXTS:
+        raise ValueError(f"evidence kind ({statement!r}, {context!r}): allowed statements {list(STATEMENTS)}, "
+                         f"contexts {list(CONTEXTS)}")
+    return {"statement": statement, "context": context}
 
 
 Protocol = Literal["clean", "paper"]
@@ -108,6 +133,11 @@ class Family:
     def coords(self, p: Any) -> dict[str, list]:
         """Labels for per-cell dims (e.g. ``{"choice": [" heads", " tails"]}``)."""
         return {}
+
+    def evidence(self, p: Any) -> dict | None:
+        """The store attribute ``evidence`` (module docstring): what each cell's prompt states and holds
+        besides the query; None when the family does not declare it."""
+        return None
 
     def validate(self, p: Any, tokenizer, model_kind: str) -> None:
         """Checks that need the tokenizer (choices that tokenize badly, lengths); no model load."""

@@ -56,7 +56,7 @@ from ..prompts import Prompt, encode_piece, encode_prompt, render
 from ..bayes import entropy as _entropy
 from . import register
 from ..domain import draw
-from .base import ArraySpec, Params, RenderedCell, cell_seed, use_chat
+from .base import ArraySpec, Params, RenderedCell, cell_seed, evidence_kind, use_chat
 from .generational import GenerationalFamily, GenState
 from .icl import COIN, DIE
 from .seq import validate_sequence_pieces
@@ -116,6 +116,10 @@ class ChainFamily(GenerationalFamily):
                 out.append({"learner": learner, "tau": float(tau), "n": n, "init": init, "min_count": mc,
                             "sample": s})
         return out
+
+    def evidence(self, p: ChainParams) -> dict:
+        """Every read: the previous generation's outcomes as context, no statement."""
+        return evidence_kind("none", "outcomes")
 
     def arrays(self, p: ChainParams) -> dict[str, ArraySpec]:
         k = len(_spec(p)["choices"])

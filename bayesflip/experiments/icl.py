@@ -50,7 +50,8 @@ from ..errors import ConfigError
 from ..prompts import Prompt
 from ..stimuli import StimulusList, StimulusText
 from . import paper, paper_flips, register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, evidence_kind,
+                   use_chat)
 from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -179,6 +180,10 @@ class ICLFamily(Family):
         if p.protocol == "paper":  # every (instruct prompt, query) pair; instruct prompts share the query's sequence
             out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
+
+    def evidence(self, p: ICLParams) -> dict:
+        """Every cell: the flips as context, after the bias statement ``p.statement`` (clean: none)."""
+        return evidence_kind(p.statement or "none", "outcomes")
 
     def arrays(self, p: ICLParams) -> dict[str, ArraySpec]:
         k = len(_spec(p)["choices"])

@@ -60,7 +60,7 @@ from ..filler import Filler, build_filler, check_source, load_sentences
 from ..prompts import Prompt, encode_choices, encode_prompt, render
 from ..stimuli import StimulusList, StimulusText
 from . import paper, register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, use_chat
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind, use_chat
 
 
 
@@ -221,6 +221,13 @@ class NeedleFamily(Family):
         if p.protocol == "paper":  # every (instruct prompt, query) pair, innermost
             out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
+
+    def evidence(self, p: NeedleParams) -> dict:
+        """By ``condition``: the needle states the cell's bias inside filler; no_needle is filler alone;
+        no_context the query alone."""
+        return {"by": "condition", "values": {"needle": evidence_kind("theta", "filler"),
+                                              "no_needle": evidence_kind("none", "filler"),
+                                              "no_context": evidence_kind("none", "none")}}
 
     def arrays(self, p: NeedleParams) -> dict[str, ArraySpec]:
         k = len(PROCESSES[p.process]["choices"])

@@ -41,7 +41,7 @@ from ..paths import CONFIG_DIR
 from ..prompts import Prompt, encode_choices, encode_prompt, render
 from ..stimuli import StimulusList
 from . import paper, register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext
+from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind
 from .needle import PROCESSES, is_chat
 
 
@@ -131,6 +131,10 @@ class ParaphraseFamily(Family):
                     for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0}
                 for i, t in enumerate(p.paraphrases or [])]
+
+    def evidence(self, p: ParaphraseParams) -> dict:
+        """Every cell: the query paraphrase alone (no statement, no context)."""
+        return evidence_kind("none", "none")
 
     def arrays(self, p: ParaphraseParams) -> dict[str, ArraySpec]:
         return {"logprobs": ArraySpec(("choice",), (len(PROCESSES[p.process]["choices"]),))}

@@ -148,9 +148,12 @@ def _validate(raw: dict, source: str) -> JobTemplate:
 
 
 def load_template(name: str, template_dir: Path = TEMPLATE_DIR) -> JobTemplate:
+    """A template by name (a file stem of ``job_templates/``; a path such as ``../x/cpu-debug`` is refused)."""
+    if name not in template_names(template_dir):
+        path_like = "/" in name or "\\" in name or name.endswith(".yaml")
+        raise ConfigError("template", f"{name!r} is a path: name a template, not a path" if path_like
+                          else f"unknown job template {name!r}", allowed=template_names(template_dir))
     path = Path(template_dir) / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError("template", f"unknown job template {name!r}", allowed=template_names(template_dir))
     raw = read_yaml_mapping(path)
     if "name" in raw:
         raise ConfigError("name", "unknown key (the name is the file name)", source=str(path))

@@ -215,17 +215,16 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
 
 
 def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
-    """(path or Hub id, revision) for ``from_pretrained``: a prepared Hub model loads from its snapshot."""
+    """(path or Hub id, revision) for ``from_pretrained``: a Hub model loads from its prepared snapshot,
+    never from the network (an unprepared one raises the one-line error naming ``bayesflip models prepare``)."""
     if spec.source != "hub":
         return spec.id, None
     from .prepare import hub_snapshot, require_prepared
 
     snap = hub_snapshot(spec)
-    if snap is not None:
-        return str(snap), None
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        require_prepared(spec)  # raises the one-line error naming `bayesflip models prepare`
-    return spec.id, spec.revision
+    if snap is None:
+        require_prepared(spec)
+    return str(snap), None
 
 
 def _resolved_revision(spec: ModelSpec, model) -> str:

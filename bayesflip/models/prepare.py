@@ -8,7 +8,11 @@ with ``HF_HUB_OFFLINE=1``; the sha is the ``model_revision`` written into every 
 
 * :func:`prepared_revision` — the pinned sha (record first, else the cache's ``refs/<revision>``),
   or None. :func:`is_prepared` — whether it exists; :func:`require_prepared` — the one-line error
-  ``submit`` shows for an unprepared Hub model.
+  for an unprepared Hub model; :func:`require_prepared_models` — the same check for all models of a
+  command, run first by ``prompts``, ``plan``, ``debug``, ``submit`` and ``score`` (exit 2, no
+  network: every command except ``models prepare`` / ``models add --hub`` runs with
+  ``HF_HUB_OFFLINE=1`` unless the environment says otherwise, and never loads an unprepared Hub
+  model from the network).
 * :func:`hub_snapshot` — the snapshot directory a prepared model loads from;
   :func:`store_revision` — the ``model_revision`` of the store identity (the sha for a prepared
   Hub model); :func:`offline_job` — ``HF_HUB_OFFLINE=1`` at the start of every cluster task.
@@ -131,6 +135,23 @@ def require_prepared(spec: ModelSpec) -> str | None:
     return sha
 
 
+def require_prepared_models(names: list[str]) -> dict[str, str]:
+    """Every Hub model of ``names`` prepared, checked before anything heavy is imported or loaded
+    (``prompts``, ``plan``, ``debug``, ``submit``, ``score``): {name: pinned sha} of the Hub models,
+    or one :class:`ModelNotPreparedError` line naming all unprepared ones and the command that
+    prepares them. Commands never download; ``bayesflip models prepare`` does."""
+    specs = [get_model_spec(n) for n in names]
+    missing = [s for s in specs if not is_prepared(s)]
+    if len(missing) == 1:
+        require_prepared(missing[0])
+    if missing:
+        raise ModelNotPreparedError(
+            f"models {', '.join(repr(s.name) for s in missing)} are not prepared: no snapshot in the Hub cache "
+            f"{hub_cache_dir()}; run `bayesflip models prepare {' '.join(s.name for s in missing)}` on a node "
+            f"with internet access, with HF_HOME on storage the compute nodes share")
+    return {s.name: sha for s in specs if (sha := prepared_revision(s))}
+
+
 def _write_json(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
@@ -150,11 +171,32 @@ def _ignore_patterns(spec: ModelSpec) -> list[str]:
     return IGNORE + ["*.bin"] if any(f.endswith(".safetensors") for f in files) else IGNORE
 
 
+def check_hub_reachable(error: type = BayesflipError, hint: str = "") -> None:
+    """Fail at once, not after ~25 s of Hub retries, when the Hub's host name does not resolve (an
+    offline node). Skipped behind an HTTP(S) proxy, which resolves names itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise error(f"cannot reach the Hub ({host}: {e}){'; ' + hint if hint else ''}") from None
+
+
 def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
     """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
     ignore = IGNORE
     if download is None:   # the real Hub: ask it once whether *.bin can be skipped
         from huggingface_hub import snapshot_download as download
+        if prepared_revision(spec) is None:      # already in the cache: snapshot_download finds it offline
+            check_hub_reachable(ModelNotPreparedError, f"cannot fetch {spec.id}@{spec.revision} for model "
+                                f"{spec.name!r}: run `bayesflip models prepare {spec.name}` on a node with "
+                                f"internet access")
         ignore = _ignore_patterns(spec)
     try:
         path = Path(download(repo_id=spec.id, revision=spec.revision, cache_dir=str(hub_cache_dir()),

@@ -1,7 +1,7 @@
 """The model registry: one YAML entry per model under ``configs/models/<set>.yaml``.
 
-Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
-``make submit MODEL_TYPE=std`` selects ``configs/models/std.yaml``. A file holds::
+Each file is a *model set* (``paper``, ``pythia``, ``local``, ...; ``MODEL_TYPE=<set>`` selects it).
+``bayesflip models add`` (:mod:`bayesflip.models.add`) appends entries to ``user.yaml``. A file holds::
 
     models:
       <name>:
@@ -17,6 +17,9 @@ Each file is a *model set* (``std``, ``instruct``, ``local``, ...) so that
         template: gpu-small             # job template in job_templates/
         params_b: 8.03                  # billions of parameters (cost estimates: load time, throughput scaling)
         active_params_b: 1.3            # optional: parameters used per token (mixture of experts); default params_b
+        max_length: 8192                # optional: the context window (default: the model config's)
+        attn_implementation: sdpa       # sdpa | eager (Gemma-2: eager, for logit soft-capping)
+        trust_remote_code: false
 """
 
 from __future__ import annotations
@@ -95,16 +98,18 @@ def parse_model_file(path: Path) -> dict[str, ModelSpec]:
     raw = yaml.safe_load(path.read_text()) or {}
     if set(raw) - {"models"}:
         raise ConfigError(sorted(set(raw) - {"models"})[0], "unknown top-level key", allowed=["models"], source=str(path))
-    out: dict[str, ModelSpec] = {}
-    for name, entry in (raw.get("models") or {}).items():
-        try:
-            out[name] = ModelSpec(name=name, model_set=path.stem, **(entry or {}))
-        except ValidationError as err:
-            key, msg, allowed = _format_validation(err)
-            raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=str(path)) from None
-        except TypeError as err:
-            raise ConfigError(f"models.{name}", str(err), source=str(path)) from None
-    return out
+    return {name: parse_entry(name, entry, path.stem, str(path)) for name, entry in (raw.get("models") or {}).items()}
+
+
+def parse_entry(name: str, entry: dict | None, model_set: str, source: str) -> ModelSpec:
+    """One registry entry validated (the one-line :class:`ConfigError` names ``models.<name>.<key>``)."""
+    try:
+        return ModelSpec(name=name, model_set=model_set, **(entry or {}))
+    except ValidationError as err:
+        key, msg, allowed = _format_validation(err)
+        raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=source) from None
+    except TypeError as err:
+        raise ConfigError(f"models.{name}", str(err), source=source) from None
 
 
 @lru_cache(maxsize=4)

@@ -104,6 +104,9 @@ class ReducedFamily:
 
 Reducer = Callable[[FamilyInput], ReducedFamily]
 
+LOW_MASS = 0.10
+"""An on-choice mass ``Σ_c exp(logprob_c)`` below this is flagged beside the renormalised probability it carries."""
+
 
 def protocol_of(st: StoreData) -> str:
     """``paper`` or ``clean`` (the experiment's ``params.protocol``; stores written before it existed: clean)."""

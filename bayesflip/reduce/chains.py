@@ -19,8 +19,9 @@ LLM, per generation g (``chains_by_generation``):
 Priors (``chains_priors``), per (model, process):
 
 * ``icl`` — the prior the ICL reducer fitted to the model (``earlier["icl"]`` table
-  ``icl_prior_fits``; Beta(α, β) for a coin, Dirichlet(α) for a die), when the sweep has ICL
-  results of that process for the model;
+  ``icl_prior_fits``; Beta(α, β) for a coin, Dirichlet(α) for a die), when the sweep has
+  statement-free ICL results of that process for the model (the ICL reducer never fits a prior on
+  curves after a bias statement; such a model's row has NaN α and a ``note``, and is skipped here);
 * ``chain`` — fitted here the same way (:func:`bayes.fit_beta_prior` /
   :func:`bayes.fit_dirichlet_prior`) on every read of the model's chains of that process:
   ``p_t`` against the counts of ``data[g]``;
@@ -177,7 +178,8 @@ def conditions(st: StoreData) -> list[Condition]:
 
 # ---------------------------------------------------------------------------- priors
 def icl_priors(inp: FamilyInput) -> dict[tuple[str, str], Prior]:
-    """(model, process) -> the prior the ICL reducer fitted (empty if ICL was not reduced in this run)."""
+    """(model, process) -> the prior the ICL reducer fitted on the model's statement-free ICL curves (empty if
+    ICL was not reduced in this run; a not-measured row, NaN α, is left out)."""
     res = inp.earlier.get("icl")
     tab = res.tables.get("icl_prior_fits") if res is not None else None
     out: dict[tuple[str, str], Prior] = {}
@@ -550,9 +552,10 @@ def reduce_chains(inp: FamilyInput) -> ReducedFamily:
         figs += [_fig(inp, exp, ce, primary, "mean"), _fig(inp, exp, ce, primary, "entropy")]
 
     fallback = sorted(f"{m} ({p})" for (m, p), s in primary.items() if s == "uniform")
-    prim_txt = ("The primary prior is the one the ICL reducer fitted to each model."
+    prim_txt = ("The primary prior is the one the ICL reducer fitted to each model's statement-free ICL curves."
                 if not fallback else
-                f"No ICL prior for {', '.join(fallback)} in this sweep: the primary prior falls back to the uniform "
+                f"No ICL prior for {', '.join(fallback)} in this sweep (it is fitted on statement-free ICL curves "
+                "only, never on curves after a bias statement): the primary prior falls back to the uniform "
                 "Beta(1, 1) / Dirichlet(1); the prior fitted to the chains' own reads is reported beside it.")
     show = diag_t[diag_t["primary"]][["experiment", "model", "condition", "prior", "n_chains", "prior_mean",
                                       "llm_mean_final", "llm_mean_late", "mean_tvd_sampler", "mean_tvd_pm",
@@ -590,7 +593,8 @@ def reduce_chains(inp: FamilyInput) -> ReducedFamily:
              "the LLM's mean over the "
              "last half of the generations (`amplification_llm`) or a reference's stationary mean; ≈ 0 for a "
              "sampler, > 0 for a MAP-like learner that drifts to the prior's mode."),
-        Table(ptab, "Priors per model: fitted by the ICL reducer (icl), fitted to the chains' own reads "
+        Table(ptab, "Priors per model: fitted by the ICL reducer on statement-free ICL curves (icl), fitted to "
+                    "the chains' own reads "
                     "(chain: p_t against the counts of data[g]), uniform."),
         Table(show, "Sampler vs MAP diagnostic under the primary prior, per condition."),
         Table(show_chain, "The same under the prior fitted to the chains' own reads."),

@@ -10,8 +10,11 @@ Per store (experiment × model) and every cell and read position n (n outcomes s
   model, ``q_i = (α_i + n_i) / (Σα + n)`` (for a coin K = 2, α = (α, β): the Beta-Binomial
   predictive ``(α + h) / (α + β + h + t)``). The prior is fitted per model and process by
   soft-label maximum likelihood (:func:`bayes.fit_beta_prior` / :func:`bayes.fit_dirichlet_prior`,
-  full K-dim Dirichlet for the die) on the model's i.i.d. curves (all its non-shift
-  experiments of that process; its shift curves only if it has no i.i.d. ones);
+  full K-dim Dirichlet for the die) on the model's **statement-free** curves only (cells whose
+  evidence kind, :meth:`StoreData.cell_evidence`, has ``statement: none``: clean ICL, paper ICL
+  with ``statement: none``) — its i.i.d. ones, its statement-free shift curves only if it has no
+  i.i.d. ones (:func:`prior_evidence`). A model without statement-free curves of a process has
+  no fitted prior (``not measured``, with the experiment that would measure it);
 * shift experiments add (d) ``gamma`` — the discounted learner of :func:`bayes.fit_gamma`
   (coin only; pseudo-counts decay by γ before each outcome; prior = the fitted prior) and
   (e) ``mixture`` — ``r_n = w_n P_1 + (1 − w_n) P_2`` with ``w_n`` the share of the n seen
@@ -26,6 +29,13 @@ of the cell's own sequence, reads 0..n, NaN after): the paper TVD at N reads pos
 cells with n = N (:func:`paper_tvd_table`); every other metric (priors, fits, γ, martingale,
 curves, summary, figures) reads only the cells with n = n_flips, i.e. full 0..N curves of one
 sequence each (:func:`sequence_length_view`), never a mix of sequences of different lengths.
+
+Curves after a bias statement (``statement: theta`` / ``theta2``) are conditioned on it: they never
+enter the fitted prior, get no ``fitted`` reference and no bayesflip γ (both need the model's prior
+without a statement), and their N = 0 read is reported as P(tracked choice) *after the statement*
+(``icl_statement_n0``), never as a prior. The position-0 prior table (``icl_priors``) holds
+statement-free curves only, with ``spread_over`` = what differs between the cells' position-0
+prompts (``none (one prompt)``: identical prompts, the spread is numerical only).
 """
 
 from __future__ import annotations
@@ -38,8 +48,10 @@ from scipy import stats
 
 from .. import bayes
 from ..engine import choice_distribution
+from ..experiments.base import use_chat
 from . import figures as F
-from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, protocol_of, register_reducer
+from .base import (LOW_MASS, Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, protocol_of,
+                   register_reducer)
 from .load import StoreData
 
 REFS = ("true", "uniform", "fitted", "gamma", "mixture")
@@ -58,11 +70,17 @@ class Curves:
     outcomes: np.ndarray       # (C, N) choice indices
     track: np.ndarray          # (C,) the choice each cell is about (heads; the biased face)
     labels: list[str]
+    statement: str = "none"    # the bias the prompts state (StoreData.statement): none, theta, theta2, ...
     refs: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (C, P, K)
 
     @property
     def key(self) -> tuple[str, str]:
         return self.store.model, self.process
+
+    @property
+    def free(self) -> bool:
+        """Statement-free: no bias is stated in any cell's prompt (the only curves a prior is fitted on)."""
+        return self.statement == "none"
 
     def tracked(self, a: np.ndarray) -> np.ndarray:
         """(C, P, K) -> (C, P): the entry of each cell's tracked choice."""
@@ -79,6 +97,19 @@ class PriorFit:
     converged: bool
     at_bound: bool
     fitted_on: list[str]
+    note: str = "statement-free i.i.d. ICL curves"
+
+
+def prompt_spread(st: StoreData) -> str:
+    """What differs between the position-0 prompts of a store's cells: ``none (one prompt)`` when they
+    are identical (the clean head; one query), else the prompt axes with more than one value joined by
+    ``×`` (``instruct`` only when the prompt is rendered as a chat: ``variant`` and the model's kind)."""
+    cells = st.cells
+    axes = [a for a in PROMPT_AXES if a in cells and cells[a].nunique() > 1]
+    kind = (st.attrs.get("model_spec") or {}).get("kind")
+    if "instruct" in axes and kind is not None and not use_chat(str(st.params.get("variant", "auto")), kind):
+        axes.remove("instruct")   # a base model never sees the instruct prompt
+    return "×".join(axes) if axes else "none (one prompt)"
 
 
 def _curves(st: StoreData) -> Curves:
@@ -95,7 +126,7 @@ def _curves(st: StoreData) -> Curves:
         track = np.zeros(len(outcomes), dtype=np.int64)
     return Curves(store=st, process=process, shift=str(p.get("shift", "none")), probs=probs, off=off,
                   counts=counts, outcomes=outcomes, track=track,
-                  labels=[str(x).strip() for x in st.labels.get("choice", range(k))])
+                  labels=[str(x).strip() for x in st.labels.get("choice", range(k))], statement=st.statement)
 
 
 def sequence_length_view(st: StoreData) -> StoreData:
@@ -110,11 +141,33 @@ def sequence_length_view(st: StoreData) -> StoreData:
                    arrays={k: v[keep] for k, v in st.arrays.items()})
 
 
-def _fit_priors(curves: list[Curves]) -> dict[tuple[str, str], PriorFit]:
-    fits = {}
+def prior_evidence(group: list[Curves]) -> list[Curves]:
+    """The curves a (model, process) prior is fitted on: the statement-free i.i.d. ones; the
+    statement-free shift curves only when there are none; never a curve after a bias statement."""
+    free = [c for c in group if c.free]
+    return [c for c in free if c.shift == "none"] or free
+
+
+def not_measured_note(model: str, process: str, group: list[Curves]) -> str:
+    """Why a (model, process) has no fitted prior, and which experiment would measure it."""
+    said = ", ".join(f"{e} (statement: {s})" for e, s in sorted({(c.store.experiment, c.statement) for c in group}))
+    example = " (as `paper_icl_coin_free`)" if process == "coin" else ""
+    return (f"not measured: every {process} ICL curve of {model} is conditioned on a bias statement ({said}); "
+            f"a statement-free ICL experiment would measure it — clean `icl_{process}`, or paper ICL with "
+            f"`statement: none`{example}; the paraphrase family (`paraphrase_{process}`, `paper_prior_{process}`) "
+            "measures the position-0 prior over prompts, without a fit")
+
+
+def _fit_priors(curves: list[Curves]) -> tuple[dict[tuple[str, str], PriorFit], dict[tuple[str, str], str]]:
+    """(fits, notes): the prior of every (model, process) with statement-free curves; for the others
+    the not-measured note."""
+    fits, notes = {}, {}
     for key in sorted({c.key for c in curves}):
         group = [c for c in curves if c.key == key]
-        use = [c for c in group if c.shift == "none"] or group
+        use = prior_evidence(group)
+        if not use:
+            notes[key] = not_measured_note(*key, group)
+            continue
         counts = np.concatenate([c.counts.reshape(-1, c.counts.shape[-1]) for c in use])
         probs = np.concatenate([c.probs.reshape(-1, c.probs.shape[-1]) for c in use])
         if key[1] == "coin":
@@ -125,8 +178,11 @@ def _fit_priors(curves: list[Curves]) -> dict[tuple[str, str], PriorFit]:
             alpha = np.asarray(f.alpha)
         fits[key] = PriorFit(model=key[0], process=key[1], alpha=alpha, neg_log_lik=f.neg_log_lik,
                              n_points=f.n_points, converged=f.converged, at_bound=f.at_bound,
-                             fitted_on=sorted({c.store.experiment for c in use}))
-    return fits
+                             fitted_on=sorted({c.store.experiment for c in use}),
+                             **({} if use[0].shift == "none" else
+                                {"note": "statement-free shift curves only (no statement-free i.i.d. curves): the "
+                                         "prior absorbs the shift, and γ on the same curves is fitted with it"}))
+    return fits, notes
 
 
 def _regime_weight(params: dict, n_flips: int) -> np.ndarray:
@@ -137,16 +193,19 @@ def _regime_weight(params: dict, n_flips: int) -> np.ndarray:
     return bayes.mixture_reference(1.0, 0.0, cutoff=int(params["cutoff"]), N=n_flips)
 
 
-def _regime_dists(c: Curves) -> tuple[np.ndarray, np.ndarray]:
-    """(C, K) generating distributions of regime 1 and regime 2 of every cell."""
+def _dists(c: Curves, col: str) -> np.ndarray:
+    """(C, K) the distribution of bias ``cells[col]`` (θ or θ2) on each cell's face."""
     from ..experiments.icl import ICLParams, outcome_probs
 
     p = ICLParams(**{k: v for k, v in c.store.params.items() if k in ICLParams.model_fields})
     cells = c.store.cells
     face = cells["face"] if "face" in cells else pd.Series(1, index=cells.index)
-    p1 = np.stack([outcome_probs(p, float(t), int(f)) for t, f in zip(cells["theta"], face)])
-    p2 = np.stack([outcome_probs(p, float(t), int(f)) for t, f in zip(cells["theta2"], face)])
-    return p1, p2
+    return np.stack([outcome_probs(p, float(t), int(f)) for t, f in zip(cells[col], face)]).reshape(len(cells), -1)
+
+
+def _regime_dists(c: Curves) -> tuple[np.ndarray, np.ndarray]:
+    """(C, K) generating distributions of regime 1 and regime 2 of every cell."""
+    return _dists(c, "theta"), _dists(c, "theta2")
 
 
 def _gamma_fit(c: Curves, prior: PriorFit) -> bayes.GammaFit:
@@ -154,16 +213,29 @@ def _gamma_fit(c: Curves, prior: PriorFit) -> bayes.GammaFit:
     return bayes.fit_gamma(list(x), list(c.probs[..., 0]), alpha=float(prior.alpha[0]), beta=float(prior.alpha[1]))
 
 
-def _add_refs(c: Curves, prior: PriorFit) -> bayes.GammaFit | None:
+def gamma_note(c: Curves, prior: PriorFit | None, prior_note: str | None) -> str:
+    """Why bayesflip's γ of a coin shift store is not reported ('' when it is)."""
+    if not c.free:
+        return (f"not reported: the prompts state a bias (statement: {c.statement}), and bayesflip's γ needs the "
+                "model's prior without a statement")
+    if prior is None:
+        return f"not reported: no statement-free prior of {c.store.model} ({prior_note or 'not measured'})"
+    return ""
+
+
+def _add_refs(c: Curves, prior: PriorFit | None) -> bayes.GammaFit | None:
+    """References of one store; ``fitted`` (and γ) only for statement-free curves with a fitted prior."""
     c.refs["true"] = c.store.arrays["p_true"].astype(np.float64)
     c.refs["uniform"] = bayes.dirichlet_predictive(c.counts, 1.0)
-    c.refs["fitted"] = bayes.dirichlet_predictive(c.counts, prior.alpha)
+    use_prior = prior is not None and c.free
+    if use_prior:
+        c.refs["fitted"] = bayes.dirichlet_predictive(c.counts, prior.alpha)
     if c.shift == "none" or "theta2" not in c.store.cells:
         return None
     w = _regime_weight(c.store.params, c.outcomes.shape[1])[None, :, None]
     p1, p2 = _regime_dists(c)
     c.refs["mixture"] = w * p1[:, None, :] + (1.0 - w) * p2[:, None, :]
-    if c.process != "coin":
+    if c.process != "coin" or not use_prior:
         return None
     g = _gamma_fit(c, prior)
     x = (c.outcomes == 0).astype(np.int64)
@@ -197,9 +269,11 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     * ``tvd_of_mean = TVD(mean_i p_i,N, q_N)`` — the TVD of the prompt-mean distribution;
 
     ``q_N`` = the generating distribution of the next outcome (``p_true``: θ; die: b on the face).
-    Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N). A store with
-    one sequence per N (cell coordinate ``n``) reads position N of the cells with n = N only
-    (column ``sequences``: ``one per N``; otherwise ``prefixes`` — every N a prefix read).
+    Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N); column
+    ``statement`` = what the prompts state (``theta``: the paper's TVD to the stated θ; ``none``: to
+    the generating θ, nothing stated). A store with one sequence per N (cell coordinate ``n``) reads
+    position N of the cells with n = N only (column ``sequences``: ``one per N``; otherwise
+    ``prefixes`` — every N a prefix read).
     """
     cells = c.store.cells
     axis = averaging_axis(cells)
@@ -231,8 +305,8 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
         n_groups=("tvd_paper", "size")).reset_index()
     out.insert(0, "sequences", "one per N" if per_n else "prefixes")
     out.insert(0, "averaged_over", axis)
-    for k, v in (("process", c.process), ("protocol", protocol_of(c.store)), ("model", c.store.model),
-                 ("experiment", c.store.experiment)):
+    for k, v in (("statement", c.statement), ("process", c.process), ("protocol", protocol_of(c.store)),
+                 ("model", c.store.model), ("experiment", c.store.experiment)):
         out.insert(0, k, v)
     return out
 
@@ -240,9 +314,9 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
 def paper_ngrid(by_theta: pd.DataFrame) -> pd.DataFrame:
     """Mean over θ of :func:`paper_tvd_table` per (experiment, model, N) — the paper's headline ICL number."""
     if by_theta.empty:
-        return pd.DataFrame(columns=["experiment", "model", "protocol", "process", "N", "tvd_paper", "tvd_of_mean",
-                                     "n_theta"])
-    return by_theta.groupby(["experiment", "model", "protocol", "process", "N"], sort=True).agg(
+        return pd.DataFrame(columns=["experiment", "model", "protocol", "process", "statement", "N", "tvd_paper",
+                                     "tvd_of_mean", "n_theta"])
+    return by_theta.groupby(["experiment", "model", "protocol", "process", "statement", "N"], sort=True).agg(
         tvd_paper=("tvd_paper", "mean"), tvd_of_mean=("tvd_of_mean", "mean"),
         n_theta=("theta", "nunique")).reset_index()
 
@@ -294,7 +368,7 @@ def _curve_table(c: Curves) -> pd.DataFrame:
     cells = c.store.cells
     df = pd.DataFrame({
         "experiment": c.store.experiment, "model": c.store.model, "process": c.process, "shift": c.shift,
-        "cell": np.repeat(cells["cell"].to_numpy(), P),
+        "statement": c.statement, "cell": np.repeat(cells["cell"].to_numpy(), P),
         "sample": np.repeat(cells["sample"].to_numpy(), P) if "sample" in cells else 0,
         "theta": np.repeat(cells["theta"].to_numpy(dtype=float), P),
         "theta2": np.repeat(cells["theta2"].to_numpy(dtype=float), P) if "theta2" in cells else np.nan,
@@ -328,24 +402,77 @@ def _martingale(c: Curves) -> tuple[float, float]:
     return float(g.mean()), float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else np.nan
 
 
+PRIOR_COLUMNS = ["experiment", "model", "process", "choice", "p_mean", "p_std", "on_choice_mass", "off_choice_mass",
+                 "low_on_choice_mass", "spread_over", "n_cells"]
+
+
 def _prior_table(curves: list[Curves]) -> pd.DataFrame:
-    """Position 0 (no evidence): mean ± std over cells of every choice's probability."""
+    """Position 0 (no evidence) of the **statement-free** curves: mean ± std (ddof 0) over cells of every
+    choice's probability, the mean on-choice mass ``Σ_c exp(logprob_c)`` (``low_on_choice_mass``: below
+    LOW_MASS) and ``spread_over`` (:func:`prompt_spread`)."""
     rows = []
     for c in curves:
+        if not c.free:
+            continue
         p0 = c.probs[:, 0, :]
+        on = float(1.0 - c.off[:, 0].mean())
         for k, lab in enumerate(c.labels):
             rows.append({"experiment": c.store.experiment, "model": c.store.model, "process": c.process,
                          "choice": lab, "p_mean": float(p0[:, k].mean()), "p_std": float(p0[:, k].std()),
-                         "off_choice_mass": float(c.off[:, 0].mean()), "n_cells": int(len(p0))})
-    return pd.DataFrame(rows)
+                         "on_choice_mass": on, "off_choice_mass": 1.0 - on, "low_on_choice_mass": on < LOW_MASS,
+                         "spread_over": prompt_spread(c.store), "n_cells": int(len(p0))})
+    return pd.DataFrame(rows, columns=PRIOR_COLUMNS)
 
 
-def _fit_table(fits: dict[tuple[str, str], PriorFit], labels: dict[str, list[str]]) -> pd.DataFrame:
+def _statement_table(curves: list[Curves]) -> pd.DataFrame:
+    """N = 0 of the curves after a bias statement, per experiment, model and stated bias b (θ, or θ2 for
+    ``statement: theta2``): ``p_after_statement`` = mean over cells of P(tracked choice) (coin: heads;
+    die: the stated face) read right after the statement, its std (ddof 0), ``p_stated`` the stated
+    probability of that choice, ``tvd_to_stated`` = mean over cells of ``TVD(p_0, q_b)`` (q_b the stated
+    distribution; the paper's ICL TVD at N = 0), the on-choice mass and ``spread_over``."""
     rows = []
-    for (model, process), f in fits.items():
+    for c in curves:
+        if c.free or c.statement not in ("theta", "theta2"):
+            continue
+        col = "theta" if c.statement == "theta" else "theta2"
+        q = _dists(c, col)
+        p0, q_t = c.probs[:, 0, :], np.take_along_axis(q, c.track[:, None], axis=1)[:, 0]
+        tv = np.asarray(bayes.tvd(p0, q), dtype=float)
+        pt = np.take_along_axis(p0, c.track[:, None], axis=1)[:, 0]
+        on = 1.0 - c.off[:, 0]
+        b = c.store.cells[col].to_numpy(dtype=float)
+        for val in np.unique(b):
+            i = b == val
+            rows.append({"experiment": c.store.experiment, "model": c.store.model, "process": c.process,
+                         "statement": c.statement, "stated_bias": float(val),
+                         "p_stated": float(np.round(q_t[i].mean(), 12)),
+                         "p_after_statement": float(pt[i].mean()), "p_after_statement_std": float(pt[i].std()),
+                         "tvd_to_stated": float(tv[i].mean()), "on_choice_mass": float(on[i].mean()),
+                         "low_on_choice_mass": bool(on[i].mean() < LOW_MASS), "spread_over": prompt_spread(c.store),
+                         "n_cells": int(i.sum())})
+    return pd.DataFrame(rows, columns=["experiment", "model", "process", "statement", "stated_bias", "p_stated",
+                                       "p_after_statement", "p_after_statement_std", "tvd_to_stated",
+                                       "on_choice_mass", "low_on_choice_mass", "spread_over", "n_cells"])
+
+
+def _fit_table(fits: dict[tuple[str, str], PriorFit], notes: dict[tuple[str, str], str],
+               labels: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per (model, process): the fitted prior, or NaN α with the not-measured ``note``."""
+    rows = []
+    for model, process in sorted(set(fits) | set(notes)):
+        f = fits.get((model, process))
+        if f is None:
+            row = {"model": model, "process": process, "alpha_sum": np.nan, "neg_log_lik": np.nan, "n_points": 0,
+                   "converged": False, "at_bound": False, "fitted_on": "", "note": notes[(model, process)]}
+            if process == "coin":
+                row.update(alpha=np.nan, beta=np.nan, prior_mean=np.nan)
+            else:
+                row.update({f"alpha_{lab}": np.nan for lab in labels[process]})
+            rows.append(row)
+            continue
         row = {"model": model, "process": process, "alpha_sum": float(f.alpha.sum()),
                "neg_log_lik": f.neg_log_lik, "n_points": f.n_points, "converged": f.converged,
-               "at_bound": f.at_bound, "fitted_on": ",".join(f.fitted_on)}
+               "at_bound": f.at_bound, "fitted_on": ",".join(f.fitted_on), "note": f.note}
         if process == "coin":
             row.update(alpha=float(f.alpha[0]), beta=float(f.alpha[1]), prior_mean=float(f.alpha[0] / f.alpha.sum()))
         else:
@@ -361,7 +488,7 @@ def _summary_table(curves: list[Curves], table: pd.DataFrame, gammas: dict, pape
         d = table[(table["experiment"] == c.store.experiment) & (table["model"] == c.store.model)]
         mg, mg_se = _martingale(c)
         row = {"experiment": c.store.experiment, "model": c.store.model, "protocol": protocol_of(c.store),
-               "process": c.process, "shift": c.shift, "n_cells": int(len(c.probs)),
+               "process": c.process, "shift": c.shift, "statement": c.statement, "n_cells": int(len(c.probs)),
                "n_positions": int(c.probs.shape[1]),
                "off_choice_mass": float(d["off_choice_mass"].mean())}
         for r in REFS:
@@ -402,7 +529,9 @@ def _by_position(table: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- figures
 def _fig_priors(inp: FamilyInput, curves: list[Curves], fits: dict) -> list[Figure]:
+    """Position-0 reads and fitted priors of the statement-free curves only."""
     out = []
+    curves = [c for c in curves if c.free]
     coin = [c for c in curves if c.process == "coin"]
     if coin:
         models = sorted({c.store.model for c in coin})
@@ -437,8 +566,8 @@ def _fig_priors(inp: FamilyInput, curves: list[Curves], fits: dict) -> list[Figu
         uniq = dict(zip(lab, h))
         a1.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper right")
         out.append(Figure(F.save(fig, inp.figures_dir, "icl_prior_coin"),
-                          "Coin prior per model: P(heads) at position 0 over cells (left) and the Beta prior "
-                          "fitted to the model's ICL curves (right)."))
+                          "Coin prior per model, statement-free ICL curves only: P(heads) at position 0 over cells "
+                          "(left) and the Beta prior fitted to the model's statement-free ICL curves (right)."))
     die = [c for c in curves if c.process == "die"]
     if die:
         models = sorted({c.store.model for c in die})
@@ -462,8 +591,8 @@ def _fig_priors(inp: FamilyInput, curves: list[Curves], fits: dict) -> list[Figu
         uniq = dict(zip(lab, h))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7)
         out.append(Figure(F.save(fig, inp.figures_dir, "icl_prior_die"),
-                          "Die prior per model: mean ± std over cells of P(face) at position 0, and the mean of the "
-                          "fitted Dirichlet prior."))
+                          "Die prior per model, statement-free ICL curves only: mean ± std over cells of P(face) at "
+                          "position 0, and the mean of the Dirichlet prior fitted to them."))
     return out
 
 
@@ -490,7 +619,7 @@ def _fig_tvd(inp: FamilyInput, exp: str, table: pd.DataFrame) -> Figure:
                   "of outcomes seen, averaged over cells (band: ± one standard error).")
 
 
-def _fig_curves(inp: FamilyInput, exp: str, pos: pd.DataFrame, process: str) -> Figure:
+def _fig_curves(inp: FamilyInput, exp: str, pos: pd.DataFrame, process: str, statement: str) -> Figure:
     d = pos[(pos["experiment"] == exp) & (pos["condition"] != "all")]  # die: conditions pool the faces
     models = sorted(d["model"].unique())
     conds = sorted(d["condition"].unique(), key=lambda s: float(s.split("=")[1].split("→")[0]))
@@ -507,14 +636,18 @@ def _fig_curves(inp: FamilyInput, exp: str, pos: pd.DataFrame, process: str) -> 
         ax.set_xlabel("N = outcomes seen")
         ax.set_ylim(0, 1)
     axes[0].set_ylabel(f"{what} (mean over cells)")
-    axes[0].plot([], [], color="grey", ls="--", label="Bayes, fitted prior")
+    fitted = bool(d["p_fitted"].notna().any())
+    if fitted:
+        axes[0].plot([], [], color="grey", ls="--", label="Bayes, fitted prior")
     axes[0].plot([], [], color="grey", ls=":", label="generating θ")
-    F.suptitle(fig, f"{exp}: model {what} vs N per θ (solid), fitted-prior Bayes (dashed), θ (dotted)")
+    after = "" if statement == "none" else f" (after a bias statement: statement {statement})"
+    F.suptitle(fig, f"{exp}: model {what} vs N per θ (solid){', fitted-prior Bayes (dashed)' if fitted else ''}, "
+                    f"θ (dotted){after}")
     rows = F.legend_below(fig, axes)
     return Figure(F.save(fig, inp.figures_dir, f"icl_curves_{exp}", rows),
                   f"{exp}: learning curves — the model's {what} after N outcomes (mean over samples"
-                  f"{' and faces' if process == 'die' else ''}) per θ, with the fitted-prior Bayesian posterior "
-                  "predictive and the generating θ.")
+                  f"{' and faces' if process == 'die' else ''}) per θ{after}, with "
+                  f"{'the fitted-prior Bayesian posterior predictive and ' if fitted else ''}the generating θ.")
 
 
 def _fig_shift(inp: FamilyInput, exp: str, table: pd.DataFrame, params: dict) -> Figure:
@@ -550,7 +683,10 @@ def _fig_shift(inp: FamilyInput, exp: str, table: pd.DataFrame, params: dict) ->
 
 
 # ---------------------------------------------------------------------------- reducer
-def _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab) -> dict:
+def _fmt_models_summary(curves, fits, notes, summary_tab, gammas, gamma_notes, stmt_tab) -> dict:
+    """Per model: mean TVD / KL per experiment and reference, γ, and the priors — measured on the
+    statement-free curves only (``prior_mean`` / ``prior_std``: their position-0 P(heads); ``alpha``,
+    ``beta``, ``dirichlet_alpha``: the fitted prior; None with ``prior_note`` when not measured)."""
     models: dict[str, dict] = {}
     for c in curves:
         m = models.setdefault(c.store.model, {"mean_tvd": {}, "mean_kl": {}, "off_choice_mass": {}, "gamma": {}})
@@ -562,68 +698,136 @@ def _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab) -> dict:
         g = gammas.get((c.store.experiment, c.store.model))
         if g is not None:
             m["gamma"][c.store.experiment] = float(g.gamma)
+        elif (c.store.experiment, c.store.model) in gamma_notes:
+            m.setdefault("gamma_note", {})[c.store.experiment] = gamma_notes[(c.store.experiment, c.store.model)]
         if c.shift != "none" and c.process == "coin":
             m.setdefault("gamma_paper", {})[c.store.experiment] = r0.get("gamma_paper")
         if np.isfinite(r0.get("exchangeability_gap", np.nan)):
             m.setdefault("exchangeability_gap", {})[c.store.experiment] = float(r0["exchangeability_gap"])
         m.setdefault("protocol", {})[c.store.experiment] = protocol_of(c.store)
+        m.setdefault("statement", {})[c.store.experiment] = c.statement
     for model, m in models.items():
-        heads = np.concatenate([c.probs[:, 0, 0] for c in curves if c.store.model == model and c.process == "coin"]
-                               or [np.empty(0)])
+        mine = [c for c in curves if c.store.model == model and c.free]
+        heads = np.concatenate([c.probs[:, 0, 0] for c in mine if c.process == "coin"] or [np.empty(0)])
         m["prior_mean"] = float(heads.mean()) if heads.size else None
         m["prior_std"] = float(heads.std()) if heads.size else None
         fc, fd = fits.get((model, "coin")), fits.get((model, "die"))
         m["alpha"] = float(fc.alpha[0]) if fc else None
         m["beta"] = float(fc.alpha[1]) if fc else None
         m["prior_fit_at_bound"] = bool(fc.at_bound) if fc else None
+        m["prior_fitted_on"] = {p: f.fitted_on for (mm, p), f in fits.items() if mm == model}
         m["dirichlet_alpha"] = [float(a) for a in fd.alpha] if fd else None
-        die0 = [c.probs[:, 0, :] for c in curves if c.store.model == model and c.process == "die"]
+        die0 = [c.probs[:, 0, :] for c in mine if c.process == "die"]
         m["die_prior_mean"] = [float(x) for x in np.concatenate(die0).mean(0)] if die0 else None
+        pn = {p: n for (mm, p), n in notes.items() if mm == model}
+        if pn:
+            m["prior_note"] = pn
+        st = stmt_tab[stmt_tab["model"] == model]
+        if len(st):
+            m["p_after_statement_n0"] = {
+                e: {f"{b:g}": float(p) for b, p in zip(g["stated_bias"], g["p_after_statement"])}
+                for e, g in st.groupby("experiment", sort=True)}
     return models
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _priors_texts(curves: list[Curves], fits: dict, notes: dict, prior_tab: pd.DataFrame) -> list:
+    """The Priors section's text: what the numbers are conditioned on, what was left out, what is not measured."""
+    stated = sorted({(c.store.experiment, c.statement) for c in curves if not c.free})
+    one = sorted(set(prior_tab.loc[prior_tab["spread_over"] == "none (one prompt)", "experiment"]))
+    many = sorted(set(prior_tab.loc[prior_tab["spread_over"] != "none (one prompt)", "experiment"]))
+    txt = ("A prior is measured only on statement-free evidence: ICL curves whose prompts state no bias (clean ICL; "
+           "paper ICL with `statement: none` — the store's evidence kind) and the paraphrase family (below). "
+           "P(heads) at position 0 is the model's next-outcome distribution before any outcome, mean ± std over the "
+           "cells of a store. `spread_over` says what differs between their position-0 prompts")
+    if one:
+        txt += (f" — in {', '.join(f'`{e}`' for e in one)} every cell has the same prompt, so that spread is "
+                "numerical only")
+    if many:
+        txt += (f"{';' if one else ' —'} in {', '.join(f'`{e}`' for e in many)} the prompts differ along the named "
+                "axes, so the spread is the model's sensitivity to them")
+    txt += (f". `on_choice_mass` = Σ_c exp(logprob_c), the probability the choices get before renormalising; below "
+            f"{LOW_MASS:.0%} (`low_on_choice_mass`) the renormalised P(heads) rests on little mass. The fitted prior "
+            "is the Beta(α, β) (coin) / Dirichlet(α) (die) maximising `Σ_i Σ_c p_model,i(c) log q_i(c)` over every "
+            "read of the model's statement-free i.i.d. ICL curves (its statement-free shift curves only when it has "
+            "none; `fitted_on`), with `q_i(c) = (α_c + n_i,c) / (Σα + n_i)`; a large α + β means the model barely "
+            "updates. The fitted-prior reference of the ICL curves and bayesflip's γ use this prior, for "
+            "statement-free curves only.")
+    if stated:
+        txt += (" Curves after a bias statement ("
+                + ", ".join(f"`{e}`: statement {s}" for e, s in stated)
+                + ") are not priors and are not used here: their N = 0 read is P(heads) after the statement "
+                  "(ICL learning curves, table icl_statement_n0).")
+    out = [Text(txt)]
+    if notes:
+        out.append(Text("\n".join(f"- Fitted prior of {m} ({p}): {n}." for (m, p), n in sorted(notes.items()))))
+    low = prior_tab[prior_tab["low_on_choice_mass"].astype(bool)]
+    if len(low):
+        out.append(Text("Flagged: the position-0 P(heads) of "
+                        + ", ".join(sorted({f"`{e}` ({m}, on-choice mass {_fmt(v)})" for e, m, v in
+                                            zip(low["experiment"], low["model"], low["on_choice_mass"])}))
+                        + f" comes from an on-choice mass below {LOW_MASS:.0%}."))
+    return out
 
 
 @register_reducer("icl")
 def reduce_icl(inp: FamilyInput) -> ReducedFamily:
     full = [_curves(st) for st in inp.stores]           # the paper TVD reads each N from its own cells
     curves = [c if (v := sequence_length_view(c.store)) is c.store else _curves(v) for c in full]
-    fits = _fit_priors(curves)
-    gammas = {}
+    fits, notes = _fit_priors(curves)
+    gammas, gamma_notes = {}, {}
     for c in curves:
-        g = _add_refs(c, fits[c.key])
+        g = _add_refs(c, fits.get(c.key))
         if g is not None:
             gammas[(c.store.experiment, c.store.model)] = g
+        elif c.process == "coin" and c.shift != "none":
+            gamma_notes[(c.store.experiment, c.store.model)] = gamma_note(c, fits.get(c.key), notes.get(c.key))
     table = pd.concat([_curve_table(c) for c in curves], ignore_index=True)
     pos = _by_position(table)
     prior_tab = _prior_table(curves)
+    stmt_tab = _statement_table(curves)
     labels = {c.process: c.labels for c in curves}
-    fit_tab = _fit_table(fits, labels)
+    fit_tab = _fit_table(fits, notes, labels)
     paper_gammas = {(c.store.experiment, c.store.model): g for c in curves if (g := paper_gamma(c)) is not None}
     summary_tab = _summary_table(curves, table, gammas, paper_gammas)
+    summary_tab.insert(summary_tab.columns.get_loc("statement") + 1, "prior_fitted_on",
+                       [",".join(fits[c.key].fitted_on) if "fitted" in c.refs else "" for c in curves])
     by_theta = [t for c in full if c.shift == "none" and len(t := paper_tvd_table(c))]
     paper_theta = pd.concat(by_theta, ignore_index=True) if by_theta else pd.DataFrame()
     ngrid = paper_ngrid(paper_theta)
+    statement_of = {(c.store.experiment, c.store.model): c.statement for c in curves}
     paper_gamma_tab = pd.DataFrame(
         [{"experiment": e, "model": m, "protocol": protocol_of(next(c.store for c in curves
                                                                  if c.store.experiment == e and c.store.model == m)),
+          "statement": statement_of[(e, m)],
           "gamma_paper": g.gamma, "gamma_paper_x0": g.gamma_x0, "mean_abs_error": g.mean_abs_error,
           "n_points": g.n_points,
-          "gamma_bayesflip": gammas[(e, m)].gamma if (e, m) in gammas else np.nan}
+          "gamma_bayesflip": gammas[(e, m)].gamma if (e, m) in gammas else np.nan,
+          "gamma_bayesflip_note": gamma_notes.get((e, m), "")}
          for (e, m), g in sorted(paper_gammas.items())],
-        columns=["experiment", "model", "protocol", "gamma_paper", "gamma_paper_x0", "mean_abs_error", "n_points",
-                 "gamma_bayesflip"])
-    gamma_tab = pd.DataFrame([{"experiment": e, "model": m, "gamma": g.gamma, "neg_log_lik": g.neg_log_lik,
-                               "n_points": g.n_points, "prior_alpha": float(fits[(m, "coin")].alpha[0]),
-                               "prior_beta": float(fits[(m, "coin")].alpha[1])}
-                              for (e, m), g in sorted(gammas.items())],
-                             columns=["experiment", "model", "gamma", "neg_log_lik", "n_points", "prior_alpha",
-                                      "prior_beta"])
+        columns=["experiment", "model", "protocol", "statement", "gamma_paper", "gamma_paper_x0", "mean_abs_error",
+                 "n_points", "gamma_bayesflip", "gamma_bayesflip_note"])
+    gamma_rows = [{"experiment": e, "model": m, "statement": statement_of[(e, m)], "gamma": g.gamma,
+                   "neg_log_lik": g.neg_log_lik, "n_points": g.n_points,
+                   "prior_alpha": float(fits[(m, "coin")].alpha[0]), "prior_beta": float(fits[(m, "coin")].alpha[1]),
+                   "prior_fitted_on": ",".join(fits[(m, "coin")].fitted_on), "note": ""}
+                  for (e, m), g in gammas.items()]
+    gamma_rows += [{"experiment": e, "model": m, "statement": statement_of[(e, m)], "gamma": np.nan,
+                    "neg_log_lik": np.nan, "n_points": 0, "prior_alpha": np.nan, "prior_beta": np.nan,
+                    "prior_fitted_on": "", "note": n} for (e, m), n in gamma_notes.items()]
+    gamma_tab = pd.DataFrame(sorted(gamma_rows, key=lambda r: (r["experiment"], r["model"])),
+                             columns=["experiment", "model", "statement", "gamma", "neg_log_lik", "n_points",
+                                      "prior_alpha", "prior_beta", "prior_fitted_on", "note"])
 
     prior_figs = _fig_priors(inp, curves, fits)
-    iid = sorted({(c.store.experiment, c.process) for c in curves if c.shift == "none"})
+    iid = sorted({(c.store.experiment, c.process, c.statement) for c in curves if c.shift == "none"})
     shifted = sorted({c.store.experiment for c in curves if c.shift != "none"})
     icl_figs = []
-    for exp, process in iid:
-        icl_figs.append(_fig_curves(inp, exp, pos, process))
+    for exp, process, statement in iid:
+        icl_figs.append(_fig_curves(inp, exp, pos, process, statement))
         icl_figs.append(_fig_tvd(inp, exp, table))
     shift_figs = []
     for exp in shifted:
@@ -631,27 +835,36 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
         shift_figs.append(_fig_shift(inp, exp, table, params))
         shift_figs.append(_fig_tvd(inp, exp, table))
 
-    coin_prior = prior_tab[prior_tab["choice"] == "heads"][["experiment", "model", "p_mean", "p_std",
-                                                              "off_choice_mass", "n_cells"]]
+    coin_prior = prior_tab[prior_tab["choice"] == "heads"][["experiment", "model", "p_mean", "p_std", "on_choice_mass",
+                                                              "low_on_choice_mass", "spread_over", "n_cells"]]
+    die_prior = prior_tab[prior_tab["process"] == "die"]
+    prior_blocks = _priors_texts(curves, fits, notes, prior_tab)
+    if len(coin_prior):
+        prior_blocks.append(Table(coin_prior.rename(columns={"p_mean": "P(heads) mean", "p_std": "P(heads) std"}),
+                                  "Coin: P(heads) at position 0 of the statement-free ICL curves (no statement, no "
+                                  "outcome in context)."))
+    if len(die_prior):
+        wide = die_prior.pivot_table(index=["experiment", "model", "spread_over", "on_choice_mass", "n_cells"],
+                                     columns="choice", values="p_mean", sort=False)
+        wide.columns = [f"P({c}) mean" for c in wide.columns]
+        prior_blocks.append(Table(wide.reset_index(), "Die: P(face) at position 0 of the statement-free ICL curves."))
+    if not len(prior_tab):
+        prior_blocks.append(Text("No statement-free ICL curves in this sweep: no position-0 prior from ICL."))
+    if len(fit_tab):
+        prior_blocks.append(Table(fit_tab, "Priors fitted to each model's statement-free ICL curves (soft-label "
+                                           "maximum likelihood); NaN with a note where not measured."))
     sections = [
-        Section("Priors", [
-            Text("The prior is the model's next-outcome distribution at position 0 (no evidence in context), "
-                 "mean ± std over cells. In the ICL family every cell has the same position-0 prompt, so the "
-                 "spread over cells is numerical only; the spread over prompt paraphrases is family B. The fitted "
-                 "prior is the Beta(α, β) (coin) / Dirichlet(α) (die) maximising "
-                 "`Σ_i Σ_c p_model,i(c) log q_i(c)` over every read of the model's i.i.d. ICL curves, with "
-                 "`q_i(c) = (α_c + n_i,c) / (Σα + n_i)`; a large α + β means the model barely updates."),
-            Table(coin_prior.rename(columns={"p_mean": "P(heads) mean", "p_std": "P(heads) std"}),
-                  "Coin: P(heads) at position 0.") if len(coin_prior) else Text("No coin experiments."),
-            Table(fit_tab, "Priors fitted to each model's ICL curves (soft-label maximum likelihood)."),
-            *prior_figs,
-        ]),
+        Section("Priors", [*prior_blocks, *prior_figs]),
         Section("ICL learning curves", [
             Text("For every read position n (outcomes seen) the model's distribution p is compared with "
                  "(a) the generating distribution, (b) the uniform-prior posterior predictive "
                  "`(1 + n_i) / (K + n)` and (c) the fitted-prior posterior predictive "
-                 "`(α_i + n_i) / (Σα + n)`. `TVD = ½ Σ|p − q|`; `KL(q ‖ p)` in nats. The martingale gap is the "
-                 "importance-weighted single-branch estimate `E[w_t p_(t+1) − p_t]` (0 for a coherent learner)."),
+                 "`(α_i + n_i) / (Σα + n)`. `statement` says what each experiment's prompts state before the outcomes "
+                 "(`none`; `theta`: the cell's θ; `theta2`: its θ2): (c) is computed only for statement-free "
+                 "curves, with the prior fitted on the model's statement-free curves (`prior_fitted_on`; empty: "
+                 "no such prior, or the curves follow a statement). `TVD = ½ Σ|p − q|`; `KL(q ‖ p)` in nats. The "
+                 "martingale gap is the importance-weighted single-branch estimate `E[w_t p_(t+1) − p_t]` (0 for a "
+                 "coherent learner), conditioned on whatever the prompts state."),
             Table(summary_tab, "Mean over cells and positions, per experiment and model. "
                                "`exchangeability_gap`: mean over cells of the mean TVD between the prediction after "
                                "all N outcomes and its mean over the stored permutations of the same outcomes "
@@ -659,18 +872,34 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
             *(icl_figs or [Text("No i.i.d. ICL experiments in this sweep.")]),
         ]),
     ]
+    if len(stmt_tab):
+        shown = stmt_tab.rename(columns={"p_after_statement": "P(heads | statement of b), N = 0",
+                                         "p_after_statement_std": "std"})
+        sections[1].blocks += [
+            Heading("After a bias statement (N = 0)"),
+            Text("Paper ICL prompts with `statement: theta` (or `theta2`) begin with the bias statement "
+                 "(`When I flip coins they land on heads b% of the time.`). Their read at N = 0 is the model's "
+                 "response to that statement — P(heads) after the statement of b (die: P(stated face)) — not a "
+                 "prior: it is conditioned on b, and its spread over b is the statement's effect. `tvd_to_stated` = mean over "
+                 "cells of TVD(p_0, stated distribution), the paper's ICL TVD at N = 0; `std` is over the prompts "
+                 f"(`spread_over`). `low_on_choice_mass`: on-choice mass below {LOW_MASS:.0%}."),
+            Table(shown, "P(heads) after the statement of b, N = 0, per stated bias (table icl_statement_n0).",
+                  max_rows=80),
+        ]
     if len(ngrid):
-        wide = ngrid.pivot_table(index=["experiment", "model", "protocol", "process"], columns="N",
+        wide = ngrid.pivot_table(index=["experiment", "model", "protocol", "process", "statement"], columns="N",
                                  values="tvd_paper", sort=True)
         wide.columns = [f"N={n}" for n in wide.columns]
         sections[1].blocks += [
             Heading("Paper metric: TVD on the paper's N grid"),
             Text("As in the coin-flip paper: for each θ and N ∈ {0, 1, 3, 5, 10, 20, 100} the TVD between each "
                  "prompt's renormalised distribution and θ, averaged over the prompts (paraphrases; samples when "
-                 "the store has no paraphrase axis) — `tvd_paper` — then averaged over θ. `tvd_of_mean` (table "
-                 "icl_paper_by_theta) is the TVD of the prompt-mean distribution instead; it is never larger. "
-                 "`sequences`: `one per N` — each N read at the end of its own sequence, as the published runs "
-                 "(`flips: random_choices`); `prefixes` — every N a prefix of one sequence."),
+                 "the store has no paraphrase axis) — `tvd_paper` — then averaged over θ. With `statement: theta` it "
+                 "is the paper's TVD to the stated θ; with `statement: none` the TVD to the generating θ of curves "
+                 "that state nothing (not the paper's quantity). `tvd_of_mean` (table icl_paper_by_theta) is the TVD "
+                 "of the prompt-mean distribution instead; it is never larger. `sequences`: `one per N` — each N read "
+                 "at the end of its own sequence, as the published runs (`flips: random_choices`); `prefixes` — "
+                 "every N a prefix of one sequence."),
             Table(wide.reset_index(), "Mean over θ of the paper's ICL TVD per N."),
             Table(paper_theta, "Per θ and N (the paper's per-bias curves).", max_rows=80),
         ]
@@ -678,8 +907,10 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
         sections.append(Section("Distribution shift", [
             Text("The sequence changes from θ1 to θ2 (switch at the cutoff, or a θ2 block). The discounted learner "
                  "decays its pseudo-counts by γ before each outcome (`a ← γ a + x`, `b ← γ b + 1 − x`, "
-                 "prediction `(α + a) / (α + β + a + b)` with the model's fitted prior); γ is fitted per model and "
-                 "experiment by soft-label maximum likelihood, γ = 1 is exact Bayes. The mixture reference is "
+                 "prediction `(α + a) / (α + β + a + b)` with the prior fitted on the model's statement-free curves, "
+                 "`prior_fitted_on`); γ is fitted per model and experiment by soft-label maximum likelihood, γ = 1 is "
+                 "exact Bayes. γ is not reported (`note`) for a shift experiment whose prompts state a bias, or a "
+                 "model without a statement-free prior. The mixture reference is "
                  "`w_n θ1 + (1 − w_n) θ2` with `w_n` the share of the n seen outcomes drawn from θ1."),
             Table(gamma_tab, "Fitted discount γ per model and shift experiment."),
             *shift_figs,
@@ -688,17 +919,18 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
         sections.append(Section("Distribution shift", [Heading("Paper γ"),
             Text("Paper γ: the coin-flip paper's learner (`a ← γa + x`, `b ← γb + 1 − x` from a = b = 1, the "
                  "prior decays too; prediction `max(1, a) / (max(1, a) + max(1, b))`) fitted by L-BFGS-B on the "
-                 "summed L1 error to the model's mean P(heads) over paraphrases (positions 1..N). "
-                 "`gamma_paper_x0` is the original's single start at 0.5, `gamma_bayesflip` our soft-likelihood γ "
-                 "(fitted prior, counts only decay)."),
+                 "summed L1 error to the model's mean P(heads) over paraphrases (positions 1..N); it needs no "
+                 "prior of the model. `gamma_paper_x0` is the original's single start at 0.5, `gamma_bayesflip` our "
+                 "soft-likelihood γ (prior fitted on the model's statement-free curves, counts only decay; "
+                 "`gamma_bayesflip_note` says why it is missing)."),
             Table(paper_gamma_tab, "Paper γ next to bayesflip's γ per model and shift experiment."),
         ]))
     all_figs = [f.path for f in prior_figs + icl_figs + shift_figs]
     return ReducedFamily(
         tables={"icl_curves": table, "icl_by_position": pos, "icl_priors": prior_tab, "icl_prior_fits": fit_tab,
-                "icl_summary": summary_tab, "icl_gamma_fits": gamma_tab, "icl_paper_by_theta": paper_theta,
-                "icl_paper_ngrid": ngrid, "icl_paper_gamma": paper_gamma_tab},
+                "icl_statement_n0": stmt_tab, "icl_summary": summary_tab, "icl_gamma_fits": gamma_tab,
+                "icl_paper_by_theta": paper_theta, "icl_paper_ngrid": ngrid, "icl_paper_gamma": paper_gamma_tab},
         figures=all_figs,
-        summary={"models": _fmt_models_summary(curves, fits, summary_tab, gammas, prior_tab)},
+        summary={"models": _fmt_models_summary(curves, fits, notes, summary_tab, gammas, gamma_notes, stmt_tab)},
         sections=sections,
     )

@@ -17,6 +17,11 @@ corrupt-chunk      record ``done`` but a chunk file is missing, does not match i
 missing-store      the manifest lists the store but it is not on disk
 unreadable-store   the store's metadata / coords / labels raised when read
 =================  ==========================================================
+
+Evidence kind of every cell (:meth:`StoreData.cell_evidence`): the store attribute ``evidence``
+written at plan time (:mod:`bayesflip.experiments.base`); a store written before it existed gets
+the kind its family declares for its stored params (:func:`infer_evidence`), and a family that
+declares none (or params that no longer validate) gives ``unknown``, which no prior uses.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from ..store import ResultStore, ShardState
 from ..store_layout import array_dims, read_coords
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_EVIDENCE = {"statement": "unknown", "context": "unknown"}
 
 COVERAGE_COLUMNS = ["experiment", "model", "family", "shard", "cell_start", "cell_stop", "status", "error", "store"]
 
@@ -69,6 +76,32 @@ class StoreData:
     @property
     def empty(self) -> bool:
         return len(self.cells) == 0
+
+    @property
+    def evidence(self) -> dict:
+        """The store's ``evidence`` attribute, or for a store written before it existed the kind its
+        family declares for its params (:func:`infer_evidence`)."""
+        ev = self.attrs.get("evidence")
+        return dict(ev) if ev else infer_evidence(self.family, self.params)
+
+    def cell_evidence(self) -> pd.DataFrame:
+        """Per trusted cell (rows of ``cells``): columns ``statement`` and ``context`` of its evidence kind;
+        ``unknown`` where the declaration does not cover the cell."""
+        ev = self.evidence
+        n = len(self.cells)
+        if "by" not in ev:
+            return pd.DataFrame({"statement": [ev.get("statement", "unknown")] * n,
+                                 "context": [ev.get("context", "unknown")] * n})
+        vals = self.cells[ev["by"]].astype(str) if ev["by"] in self.cells else pd.Series(["?"] * n)
+        kinds = [ev["values"].get(v, UNKNOWN_EVIDENCE) for v in vals]
+        return pd.DataFrame({"statement": [k["statement"] for k in kinds], "context": [k["context"] for k in kinds]})
+
+    @property
+    def statement(self) -> str:
+        """The one bias statement of every cell (``none``, ``theta``, ``theta2``), ``mixed`` when the cells
+        differ, ``unknown`` when not declared."""
+        s = set(self.cell_evidence()["statement"]) or {self.evidence.get("statement", "unknown")}
+        return s.pop() if len(s) == 1 else "mixed"
 
     def tidy(self, name: str) -> pd.DataFrame:
         """Long table of one array: one row per (cell, *dims) with the cell coords and dim labels."""
@@ -136,6 +169,24 @@ class SweepData:
 
     def problems(self) -> pd.DataFrame:
         return self.coverage[self.coverage["status"] != "done"].reset_index(drop=True)
+
+
+def infer_evidence(family: str, params: dict) -> dict:
+    """The evidence kind a store of ``family`` with these stored ``params`` has: the family's own
+    :meth:`~bayesflip.experiments.base.Family.evidence` of the params (keys the Params no longer know
+    are dropped); ``UNKNOWN_EVIDENCE`` for an unknown family, one that declares none, or params that
+    do not validate (logged)."""
+    from ..experiments import family_names, get_family
+
+    if family not in family_names():
+        return dict(UNKNOWN_EVIDENCE)
+    fam = get_family(family)
+    try:
+        p = fam.Params(**{k: v for k, v in params.items() if k in fam.Params.model_fields})
+    except ValueError as e:   # pydantic's ValidationError: the kind stays unknown, no prior uses the store
+        log.warning("family %s: stored params do not validate (%s); evidence kind unknown", family, e)
+        return dict(UNKNOWN_EVIDENCE)
+    return fam.evidence(p) or dict(UNKNOWN_EVIDENCE)
 
 
 def _cov(exp, model, family, shard, lo, hi, status, error, store) -> dict:

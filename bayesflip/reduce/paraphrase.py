@@ -8,7 +8,13 @@ Per store (experiment × model) and paraphrase i (no evidence in context):
   ``std_i p_i(c) = sqrt(Σ_i (p_i(c) − mean)² / (n − 1))`` over the n paraphrases (coin: c = heads;
   die: every face), with min / median / max;
 * ``std_paper`` = the population std (ddof = 0, the coin-flip paper's ``np.std``) over the same paraphrases;
-* ``TVD(mean, uniform) = ½ Σ_c |mean_c − 1/K|``: how far the average prior is from fair.
+* ``TVD(mean, uniform) = ½ Σ_c |mean_c − 1/K|``: how far the average prior is from fair;
+* ``on_choice_mass`` = mean ``Σ_c exp(logprob_c)``; below ``LOW_MASS`` (10 %) the row is flagged
+  (``low_on_choice_mass``): the renormalised probability rests on little mass.
+
+Only cells whose evidence kind (:meth:`StoreData.cell_evidence`) is statement-free and
+context-free (``statement: none``, ``context: none`` — every cell this family writes) enter a
+prior; any other cell is left out and named in the report.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pandas as pd
 from .. import bayes
 from ..engine import choice_distribution
 from . import figures as F
-from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
+from .base import LOW_MASS, Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
 
 
@@ -27,12 +33,19 @@ def _labels(st: StoreData, k: int) -> list[str]:
     return [str(x).strip() for x in st.labels.get("choice", range(k))]
 
 
+def prior_cells(st: StoreData) -> np.ndarray:
+    """(C,) bool: the cells that are statement-free and context-free (the only ones a prior uses)."""
+    ev = st.cell_evidence()
+    return ((ev["statement"] == "none") & (ev["context"] == "none")).to_numpy()
+
+
 def _cell_table(st: StoreData) -> pd.DataFrame:
-    """Long: one row per (paraphrase, choice)."""
-    probs, off = choice_distribution(st.arrays["logprobs"])
+    """Long: one row per (paraphrase, choice) of the statement-free, context-free cells."""
+    keep = prior_cells(st)
+    probs, off = choice_distribution(st.arrays["logprobs"][keep])
     labels = _labels(st, probs.shape[1])
     n, k = probs.shape
-    cells = st.cells
+    cells = st.cells[keep]
     return pd.DataFrame({
         "experiment": st.experiment, "model": st.model, "protocol": str(st.params.get("protocol", "clean")),
         "process": str(st.params.get("process", "coin")),
@@ -46,10 +59,11 @@ def _prior_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Per (experiment, model, process, choice): mean, sample std (ddof = 1), min, median, max over paraphrases."""
     by = ["experiment", "model", "protocol", "process", "choice"]
     g = cells.groupby(by, sort=False)["p"]
+    off = cells.groupby(by, sort=False)["off_choice_mass"].mean()
     out = pd.DataFrame({"p_mean": g.mean(), "p_std": g.std(ddof=1), "p_std_paper": g.std(ddof=0), "p_min": g.min(),
                         "p_median": g.median(),
-                        "p_max": g.max(), "off_choice_mass": cells.groupby(by, sort=False)["off_choice_mass"].mean(),
-                        "n_paraphrases": g.size()}).reset_index()
+                        "p_max": g.max(), "off_choice_mass": off, "on_choice_mass": 1.0 - off,
+                        "low_on_choice_mass": (1.0 - off) < LOW_MASS, "n_paraphrases": g.size()}).reset_index()
     return out
 
 
@@ -72,8 +86,11 @@ def _extremes(cells: pd.DataFrame, n: int = 3) -> pd.DataFrame:
         parts.append(pd.concat([hi, lo.iloc[::-1]]))
     if not parts:
         return pd.DataFrame()
-    return pd.concat(parts)[["experiment", "model", "rank", "paraphrase", "text", "p"]].rename(
-        columns={"p": "P(heads)"}).reset_index(drop=True)
+    out = pd.concat(parts)
+    out["on_choice_mass"] = 1.0 - out["off_choice_mass"]
+    out["low_on_choice_mass"] = out["on_choice_mass"] < LOW_MASS
+    cols = ["experiment", "model", "rank", "paraphrase", "text", "p", "on_choice_mass", "low_on_choice_mass"]
+    return out[cols].rename(columns={"p": "P(heads)"}).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -147,6 +164,8 @@ def _models_summary(prior: pd.DataFrame) -> dict:
 
 @register_reducer("paraphrase")
 def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
+    left_out = {f"{st.experiment} ({st.model}): {int((~prior_cells(st)).sum())} cells"
+                for st in inp.stores if not prior_cells(st).all()}
     cells = pd.concat([_cell_table(st) for st in inp.stores], ignore_index=True)
     prior = _prior_table(cells)
     unif = _uniform_tvd(prior)
@@ -160,10 +179,14 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
     ext = _extremes(cells)
     blocks = [
         Heading("Prior over prompt paraphrases (family B)"),
-        Text("Every paraphrase i of the query is scored with no evidence; `p_i = softmax(logprobs_i)`. The prior is "
-             "reported as the mean over paraphrases ± the sample standard deviation "
-             "`sqrt(Σ_i (p_i − mean)² / (n − 1))`; unlike the ICL position-0 prior above (one prompt), this "
-             "spread is the model's sensitivity to the wording of the question."),
+        Text("Every paraphrase i of the query is scored with no statement and nothing else in context; "
+             "`p_i = softmax(logprobs_i)`. The prior is reported as the mean over paraphrases ± the sample standard "
+             "deviation `sqrt(Σ_i (p_i − mean)² / (n − 1))`; the prompts differ, so this spread is the model's "
+             "sensitivity to the wording of the question, not numerical noise. `on_choice_mass` = the probability the "
+             f"choices get before renormalising; below {LOW_MASS:.0%} (`low_on_choice_mass`) the renormalised "
+             "probability rests on little mass."
+             + (f" Left out (not statement-free and context-free): {'; '.join(sorted(left_out))}."
+                if left_out else "")),
     ]
     if len(coin):
         blocks.append(Table(coin.drop(columns=["process", "choice"]).rename(
@@ -176,9 +199,22 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
                                sort=False)
         wide.columns = [f"{'mean' if a == 'p_mean' else 'std'} {c}" for a, c in wide.columns]
         blocks.append(Table(wide.reset_index(), "Die: P(face) mean and std over paraphrases."))
+    low = prior[prior["low_on_choice_mass"]].drop_duplicates(["experiment", "model"])
+    if len(low):
+        blocks.append(Text("Flagged: the mean prior of " + ", ".join(
+            f"`{e}` ({m}, on-choice mass {v:.3g})" for e, m, v in zip(low["experiment"], low["model"],
+                                                                      low["on_choice_mass"]))
+            + f" comes from an on-choice mass below {LOW_MASS:.0%}."))
     blocks.append(Table(unif, "TVD between the mean prior over paraphrases and the uniform distribution."))
     if len(ext):
         blocks.append(Table(ext, "The paraphrases with the highest and lowest P(heads)."))
+        low_ext = ext[ext["low_on_choice_mass"]]
+        if len(low_ext):
+            blocks.append(Text("Flagged: " + ", ".join(
+                f"`{e}` paraphrase {q} ({m}: P(heads) {ph:.3g}, on-choice mass {v:.3g})"
+                for e, m, q, ph, v in zip(low_ext["experiment"], low_ext["model"], low_ext["paraphrase"],
+                                          low_ext["P(heads)"], low_ext["on_choice_mass"]))
+                + f" — a P(heads) renormalised from an on-choice mass below {LOW_MASS:.0%}."))
     blocks += figs
     return ReducedFamily(
         tables={"paraphrase_cells": cells, "paraphrase_prior": prior, "paraphrase_uniform_tvd": unif},
