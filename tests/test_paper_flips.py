@@ -208,8 +208,9 @@ MODEL = "synthetic-model"
 
 
 def test_reduce_paper_tvd_reads_position_n_of_the_n_cell(tmp_path):
+    # statement: none, so that the prior fit (statement-free evidence only) reads these curves too
     prm = {"protocol": "paper", "process": "coin", "thetas": [0.2, 0.7], "flips": "random_choices",
-           "read_ns": [0, 1, 3, 10], "n_flips": 10, "samples": 1,
+           "read_ns": [0, 1, 3, 10], "n_flips": 10, "samples": 1, "statement": "none",
            "queries": ["I tossed a coin and it landed on ", "The coin fell on "], "instruct_prompts": ["Toss: "]}
     st, fam, p, cells = synthetic_store(tmp_path, "syn", "icl_v2", "icl", prm, 5, 42, MODEL)
     P = p.n_flips + 1
