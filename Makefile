@@ -15,7 +15,7 @@ ARGS       ?=
 help:
 	@echo "make install            virtualenv .venv with everything pinned (idempotent)"
 	@echo "make test               all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
-	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report path"
+	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report paths (.md, .html)"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
 	@echo "make gpu-check          on a fresh GPU node (< 5 min, no downloads): engine contract + throughput -> results/gpu_check/gpu_check.json, planner calibration -> \$$BAYESFLIP_CACHE/throughput/gpu-small.json [ARGS='--tiny --device cpu']"
 	@echo "make submit MODEL_TYPE=std EXP=paper [ARGS='--partition gpu --time 120']"

@@ -143,6 +143,12 @@ def cmd_prompts(args) -> int:
     return prompts_cli(args)
 
 
+def cmd_published(args) -> int:
+    from .reduce.published_values import check_cli, list_cli
+
+    return check_cli(args.check) if args.check else list_cli()
+
+
 def cmd_migrate(args) -> int:
     from .migrate import migrate_sweep
 
@@ -217,6 +223,12 @@ def add_commands(sub) -> None:
     p.add_argument("--results-dir", default=None)
     p.add_argument("--out", default=None, help="output dir (default results/<sweep>/reduce)")
     p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("published", help="the studies' published values and their sources "
+                                         "(--check: recompute them from a checkout of the original repository)")
+    p.add_argument("--check", default=None, metavar="CHECKOUT",
+                   help="a checkout of rcorona/llm-coin-flips: recompute every value, exit 1 listing mismatches")
+    p.set_defaults(func=cmd_published)
 
     p = sub.add_parser("migrate", help="rewrite a sweep's stores of the older coords/+labels/ layout in place so "
                                        "xarray reads them labelled (data chunks and records untouched)")

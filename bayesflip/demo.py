@@ -4,7 +4,8 @@ end to end on smollm2-135m-instruct, then reduce + report.
 Runs the sweep through :func:`bayesflip.commands.cmd_debug` (plan, then every pending shard
 in-process: the same code path as ``bayesflip debug`` and the cluster jobs; completed shards
 are skipped, ``--overwrite`` recomputes), then :func:`bayesflip.reduce.reduce_sweep`, and
-prints the absolute path of the report.
+prints the absolute paths of the report: ``report.md`` and ``report.html`` (standalone, figures
+embedded; open it in a browser).
 """
 
 from __future__ import annotations
@@ -30,5 +31,6 @@ def demo_cli(args) -> int:
     t2 = time.time()
     print(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
           + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))
-    print(report.resolve())
+    print(f"report: {report.resolve()}")
+    print(f"html:   {report.with_suffix('.html').resolve()}")
     return rc

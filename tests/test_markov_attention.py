@@ -178,6 +178,75 @@ def test_attention_family_masses_and_logprobs(smol):
     assert np.allclose(out["p_true"], 0.5)
 
 
+def _eager_per_key_max(lm, ids):
+    """get_attention_weight_icl.py's numbers, with no engine code: the attentions of the prompt's forward
+    (its generate(max_new_tokens=1) step), max over heads, then over layers, at the last query: (T,)."""
+    m = getattr(lm.model, "module", lm.model)
+    before = m.config._attn_implementation
+    m.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = m(torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        m.set_attn_implementation(before)
+    return torch.stack([a[0, :, -1, :].float().amax(0) for a in att]).amax(0).numpy()
+
+
+@pytest.mark.integration
+def test_attention_paper_reads_the_original_raw_prompt(smol):
+    """paper on an instruct model: raw text (no chat template), each read = the prefix + two spaces
+    (the original's f"{input_prompt[0]} " of a prompt ending "then "), last token 'ĠĠ'; attn_max equals
+    the per-token max over heads then layers of a plain forward of tokenizer.encode(that text)."""
+    tok = smol.tokenizer
+    fam = get_family("attention")
+    p = load_experiment("paper_attention_coin", {"params": {"thetas": [0.3], "n_flips": 5}}).params
+    assert p.variant == "base" and p.read_suffix == "  " and p.layer_sets == {"all": (0.0, 1.0)}
+    fam.validate(p, tok, "instruct")
+    cells = fam.cells(p)
+    assert len(cells) == 1
+    ctx = _ctx(smol, seed=1101)
+    o = fam.sample_outcomes(p, cells[0], ctx.seed)
+    words = [("heads", "tails")[k] for k in o]
+
+    def original(n):  # the study's prompt for n flips: query + "heads, then tails, then " ... + " "
+        return p.queries[0] + "".join(f"{w}, then " for w in words[:n]) + " "
+
+    listed = [r for r in fam.render(p, cells, tok, "instruct", ctx.seed) if r.cell["read"] == "attention"]
+    assert [r.cell["n"] for r in listed] == [0, 1, 3, 5]
+    for r in listed:
+        assert r.text == original(r.cell["n"]) and r.text.endswith("  ") and "<|im_start|>" not in r.text
+        assert tok.convert_ids_to_tokens(tok.encode(r.text))[-1] == "\u0120\u0120"       # 'ĠĠ'
+        assert r.choices is None
+    out = fam.run(p, cells, ctx)
+    g = {name: i for i, name in enumerate(fam.coords(p)["group"])}
+    amax, amax_o = out["attn_max"][0, 0].astype(np.float64), out["attn_max_outcome"][0, 0].astype(np.float64)
+    for n in (0, 3, 5):
+        ids = tok.encode(original(n))
+        per_key = _eager_per_key_max(smol, ids)
+        toks = tok.convert_ids_to_tokens(ids)
+        outcome = [i for i, t in enumerate(toks) if t in ("\u0120heads", "\u0120tails")]
+        assert len(outcome) == n
+        assert amax[n, g["outcomes"]] == pytest.approx(per_key[outcome].sum(), abs=1e-5)
+        assert amax[n, g["prompt"]] == pytest.approx(per_key[:8].sum(), abs=1e-5)        # "I tossed … landed on"
+        assert amax[n, g["separators"]] == pytest.approx(per_key.sum() - per_key[:8].sum() - per_key[outcome].sum(),
+                                                         abs=1e-5)                        # ", then" … + 'ĠĠ'
+        for j, i in enumerate(outcome):
+            assert amax_o[n, j] == pytest.approx(per_key[i], abs=1e-5)
+    # the choice log-probs stay the ICL read at the separator (no suffix)
+    assert np.abs(out["logprobs"] - get_family("icl").run(p, cells, ctx)["logprobs"]).max() < 1e-5
+    # the chat rendering stays available explicitly
+    pc = load_experiment("paper_attention_coin", {"params": {"variant": "instruct", "n_flips": 5}}).params
+    r = fam.render(pc, fam.cells(pc)[:1], tok, "instruct", 0)[0]
+    assert r.text.startswith("<|im_start|>") and r.text.endswith("landed on  ")
+
+
+def test_attention_read_suffix_must_tokenize_apart(tiny):
+    fam = get_family("attention")
+    p = load_experiment("paper_attention_coin", {"params": {"read_suffix": "ly"}}).params   # "on" + "ly" merges
+    with pytest.raises(ConfigError, match=r"params\.read_suffix"):
+        fam.validate(p, tiny.tokenizer, "std")
+
+
 def test_markov_clean_render_is_the_scored_sequence(tiny):
     from bayesflip.experiments.seq import build_curve
     from bayesflip.prompts import encode_text

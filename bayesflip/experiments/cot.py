@@ -30,20 +30,26 @@ Arrays per cell: ``logprobs`` (choice,) summed choice log-probs after the CoT pr
 distribution (coin [b, 1−b]; die b on ``face``, (1−b)/5 elsewhere; NaN without needle),
 ``cot`` (the text R), ``cot_tokens``, ``stopped``.
 
-**protocol: paper** (coin; the coin-flip study's ``cot_sample.py`` and
-``configs/exps/contextual/coin_flip_cot_*.yaml``, ``coin_flip_in_context.yaml``). Needle N =
-``When I flip coins they land on heads {b}% of the time.`` (instruct: ``When you flip coins, they
-land on heads {b}% of the time.``), cue C = ``Let’s think about what this means for my distribution
-of coin flips, `` (typographic apostrophe U+2019, trailing space), Q = ``I tossed a coin and it
-landed on `` and choices `` heads``/`` tails``; ``W(x)`` = ``' '.join(x.split())``. ``reasoning``:
+**protocol: paper** (coin; the coin-flip study's ``cot_sample.py``, ``token_prob_experiments.py``
+and ``configs/exps/contextual/coin_flip_cot_*.yaml``, ``coin_flip_in_context.yaml``). Needle N =
+``When I flip coins they land on heads {b}% of the time.``, cue C = ``Let’s think about what this
+means for my distribution of coin flips, `` (typographic apostrophe U+2019, trailing space); with the
+chat template (instruct models) both take the study's second-person form of its stored instruct runs
+(``exps/contextual/coin_flip/cot/*-Instruct``, ``cot_in_context_prompt/``): N = ``When you flip coins,
+they land on heads {b}% of the time.``, C = ``Let’s think about what this means for your distribution
+of coin flips, `` — in every variant. Q = ``I tossed a coin and it landed on `` and choices
+`` heads``/`` tails``; ``W(x)`` = ``' '.join(x.split())``. ``reasoning``:
 
 * ``sampled``: generate R from ``N + " " + C`` (base; instruct: user ``W(N + " " + I)``, prefill C,
   I = ``Please toss a coin and tell me whether it landed on head or tails.``), ``max_new_tokens``
   20, greedy (``temperature: 0``), no stop but EOS / end of turn; score after ``W(N + " " + C + R +
   " " + Q)`` (instruct: prefill ``W(C + R + " " + Q)``);
 * ``hard_coded``: R is the fixed reasoning of bias b (``hard_coded``, one entry per bias, default
-  the study's texts), scored after ``W(N + " " + C + R + " " + Q)`` (instruct: user
-  ``W(N + " " + C + R + " " + I)``, prefill ``W(Q)``); nothing is generated;
+  bayesflip's own texts ``set:cot_hard_coded``; ``file:<path>`` runs the study's), scored after
+  ``W(N + " " + C + R + " " + Q)`` (instruct: user ``W(N + " " + C + R + " " + I)``, prefill ``W(Q)`` —
+  the layout of ``token_prob_experiments.py``'s contextless prompt, which wrote the stored runs with
+  N + " " + C + R as the "bias needle"; their instruct prompt I is in no committed config); nothing
+  is generated;
 * ``few_shot``: scored after ``FEW_SHOT + "Premise: " + N + "\n" + Q`` with the two worked
   ``Premise: … Reasoning: …`` examples of ``coin_flip_in_context.yaml`` (instruct: user
   ``FEW_SHOT + "Premise: " + N + "\n" + I``, prefill ``W(Q)``); nothing is generated.
@@ -88,6 +94,7 @@ SPECS = {
 NO_NEEDLE = -1
 
 PAPER_CUE = "Let\u2019s think about what this means for my distribution of coin flips, "
+PAPER_CUE_INSTRUCT = "Let\u2019s think about what this means for your distribution of coin flips, "
 PAPER_NEEDLE = "When I flip coins they land on heads {b}% of the time."
 PAPER_NEEDLE_INSTRUCT = "When you flip coins, they land on heads {b}% of the time."
 PAPER_QUERY = "I tossed a coin and it landed on "
@@ -154,8 +161,13 @@ class CoTFamily(Family):
         return use_chat(p.variant, model_kind)
 
     @staticmethod
-    def cue(p: CoTParams) -> str:
-        return p.cue if p.cue is not None else (PAPER_CUE if p.protocol == "paper" else CLEAN_CUE)
+    def cue(p: CoTParams, chat: bool = False) -> str:
+        """The CoT cue; paper: the study's "my" form, its "your" form with the chat template."""
+        if p.cue is not None:
+            return p.cue
+        if p.protocol == "paper":
+            return PAPER_CUE_INSTRUCT if chat else PAPER_CUE
+        return CLEAN_CUE
 
     @staticmethod
     def generates(p: CoTParams) -> bool:
@@ -178,7 +190,7 @@ class CoTFamily(Family):
         if p.needle is not None:
             tpl = p.needle
         elif p.protocol == "paper":
-            tpl = PAPER_NEEDLE_INSTRUCT if chat and p.reasoning != "hard_coded" else PAPER_NEEDLE
+            tpl = PAPER_NEEDLE_INSTRUCT if chat else PAPER_NEEDLE
         else:
             tpl = self.spec(p)["needle"]
         return tpl.format(b=cell["bias"], face=cell.get("face", ""))
@@ -203,7 +215,7 @@ class CoTFamily(Family):
         if p.protocol == "paper":
             n = normalize_ws(self.needle_text(p, cell, chat))
             if chat:
-                return Prompt(text=self.cue(p), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
+                return Prompt(text=self.cue(p, chat), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
             return Prompt(text=f"{n} {self.cue(p)}" if n else self.cue(p))
         head = _join(self.needle_text(p, cell), self.task_text(p, chat), self.cue(p))
         return Prompt(text="", messages=(("user", head),)) if chat else Prompt(text=head)
@@ -212,7 +224,7 @@ class CoTFamily(Family):
         """The scored prompt after the reasoning (paper: per ``p.reasoning``; ``reasoning`` is R when sampled)."""
         if p.protocol == "paper":
             chat = self.chat(p, model_kind)
-            n, q, task, cue = self.needle_text(p, cell, chat), self.query_text(p), self.task_text(p, chat), self.cue(p)
+            n, q, task, cue = self.needle_text(p, cell, chat), self.query_text(p), self.task_text(p, chat), self.cue(p, chat)
             if p.reasoning == "few_shot":
                 ctx = f"{PAPER_FEW_SHOT}Premise: {n}\n"
                 return (Prompt(text=normalize_ws(q), messages=(("user", ctx + task),)) if chat

@@ -33,28 +33,41 @@ stored array); the trajectory length is fixed. Besides ``kinds``, cells come fro
 * ``named``: matrices of the coin-flip study's ``configs/exps/mdp`` (:data:`NAMED`: ``uniform_mdp``,
   ``simple_mdp``, ``all_hard_states``, ``last_hard_state``), kind ``named``;
 * ``non_uniformity``: the study's sweep u ∈ [0, 1] (``analysis/explore_mdp.ipynb``):
-  ``M = clip(1/S + U(−1, 1)·u, 0) `` row-normalised, one matrix per u seeded by the experiment seed
-  (the study's own draws were unseeded), kind ``non_uniform``, name ``non_uniform_{u:.1f}``;
+  ``M = clip(1/S + U(−1, 1)·u, 0)`` row-normalised, kind ``non_uniform``, name ``non_uniform_{u:.1f}``.
+  ``matrices`` says where the U(−1, 1) draws come from:
+
+  - ``seeded`` (clean default): one ``default_rng`` per u, seeded by the experiment seed;
+  - ``paper`` (paper default): the study's own seeded process, :func:`paper_non_uniform_matrices` —
+    ``np.random.seed(412415)``, then one 4×4 draw per u = ``np.arange(0.1, 1.1, 0.1)`` in that order
+    (u = 0 is the uniform matrix); this equals the committed ``configs/exps/mdp/non_uniform_mdp_*.yaml``
+    bit for bit. Only u ∈ {0.0, 0.1, …, 1.0} and 4 states;
 * ``custom``: ``{name: S×S rows}`` from the config (rows must sum to 1), kind ``custom``.
 
 ``init: start`` starts every trajectory in state ``start_state`` (1-based), as the study did.
+
+``trajectories`` says where the states come from: ``cell`` (default) draws each cell's trajectory
+from its own seed (:func:`sample_trajectory`); ``paper`` reproduces ``mdp.py`` (needs ``init: start``):
+``np.random.seed(42)`` once per matrix, then trajectory k = 0, 1, … starts at ``start_state`` and draws
+``n_steps − 1`` next states with ``np.random.choice(states, p=P[x])`` — one ``random_sample()`` each,
+inverse CDF on ``cumsum(p) / cumsum(p)[-1]`` (:func:`paper_trajectories`); sample k is trajectory k.
 
 **protocol: paper** (``mdp.py``): states are the raw digit tokens ``1``..``S`` (the last token of
 ``tokenizer.tokenize(str(state))``, as the original), the sequence is ``[BOS] x_0 x_1 … x_{N−1}``
 with no text, no separator and no chat template (EOS stands in for a tokenizer without BOS); the
 read at position i is the logit row after BOS + i states, so ``logprobs`` keeps its (N+1, S) shape.
 Paper defaults (when the config leaves the key out): ``named`` all four, ``non_uniformity``
-0.0..1.0 step 0.1, ``kinds: []``, ``init: start``, ``start_state: 1``, ``n_steps: 1000``,
-``samples: 1000``.
+0.0..1.0 step 0.1, ``matrices: paper``, ``kinds: []``, ``init: start``, ``start_state: 1``,
+``n_steps: 1000``, ``samples: 1000``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Annotated, ClassVar, Literal, Optional
 
 import numpy as np
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ..engine import CurveRequest
 from ..errors import ConfigError
@@ -87,7 +100,10 @@ NAMED: dict[str, list[list[float]]] = {
     "all_hard_states": [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]],
     "last_hard_state": [[0.1, 0.1, 0.1, 0.7]] * 4,
 }
-PAPER_DEFAULTS = {"kinds": [], "named": list(NAMED), "non_uniformity": [round(0.1 * i, 1) for i in range(11)],
+PAPER_U = [round(0.1 * i, 1) for i in range(11)]
+PAPER_MATRIX_SEED = 412415     # analysis/explore_mdp.ipynb: np.random.seed(412415) before the u sweep
+PAPER_TRAJECTORY_SEED = 42     # mdp.py: --seed default, np.random.seed(args.seed)
+PAPER_DEFAULTS = {"kinds": [], "named": list(NAMED), "non_uniformity": list(PAPER_U), "matrices": "paper",
                   "states": ["1", "2", "3", "4"], "init": "start", "start_state": 1, "n_steps": 1000,
                   "samples": 1000}
 
@@ -97,6 +113,7 @@ class MarkovParams(Params):
     kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))
     named: list[Literal["uniform_mdp", "simple_mdp", "all_hard_states", "last_hard_state"]] = Field(
         default_factory=list)
+    matrices: Literal["seeded", "paper"] = "seeded"     # where the non-uniform matrices' draws come from
     non_uniformity: list[Prob] = Field(default_factory=list)
     custom: dict[str, list[list[float]]] = Field(default_factory=dict)
     start_state: int = Field(1, ge=1)
@@ -105,6 +122,7 @@ class MarkovParams(Params):
     dirichlet_alpha: float = Field(1.0, gt=0.0)
     random_matrices: int = Field(3, ge=1)
     init: Literal["stationary", "uniform", "start"] = "stationary"
+    trajectories: Literal["cell", "paper"] = "cell"     # per-cell seeds, or mdp.py's seed-42 sequence
     n_steps: int = Field(100, ge=1, le=4000)
     samples: int = Field(10, ge=1)
     separator: str = ","
@@ -121,12 +139,73 @@ class MarkovParams(Params):
                              "(allowed: at least one of them non-empty)")
         return self
 
+    @field_validator("non_uniformity")
+    @classmethod
+    def _paper_u(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        if info.data.get("matrices") == "paper":
+            bad = [u for u in v if not any(abs(u - w) < 1e-9 for w in PAPER_U)]
+            if bad:
+                raise ValueError(f"matrices 'paper' has the study's u values only, not {bad[0]} "
+                                 f"(allowed: {', '.join(map(str, PAPER_U))}; or matrices: seeded)")
+        return v
 
-def non_uniform_matrix(n_states: int, u: float, rng: np.random.Generator) -> np.ndarray:
-    """The study's non-uniformity sweep: ``clip(1/S + U(−1, 1)·u, 0)``, rows renormalised (a zero row → uniform)."""
+    @field_validator("trajectories")
+    @classmethod
+    def _paper_start(cls, v: str, info: ValidationInfo) -> str:
+        if v == "paper" and info.data.get("init") != "start":
+            raise ValueError(f"trajectories 'paper' start every trajectory in start_state as mdp.py did, not "
+                             f"init {info.data.get('init')!r} (allowed with trajectories paper: init start)")
+        return v
+
+
+def non_uniform_matrix(n_states: int, u: float, rng) -> np.ndarray:
+    """The study's non-uniformity sweep: ``clip(1/S + U(−1, 1)·u, 0)``, rows renormalised (a zero row → uniform);
+    ``rng``: a ``numpy.random.Generator`` or a legacy ``RandomState`` (one ``uniform(−1, 1, (S, S))`` draw)."""
     m = np.maximum(np.full((n_states, n_states), 1.0 / n_states) + rng.uniform(-1, 1, (n_states, n_states)) * u, 0)
     s = m.sum(axis=1, keepdims=True)
     return np.where(s > 0, m / np.where(s > 0, s, 1), 1.0 / n_states)
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_non_uniform() -> dict[float, np.ndarray]:
+    rs = np.random.RandomState(PAPER_MATRIX_SEED)
+    out = {0.0: np.full((4, 4), 0.25)}
+    for u in np.arange(0.1, 1.1, 0.1):  # the notebook's factors, e.g. 0.30000000000000004, in this order
+        out[round(float(u), 1)] = non_uniform_matrix(4, float(u), rs)
+    return out
+
+
+def paper_non_uniform_matrices() -> dict[float, np.ndarray]:
+    """The coin-flip study's non-uniform matrices, regenerated by its seeded process
+    (``analysis/explore_mdp.ipynb``, cell "Create non-uniform data"): ``np.random.seed(412415)``, then for
+    u = ``np.arange(0.1, 1.1, 0.1)`` in order ``M_u = clip(1/4 + U(−1, 1)^{4×4}·u, 0)``, rows divided by
+    their sums; u = 0 is the uniform matrix (``non_uniform_mdp_0.0.yaml``). Keys: u rounded to 0.1.
+    Equals the committed ``configs/exps/mdp/non_uniform_mdp_{u}.yaml`` exactly (tests)."""
+    return {u: m.copy() for u, m in _paper_non_uniform().items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _paper_trajectories(m_bytes: bytes, n_states: int, start: int, n_steps: int, n_traj: int) -> np.ndarray:
+    m = np.frombuffer(m_bytes, dtype=np.float64).reshape(n_states, n_states)
+    u = np.random.RandomState(PAPER_TRAJECTORY_SEED).random_sample((n_traj, n_steps - 1))
+    cdf = np.cumsum(m, axis=1)
+    cdf /= cdf[:, -1:]
+    x = np.empty((n_traj, n_steps), dtype=np.int32)
+    x[:, 0] = start
+    for t in range(1, n_steps):  # searchsorted(cdf, u, side="right") = #{cdf ≤ u}
+        x[:, t] = (cdf[x[:, t - 1]] <= u[:, t - 1, None]).sum(axis=1)
+    x.setflags(write=False)
+    return x
+
+
+def paper_trajectories(m: np.ndarray, start: int, n_steps: int, n_traj: int) -> np.ndarray:
+    """(n_traj, n_steps) state indices as ``mdp.py`` drew them for one matrix (one process per config):
+    ``np.random.seed(42)``; per trajectory ``x_0 = start``, then ``n_steps − 1`` times
+    ``x_t = np.random.choice(states, p=m[x_{t−1}])``, i.e. one ``random_sample()`` u per draw and
+    ``x_t = searchsorted(c, u, side="right")`` with ``c = cumsum(p) / cumsum(p)[-1]``. Trajectory k uses
+    draws k·(n_steps − 1) … (k+1)·(n_steps − 1) − 1 of the stream."""
+    m = np.ascontiguousarray(m, dtype=np.float64)
+    return _paper_trajectories(m.tobytes(), m.shape[0], int(start), int(n_steps), int(n_traj)).copy()
 
 
 def transition_matrix(kind: str, n_states: int, sticky_prob: float = 0.7, alpha: float = 1.0,
@@ -236,6 +315,9 @@ class MarkovFamily(Family):
         if p.named and S != 4:
             raise ConfigError("params.named", f"the study's matrices have 4 states, params.states has {S}",
                               allowed=["4 states"])
+        if p.matrices == "paper" and p.non_uniformity and S != 4:
+            raise ConfigError("params.matrices", f"the study's non-uniform matrices have 4 states, params.states "
+                              f"has {S}", allowed=["seeded", "paper with 4 states"])
         for nm, rows in p.custom.items():
             m = np.asarray(rows, dtype=float)
             if m.shape != (S, S) or (m < 0).any() or not np.allclose(m.sum(1), 1.0, atol=1e-6):
@@ -256,6 +338,8 @@ class MarkovFamily(Family):
             return np.asarray(p.custom[nm], dtype=float)
         if kind == "non_uniform":
             u = float(nm.rsplit("_", 1)[1])
+            if p.matrices == "paper":
+                return paper_non_uniform_matrices()[round(u, 1)]
             return non_uniform_matrix(S, u, np.random.default_rng(cell_seed(seed, "markov-non-uniform", S, nm)))
         index = int(nm[len("random"):]) if kind == "random" else 0
         return transition_matrix(kind, S, p.sticky_prob, p.dirichlet_alpha,
@@ -270,6 +354,8 @@ class MarkovFamily(Family):
         """(matrix, initial distribution, states) of one cell."""
         m = self.matrix(p, cell, seed)
         init = self.init(p, m)
+        if p.trajectories == "paper":  # every sample of the matrix from the one seed-42 stream
+            return m, init, paper_trajectories(m, p.start_state - 1, p.n_steps, p.samples)[cell["sample"]]
         rng = np.random.default_rng(cell_seed(seed, "markov", p.init, sorted(cell.items())))
         return m, init, sample_trajectory(m, init, p.n_steps, rng)
 

@@ -55,8 +55,12 @@ def by_generation(cells: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _fig(inp: FamilyInput, exp: str, tab: pd.DataFrame) -> Figure:
+def _fig(inp: FamilyInput, exp: str, tab: pd.DataFrame) -> Figure | Text:
+    """The per-generation figure, or a sentence why there is none (fewer than two generations)."""
     d = tab[tab["experiment"] == exp]
+    why = F.too_few_generations(int(d["generation"].max()), exp)
+    if why:
+        return Text(why)
     models = sorted(d["model"].unique())
     fig, axes = F.grid(len(models) * len(FIG_METRICS), ncols=len(FIG_METRICS), sharey=False, squeeze_cols=False)
     for i, m in enumerate(models):
@@ -123,5 +127,6 @@ def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:
         Table(show, "First and last generation per filter (all generations in acronym_by_generation)."),
         *figs,
     ])
-    return ReducedFamily(tables={"acronym_by_generation": tab}, figures=[f.path for f in figs],
-                         summary={"models": summary}, sections=[sec])
+    return ReducedFamily(tables={"acronym_by_generation": tab},
+                         figures=[f.path for f in figs if isinstance(f, Figure)], summary={"models": summary},
+                         sections=[sec])

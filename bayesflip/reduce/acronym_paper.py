@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from . import figures as F
 from .base import Figure, FamilyInput, Section, Table, Text, mean_se_by
@@ -51,21 +50,30 @@ def by_generation(cells: pd.DataFrame) -> pd.DataFrame:
     return mean_se_by(cells, KEYS + ["generation"], METRICS)
 
 
-def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
+def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure | Text:
+    """The per-generation figure, or a sentence why there is none (fewer than two generations)."""
     d = tab[(tab["experiment"] == exp) & (tab["model"] == model)]
+    last = int(d["generation"].max())
+    why = F.too_few_generations(last, f"{exp}, {model}")
+    if why:
+        return Text(why)
     conds = list(dict.fromkeys(zip(d["bias_type"], d["m_easy"], d["temperature"])))
     cmap = F.plt.get_cmap("tab10")(np.arange(max(len(conds), 1)) % 10)
     fig, axes = F.grid(len(FIG_METRICS), ncols=2, sharey=False)
     for ax, (m, lab) in zip(axes, FIG_METRICS):
+        ax.set_title(lab, fontsize=9)
+        F.generation_axis(ax, last)
+        if not F.has_data(d[m]):
+            F.no_data(ax, "no data: no reply parsed" if m in ("prod_mean_rank", "n_parsed") else "no data")
+            continue
         for k, (b, me, t) in enumerate(conds):
             g = d[(d["bias_type"] == b) & (d["m_easy"] == me) & (d["temperature"] == t)].sort_values("generation")
             x, y, se = g["generation"].to_numpy(), g[m].to_numpy(), g[f"{m}_se"].to_numpy()
             ax.plot(x, y, color=cmap[k], lw=1.6, marker="o", ms=3, label=f"{b}, M_easy {me}, T={t:g}")
             if np.isfinite(se).any():
                 ax.fill_between(x, y - se, y + se, color=cmap[k], alpha=0.15, lw=0)
-        ax.set_title(lab, fontsize=9)
-        ax.set_xlabel("generation")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if m == "share_top":
+            ax.set_ylim(-0.02, 1.02)
     F.suptitle(fig, f"{exp} — {model}: the original acronym chains (protocol paper), mean ± s.e. over d⁰ seeds")
     rows = F.legend_below(fig, axes, ncol=2)
     return Figure(F.save(fig, inp.figures_dir, f"acronym_paper_{exp}_{model}", rows),
@@ -96,4 +104,5 @@ def section(inp: FamilyInput, stores: list[StoreData]) -> tuple[dict, list, dict
               "First (d⁰) and last generation per condition (all generations in acronym_paper_by_generation)."),
         *figs,
     ])
-    return {"acronym_paper_by_generation": tab, "acronym_paper_cells": cells}, [f.path for f in figs], summary, sec
+    return ({"acronym_paper_by_generation": tab, "acronym_paper_cells": cells},
+            [f.path for f in figs if isinstance(f, Figure)], summary, sec)

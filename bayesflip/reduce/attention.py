@@ -175,6 +175,22 @@ def _scatter_measures(d: pd.DataFrame) -> list[str]:
     return out or ms[:1]
 
 
+def corr_title(layer_set: str, c) -> str:
+    """Panel title: pooled r and ρ, then r within n and within (θ, n); an undefined r (constant side, fewer
+    than three points, one cell per θ) is left out and named."""
+    def r(v) -> str | None:
+        return None if v is None or not np.isfinite(v) else f"{v:.2f}"
+
+    first = [f"{k} = {v}" for k, v in (("r", r(c["pearson_r"])), ("ρ", r(c["spearman_rho"]))) if v is not None]
+    second = [f"{k}: r = {v}" for k, v in (("within n", r(c["within_pearson_r"])),
+                                            ("within θ, n", r(c["within_theta_pearson_r"]))) if v is not None]
+    undefined = [k for k, v in (("pooled", c["pearson_r"]), ("within n", c["within_pearson_r"]),
+                                ("within θ, n", c["within_theta_pearson_r"])) if r(v) is None]
+    if undefined:
+        second.append(f"{', '.join(undefined)}: undefined")
+    return f"{layer_set}: {', '.join(first) or 'r undefined'}\n{'; '.join(second)}"
+
+
 def _fig_scatter(inp: FamilyInput, exp: str, model: str, points: pd.DataFrame, corr: pd.DataFrame) -> Figure:
     d = points[(points["experiment"] == exp) & (points["model"] == model) & (points["position"] >= 1)]
     sets = list(dict.fromkeys(d["layer_set"]))
@@ -189,9 +205,7 @@ def _fig_scatter(inp: FamilyInput, exp: str, model: str, points: pd.DataFrame, c
             sc = ax.scatter(g[ms], g["error"], c=g["position"], cmap="viridis", vmin=1, vmax=vmax, s=7, alpha=0.7)
             c = corr[(corr["experiment"] == exp) & (corr["model"] == model) & (corr["layer_set"] == ls)
                      & (corr["measure"] == ms)].iloc[0]
-            ax.set_title(f"{ls}: r = {c['pearson_r']:.2f}, ρ = {c['spearman_rho']:.2f}\n"
-                         f"within n: r = {c['within_pearson_r']:.2f}; within θ, n: r = "
-                         f"{c['within_theta_pearson_r']:.2f}", fontsize=8)
+            ax.set_title(corr_title(ls, c), fontsize=8)
             ax.set_xlabel(f"mass on {ms}", fontsize=8)
         axes[i * len(sets)].set_ylabel("|p_model − Bayes (uniform)|", fontsize=8)
     h = fig.get_figheight()
@@ -211,7 +225,8 @@ def _fig_scatter(inp: FamilyInput, exp: str, model: str, points: pd.DataFrame, c
     return Figure(png, f"{exp}, {model}: each dot is one (cell, read position n ≥ 1); x = attention mass on the "
                        "key group, y = Bayesian error TVD(p_model, (1 + c) / (K + n)); colour = n. Titles: pooled "
                        "Pearson r and Spearman ρ, and Pearson r within position (position means removed) and within "
-                       "(θ, position).")
+                       "(θ, position); a correlation is 'undefined' when one side is constant, there are fewer than "
+                       "three points, or (within θ, n) each θ has a single cell.")
 
 
 # ---------------------------------------------------------------------------- reducer

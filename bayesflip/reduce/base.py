@@ -21,7 +21,8 @@ import pandas as pd
 from .load import StoreData
 
 # Modules of this package that are not family reducers.
-_INFRA = {"base", "load", "figures", "report", "pipeline", "overview", "published"}
+_INFRA = {"base", "load", "figures", "report", "pipeline", "overview", "published", "published_values",
+          "original_results", "findings"}
 
 
 # ---------------------------------------------------------------------------- report blocks

@@ -588,9 +588,9 @@ def reduce_chains(inp: FamilyInput) -> ReducedFamily:
              f"chain (`indistinguishable` when the three references are within `ref_separation` < {SEP_MIN} of each "
              "other; `margin` = second-best − best mean TVD, `best_clear` = margin > 2 × its bootstrap s.e.). "
              "A reference left out "
-             "(NaN, reason in the `note` column of chains_reference) is e.g. a filter that a learner could never "
-             "satisfy from some count. Bias amplification: `|m − ½| − |prior mean − ½|` (die: ½ → 1/K) with m "
-             "the LLM's mean over the "
+             "(shown as —, reason in the `note` column of chains_reference) is e.g. a filter that a learner "
+             "could never satisfy from some count. Bias amplification: `|m − ½| − |prior mean − ½|` "
+             "(die: ½ → 1/K) with m the LLM's mean over the "
              "last half of the generations (`amplification_llm`) or a reference's stationary mean; ≈ 0 for a "
              "sampler, > 0 for a MAP-like learner that drifts to the prior's mode."),
         Table(ptab, "Priors per model: fitted by the ICL reducer on statement-free ICL curves (icl), fitted to "

@@ -27,7 +27,7 @@ import pandas as pd
 from .. import bayes
 from ..engine import choice_distribution
 from . import figures as F
-from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, register_reducer
+from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, protocol_of, register_reducer
 from .load import StoreData
 from .poisson import fit_line
 
@@ -48,7 +48,9 @@ def sample_table(st: StoreData) -> pd.DataFrame:
     rows = np.arange(n)
     bias = c["bias"].to_numpy(dtype=np.int64)
     df = pd.DataFrame({
-        "experiment": st.experiment, "model": st.model, "process": process, "cell": c["cell"].to_numpy(),
+        "experiment": st.experiment, "model": st.model, "process": process,
+        "protocol": protocol_of(st), "reasoning": str(st.params.get("reasoning", "sampled")),
+        "cell": c["cell"].to_numpy(),
         "bias": bias, "face": pd.array(face if "face" in c else [pd.NA] * n, dtype="Int64"),
         "sample": c["sample"].to_numpy(),
         "stated": np.where(bias == NO_NEEDLE, np.nan, bias / 100.0),

@@ -11,6 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+MIN_GENERATIONS = 2  # per-generation figures need at least this many generations after generation 0
 
 # Reference curves look the same in every figure.
 REF_STYLE = {
@@ -50,6 +53,34 @@ def band(ax, x, values: np.ndarray, **style) -> None:
     (line,) = ax.plot(x, mean, **style)
     if v.shape[0] > 1:
         ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def too_few_generations(last_generation: int, what: str) -> str | None:
+    """Why a per-generation figure of ``what`` is not drawn (fewer than :data:`MIN_GENERATIONS` generations
+    after generation 0: a line between two points shows nothing the table does not), or None to draw it."""
+    if last_generation >= MIN_GENERATIONS:
+        return None
+    ran = "no generation" if last_generation < 1 else "one generation (0 → 1)"
+    return (f"No figure for {what}: the chains ran {ran}, which the table above shows in full; a per-generation "
+            f"figure needs at least {MIN_GENERATIONS} generations.")
+
+
+def generation_axis(ax, last_generation: int) -> None:
+    """x axis of a per-generation panel: integer ticks 0..last, the same limits whether or not data is drawn."""
+    ax.set_xlim(-0.25, last_generation + 0.25)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generation")
+
+
+def no_data(ax, why: str = "no data") -> None:
+    """Mark a panel that has nothing to draw: no y ticks, a grey note in its middle."""
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey", fontsize=9, wrap=True)
+
+
+def has_data(*arrays) -> bool:
+    """True when any of the arrays holds a finite value."""
+    return any(np.isfinite(np.asarray(a, dtype=float)).any() for a in arrays)
 
 
 def legend_below(fig, axes, ncol: int = 3) -> int:

@@ -852,7 +852,7 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
         prior_blocks.append(Text("No statement-free ICL curves in this sweep: no position-0 prior from ICL."))
     if len(fit_tab):
         prior_blocks.append(Table(fit_tab, "Priors fitted to each model's statement-free ICL curves (soft-label "
-                                           "maximum likelihood); NaN with a note where not measured."))
+                                           "maximum likelihood); — with a note where not measured."))
     sections = [
         Section("Priors", [*prior_blocks, *prior_figs]),
         Section("ICL learning curves", [

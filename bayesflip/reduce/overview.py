@@ -1,4 +1,7 @@
-"""The family-independent report sections: Overview (provenance), Coverage, Raw-data-only families."""
+"""The family-independent report sections: Coverage (short, near the top), Raw-data-only families, and the
+appendix with the provenance (models, experiments, config hashes, git commits, library versions, per-store coverage).
+
+Provenance values a store did not record are shown as "not recorded", never as ``None``."""
 
 from __future__ import annotations
 
@@ -6,6 +9,15 @@ import pandas as pd
 
 from .base import Section, Table, Text
 from .load import StoreData, SweepData
+
+
+_UNSET = {"None", "nan", ""}
+
+
+def _join(values: set[str]) -> str:
+    """Sorted recorded values joined by ", " ("not recorded" when none was)."""
+    vals = sorted(v for v in values if v not in _UNSET)
+    return ", ".join(vals) if vals else "not recorded"
 
 
 def provenance_tables(data: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -28,8 +40,7 @@ def provenance_tables(data: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
         versions.append(v)
 
     def flat(rows):
-        return pd.DataFrame([{k: ", ".join(sorted(v)) if isinstance(v, set) else v for k, v in r.items()}
-                             for r in rows])
+        return pd.DataFrame([{k: _join(v) if isinstance(v, set) else v for k, v in r.items()} for r in rows])
 
     vdf = pd.DataFrame(versions)
     if not vdf.empty:
@@ -38,39 +49,41 @@ def provenance_tables(data: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     return flat(models.values()), flat(exps.values()), vdf
 
 
-def overview_section(data: SweepData, reduce_commit: str, generated: str, families: dict[str, str]) -> Section:
+def provenance_section(data: SweepData, reduce_commit: str, generated: str, families: dict[str, str]) -> Section:
+    """Appendix: where the numbers come from (sweep, commit, models, experiments, versions, per-store coverage)."""
     mdf, edf, vdf = provenance_tables(data)
     fam = ", ".join(f"{f} ({st})" for f, st in sorted(families.items())) or "none"
-    return Section("Overview", [
+    return Section("Appendix: provenance", [
         Text(f"Sweep **{data.sweep}** — results `{data.root}`; reduced {generated} at git commit `{reduce_commit}`. "
              f"{len(data.stores)} stores readable; families: {fam}."),
         Table(mdf, "Models (registry id, revision recorded at planning and by the jobs)."),
         Table(edf, "Experiments (config hash, seed, shard size, git commit and time when the stores were created)."),
         Table(vdf, "Library versions recorded in the stores (one row per distinct combination)."),
+        Table(data.store_summary(), "Coverage per store."),
     ])
 
 
 def coverage_section(data: SweepData) -> Section:
+    """Short: one sentence, and the missing / failed / corrupt shards if any (per-store counts: the appendix)."""
     summ = data.store_summary()
     prob = data.problems()
     n_sh, n_done = int(summ["shards_total"].sum()), int(summ["shards_done"].sum())
     n_c, n_ct = int(summ["cells_total"].sum()), int(summ["cells_trusted"].sum())
-    blocks = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted). Only shards with a `done` "
-                   "record whose chunks decode are used; everything else is listed below and left out.")]
-    blocks.append(Table(summ, "Per store."))
+    blocks = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted) in {len(summ)} stores. "
+                   + ("Only shards with a `done` record whose chunks decode are used; everything else is listed "
+                      "below and left out." if len(prob) else "No missing, failed or corrupt shards.")
+                   + " Per-store counts are in the appendix.")]
     if len(prob):
         show = prob[["experiment", "model", "shard", "cell_start", "cell_stop", "status", "error"]].copy()
         show["error"] = show["error"].astype(str).str.slice(0, 200)
         blocks.append(Table(show, f"{len(prob)} missing / failed / corrupt shards or stores.", max_rows=200))
-    else:
-        blocks.append(Text("No missing, failed or corrupt shards."))
     return Section("Coverage", blocks)
 
 
 def raw_only_section(raw: list[tuple[str, list[StoreData], str]]) -> Section:
     """Families the report has no reducer output for: what data there is, and why."""
     if not raw:
-        return Section("Raw-data-only families", [Text("None: every family present has a reducer.")])
+        return Section("Raw-data-only families", [Text("Every family in the sweep has a reducer and reduced.")])
     rows = []
     for family, stores, why in raw:
         for s in stores:

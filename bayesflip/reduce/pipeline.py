@@ -4,9 +4,13 @@ Output (``results/<sweep>/reduce`` unless ``out``)::
 
     tables/<name>.csv, tables/<name>.parquet   coverage, coverage_stores, and every reducer table
     figures/<name>.png, figures/<name>.pdf
-    summary.json                               machine-readable: coverage, per-model numbers per family,
-                                               against_papers (ours next to the published values)
-    report.md, report.html                     Overview, Coverage, the reducers' sections, Raw-data-only
+    summary.json                               machine-readable: findings, coverage, per-model numbers per
+                                               family, against_papers (ours next to the published values)
+    report.md, report.html                     Findings on your models, Against the papers, Coverage, the
+                                               reducers' sections, Raw-data-only, Appendix: provenance
+
+The findings (:mod:`.findings`) and "Against the papers" (:mod:`.published`) are built from the
+reducers' results of this run; a failure in either is recorded like a failing reducer.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import pandas as pd
 from ..store import git_commit
 from .base import FamilyInput, ReducedFamily, Section, Text, get_reducer, reducer_names
 from .load import SweepData, load_sweep_data
-from .overview import coverage_section, overview_section, raw_only_section
-from .published import against_papers
+from .findings import build_findings, findings_section, findings_summary, findings_table
+from .overview import coverage_section, provenance_section, raw_only_section
+from .published import against_papers, load_published
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,16 @@ def _model_coverage(data: SweepData) -> dict[str, dict]:
                            "cells_total": int(g["cells_total"].sum()),
                            "cells_trusted": int(g["cells_trusted"].sum()),
                            "problems": int((data.coverage[(data.coverage["model"] == model)]["status"] != "done").sum())}
+    return out
+
+
+def _model_kinds(data: SweepData) -> dict[str, str]:
+    """model -> kind (``instruct`` / ``std``) as recorded in its stores' ``model_spec`` ("" when not recorded)."""
+    out: dict[str, str] = {}
+    for s in data.stores:
+        kind = (s.attrs.get("model_spec") or {}).get("kind")
+        if kind:
+            out.setdefault(s.model, str(kind))
     return out
 
 
@@ -151,6 +166,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         families[family] = fam_info
 
     papers: dict = {}
+    papers_sec: list[Section] = []
     try:
         sec, ptabs, papers, pfigs = against_papers(done, figs_dir)
     except Exception as e:  # recorded like a failing reducer; the rest of the report stands
@@ -161,15 +177,30 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         errors.append({"family": "against the papers", "error": f"{type(e).__name__}: {e}", "traceback": tb})
     else:
         if sec is not None:
-            sections.append(sec)
+            papers_sec.append(sec)
             for name, df in ptabs.items():
                 written.append(_write_table(df, tables_dir, name))
             figures += pfigs
-    all_sections = [overview_section(data, commit, generated, status), coverage_section(data), *sections,
-                    raw_only_section(raw)]
+    findings: list = []
+    try:
+        found = build_findings(done, sorted(models), _model_kinds(data), data.store_summary(), load_published())
+    except Exception as e:  # recorded like a failing reducer; the rest of the report stands
+        if strict:
+            raise
+        tb = traceback.format_exc()
+        log.error("findings section failed: %s", tb)
+        errors.append({"family": "findings", "error": f"{type(e).__name__}: {e}", "traceback": tb})
+        find_sec = [Section("Findings on your models", [Text("The findings could not be built: see "
+                                                               "**Reducer errors** at the end of the report.")])]
+    else:
+        findings = findings_summary(found)
+        written.append(_write_table(findings_table(found), tables_dir, "findings"))
+        find_sec = [findings_section(found)]
+    all_sections = [*find_sec, *papers_sec, coverage_section(data), *sections, raw_only_section(raw)]
     if errors:
         all_sections.append(Section("Reducer errors", [Text(f"**{e['family']}**: {e['error']}\n\n```\n"
                                                             f"{e['traceback']}\n```") for e in errors]))
+    all_sections.append(provenance_section(data, commit, generated, status))
     report = write_report(out, f"bayesflip report — {sweep}", all_sections)
     prob = data.problems()
     summary = {
@@ -178,7 +209,8 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         "coverage": {"shards_total": int((data.coverage["shard"] >= 0).sum()),
                      "shards_done": int((data.coverage["status"] == "done").sum()),
                      "problems": prob[["experiment", "model", "shard", "status", "error"]].to_dict("records")},
-        "models": models, "families": families, "against_papers": papers, "errors": [{k: e[k] for k in ("family", "error")} for e in errors],
+        "findings": findings, "models": models, "families": families, "against_papers": papers,
+        "errors": [{k: e[k] for k in ("family", "error")} for e in errors],
         "tables": sorted(p.stem for p in written), "figures": [p.name for p in figures],
     }
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))

@@ -1,7 +1,8 @@
 """Reducer of the ``poisson`` family (E: does generated text carry markers at rate λ per word gap?).
 
-Per store (experiment × model; ``mode`` = explicit or icl from the store's config) and cell
-(marker, λ, sample) the family stored the counts of the analysed text (see
+Per store (experiment × model; ``mode`` = explicit or icl from the store's config; ``temperature`` =
+its sampling temperature, ``protocol: paper`` defaults filled in) and cell (marker, λ, sample) the
+family stored the counts of the analysed text (see
 :mod:`bayesflip.experiments.poisson`): ``n_markers`` (markers between the first and last word),
 ``n_attached`` (those sharing a whitespace token with a word), ``n_gaps`` (words − 1). Over the
 samples s of one condition (marker, λ) — or of all markers at one λ (marker ``all``):
@@ -31,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..experiments.poisson import PoissonParams
 from . import figures as F
 from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, protocol_of, register_reducer
 from .load import StoreData
@@ -55,6 +57,7 @@ def sample_table(st: StoreData) -> pd.DataFrame:
         lhat = np.where(gaps > 0, markers / np.maximum(gaps, 1), np.nan)
     df = pd.DataFrame({
         "experiment": st.experiment, "model": st.model, "protocol": protocol_of(st), "mode": modes,
+        "temperature": _temperature(st),
         "cell": c["cell"].to_numpy(), "marker": c["marker"].astype(str).to_numpy(),
         "lam": c["lam"].to_numpy(dtype=float), "sample": c["sample"].to_numpy(),
         "n_markers": markers, "n_attached": attached, "n_gaps": gaps,
@@ -67,6 +70,12 @@ def sample_table(st: StoreData) -> pd.DataFrame:
         df["prefix_lambda_hat"] = a["prefix_lambda_hat"].astype(float)
     df["text"] = [str(x) for x in a["text"]]
     return df
+
+
+def _temperature(st: StoreData) -> float:
+    """The sampling temperature of a store's config (``protocol: paper`` defaults filled in; NaN when unset)."""
+    p = PoissonParams(**{k: v for k, v in st.params.items() if k in PoissonParams.model_fields})
+    return float(p.temperature) if p.temperature is not None else np.nan
 
 
 def _ratio(num: float, den: float) -> float:

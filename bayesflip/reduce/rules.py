@@ -118,8 +118,12 @@ def by_generation(cells: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(keys).reset_index(drop=True).astype({"bias": str})
 
 
-def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
+def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure | Text:
+    """The per-generation figure, or a sentence why there is none (fewer than two generations)."""
     d = tab[(tab["experiment"] == exp) & (tab["model"] == model)]
+    why = F.too_few_generations(int(d["generation"].max()), f"{exp}, {model}")
+    if why:
+        return Text(why)
     biases = list(dict.fromkeys(d["bias"]))
     cmap = F.plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(biases), 1)))
     fig, axes = F.grid(len(FIG_METRICS), ncols=3, sharey=False)
@@ -180,5 +184,6 @@ def _reduce_clean(inp: FamilyInput, stores: list[StoreData]) -> ReducedFamily:
               "First and last generation per condition (all generations in rules_by_generation)."),
         *figs,
     ])
-    return ReducedFamily(tables={"rules_by_generation": tab, "rules_cells": cells}, figures=[f.path for f in figs],
+    return ReducedFamily(tables={"rules_by_generation": tab, "rules_cells": cells},
+                         figures=[f.path for f in figs if isinstance(f, Figure)],
                          summary={"models": summary}, sections=[sec])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from .. import bayes
 from ..experiments.rules import accuracy, feasible_rules, hypotheses
@@ -87,8 +86,16 @@ def by_generation(cells: pd.DataFrame) -> pd.DataFrame:
     return mean_se_by(cells, KEYS + ["generation"], METRICS)
 
 
-def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
+PROB_METRICS = {"p_screen_off", "passed_screen_off", "passed_acc_d0", "consistent_rate"}
+
+
+def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure | Text:
+    """The per-generation figure, or a sentence why there is none (fewer than two generations)."""
     d = tab[(tab["experiment"] == exp) & (tab["model"] == model)]
+    last = int(d["generation"].max())
+    why = F.too_few_generations(last, f"{exp}, {model}")
+    if why:
+        return Text(why)
     # average over h* per condition for the figure (the table keeps h*)
     d = d.groupby(["bias", "position", "interaction", "temperature", "generation"], sort=True)[
         [m for m, _ in FIG_METRICS]].mean().reset_index()
@@ -96,14 +103,18 @@ def _fig(inp: FamilyInput, exp: str, model: str, tab: pd.DataFrame) -> Figure:
     cmap = F.plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(conds), 1)))
     fig, axes = F.grid(len(FIG_METRICS), ncols=3, sharey=False)
     for ax, (m, lab) in zip(axes, FIG_METRICS):
+        ax.set_title(lab, fontsize=9)
+        F.generation_axis(ax, last)
+        if not F.has_data(d[m]):
+            F.no_data(ax, "no data: not recorded in these chains")
+            continue
         for k, (b, pos, it, t) in enumerate(conds):
             g = d[(d["bias"] == b) & (d["position"] == pos) & (d["interaction"] == it) & (d["temperature"] == t)]
-            ax.plot(g["generation"], g[m], color=cmap[k], lw=1.4, label=f"{b}@{pos}, {it}, T={t:g}")
-        ax.set_title(lab, fontsize=9)
-        ax.set_xlabel("generation")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.plot(g["generation"], g[m], color=cmap[k], lw=1.4, marker="o", ms=3, label=f"{b}@{pos}, {it}, T={t:g}")
         if m == "on_mass":
             ax.set_yscale("log")
+        elif m in PROB_METRICS:
+            ax.set_ylim(-0.02, 1.02)
     F.suptitle(fig, f"{exp} — {model}: the original rule game (protocol paper), mean over h*, d⁰ seeds and chains")
     rows = F.legend_below(fig, axes, ncol=3)
     return Figure(F.save(fig, inp.figures_dir, f"rules_paper_{exp}_{model}", rows),
@@ -134,4 +145,5 @@ def section(inp: FamilyInput, stores: list[StoreData]) -> tuple[dict, list, dict
         Table(last[show], "Last generation per condition (all generations in rules_paper_by_generation)."),
         *figs,
     ])
-    return {"rules_paper_by_generation": tab, "rules_paper_cells": cells}, [f.path for f in figs], summary, sec
+    return ({"rules_paper_by_generation": tab, "rules_paper_cells": cells},
+            [f.path for f in figs if isinstance(f, Figure)], summary, sec)
