@@ -306,7 +306,7 @@ def test_cli_prompts_paper_coinflips():
                        "--where", "n=3")
     assert [r for r in recs if r["experiment"] == "paper_icl_coin"] == icl   # --where selects the same records
     assert len(icl) == 250 and all(r["model"] == "tiny-random" and r["cell"]["n"] == 3 for r in icl)
-    flips = None
+    by_query = {}
     for r in icl:
         assert r["choices"] == [" heads", " tails"]
         text = ws(r["text"])
@@ -317,8 +317,9 @@ def test_cli_prompts_paper_coinflips():
         assert len(seq) == 3
         o = [s.strip().split()[-1] for s in seq]
         assert all(x in ("heads", "tails") for x in o)
-        flips = flips or o
-        assert o == flips                                       # every paraphrase gets the same flips
+        assert by_query.setdefault(r["cell"]["query"], o) == o   # the instruct prompts share their query's flips
+    assert len(by_query) == 50 and len({tuple(o) for o in by_query.values()}) > 1   # a sequence per query (v2)
+    flips = by_query[0]
     q0 = next(r for r in icl if r["cell"]["query"] == 0)
     assert ws(q0["text"]) == ("When I flip coins they land on heads 30% of the time. I tossed a coin and it landed on "
                               f"{flips[0]}, then {flips[1]}, then {flips[2]}, then")

@@ -15,12 +15,22 @@ renormalised distribution and off-choice mass follow), ``outcomes`` (flip,) choi
 (``statement: theta`` — the same θ, default without shift; ``theta2`` — the double-distribution
 configs; ``none`` — the posterior chain, default with shift) + a query paraphrase ending in a space,
 rendered as :func:`bayesflip.prompts.paper_prompt`; the flips follow joined by ``", then"`` with a
-trailing ``", then"``. One sequence per (θ[, θ2][, face], sample) is shared by every (instruct
-prompt, query) pair (cells get ``instruct`` and ``query`` indices); ``flips: numpy_legacy``
-draws the coin sequences as ``create_icl_coin_flip_config.py`` did (``np.random.seed(seed)``,
-then ``np.random.choice`` of ``n_flips`` per θ in the order of ``thetas``). Every prefix is read
-from one pass; ``read_ns`` (default 0, 1, 3, 5, 10, 20, 100) are the paper's N, listed by
-``bayesflip prompts``.
+trailing ``", then"``. Cells get ``instruct`` and ``query`` indices (every pair of the original's
+``product(instruct_prompts, queries)``). The sequence process is ``flips``
+(:mod:`.paper_flips`, the original's generators):
+
+* ``seeded`` (default) / ``numpy_legacy`` / ``random_chain``: one sequence per (θ[, θ2][, face],
+  sample), shared by every (instruct prompt, query) pair; every prefix 0..n_flips is read from one
+  pass, and ``read_ns`` (default 0, 1, 3, 5, 10, 20, 100, the paper's N) are the prefixes listed by
+  ``bayesflip prompts``. ``numpy_legacy``: the coin script's numpy draw (whole 11-θ grid, then
+  select); ``random_chain``: the posterior-chain script's ``random.choices`` chain (coin).
+* ``random_choices``: the published ICL runs (the committed v2 configs) — a fresh sequence per
+  (N, θ[, face], query), shared by the instruct prompts of that query. Cells get a coordinate ``n``
+  (one per ``read_ns``, the sequence length); ``logprobs`` / ``p_true`` hold reads 0..n (the prefix
+  reads of that cell's own sequence) and NaN after, ``outcomes`` −1 after flip n; ``n_flips`` is the
+  largest N. ``bayesflip prompts`` lists each cell's whole sequence once. Reduce reads position N of
+  the cells with n = N for the paper's TVD and only the n = n_flips cells for everything else
+  (:func:`bayesflip.reduce.icl.sequence_length_view`).
 
 Exchangeability: ``permutations: P`` scores P seeded random permutations of each cell's
 evidence with the same head: arrays ``perm_logprobs`` (perm, position, choice) and
@@ -29,7 +39,6 @@ evidence with the same head: arrays ``perm_logprobs`` (perm, position, choice) a
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Annotated, Literal, Optional
 
@@ -40,7 +49,7 @@ from ..domain import COIN_CHOICES, DIE_CHOICES, inverse_cdf, process_probs
 from ..errors import ConfigError
 from ..prompts import Prompt
 from ..stimuli import StimulusList, StimulusText
-from . import paper, register
+from . import paper, paper_flips, register
 from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, evidence_kind,
                    use_chat)
 from .seq import build_curve, sequence_text, validate_sequence_pieces
@@ -73,7 +82,7 @@ class ICLParams(Params):
     statement: Optional[Literal["theta", "theta2", "none"]] = None  # paper: which bias is stated
     statement_template: Optional[StimulusText] = None          # paper: override of the base ("I") statement
     instruct_statement_template: Optional[StimulusText] = None  # paper: override of the instruct ("you") statement
-    flips: Literal["seeded", "numpy_legacy"] = "seeded"
+    flips: Literal["seeded", "numpy_legacy", "random_choices", "random_chain"] = "seeded"
     read_ns: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(paper.READ_NS), min_length=1)
     permutations: int = Field(0, ge=0)
 
@@ -86,14 +95,25 @@ class ICLParams(Params):
                 self.statement = "theta" if self.shift == "none" else "none"
             if self.statement == "theta2" and self.shift == "none":
                 raise ValueError("statement 'theta2' needs a shift (allowed without shift: theta, none)")
-            if self.flips == "numpy_legacy" and (self.process != "coin" or self.shift != "none" or self.samples != 1):
-                raise ValueError("flips 'numpy_legacy' reproduces the coin script: process coin, shift none, samples 1 "
-                                 "(allowed otherwise: seeded)")
+            if self.flips == "numpy_legacy":
+                if self.process != "coin" or self.shift != "none" or self.samples != 1:
+                    raise ValueError("flips 'numpy_legacy' reproduces the coin script: process coin, shift none, "
+                                     "samples 1 (allowed otherwise: seeded)")
+                paper_flips.check_legacy(self.thetas)
+            if self.flips == "random_choices":
+                if self.shift != "none" or self.samples != 1 or self.permutations:
+                    raise ValueError("flips 'random_choices' reproduces the v2 ICL configs: shift none, samples 1, "
+                                     "permutations 0 (allowed otherwise: seeded)")
+                paper_flips.check_v2(self.process, self.thetas, self.faces, self.read_ns, len(self.queries),
+                                     self.n_flips)
+            if self.flips == "random_chain" and (self.process != "coin" or self.samples != 1):
+                raise ValueError("flips 'random_chain' reproduces the posterior-chain script: process coin, "
+                                 "samples 1 (allowed otherwise: seeded)")
         else:
             if self.statement not in (None, "none"):
                 raise ValueError("key 'statement' needs protocol: paper (allowed protocols: clean, paper)")
             if self.flips != "seeded":
-                raise ValueError("flips 'numpy_legacy' needs protocol: paper (allowed: seeded)")
+                raise ValueError(f"flips {self.flips!r} needs protocol: paper (allowed: seeded)")
         return self
 
 
@@ -104,17 +124,6 @@ def _spec(p: ICLParams) -> dict:
 def outcome_probs(p: ICLParams, theta: float, face: int) -> np.ndarray:
     """Generating distribution over the choices for one bias."""
     return process_probs(p.process, theta, face)
-
-
-@functools.lru_cache(maxsize=32)
-def legacy_coin_flips(seed: int, thetas: tuple[float, ...], n: int) -> dict[float, np.ndarray]:
-    """``create_icl_coin_flip_config.py``: ``np.random.seed(seed)``, then per θ in order
-    ``np.random.choice(["heads", "tails"], n, p=[θ, round(1 - θ, 1)])`` → outcome indices."""
-    rs = np.random.RandomState(seed)
-    out = {}
-    for th in thetas:
-        out[th] = rs.choice(2, n, p=[th, round(1.0 - th, 1)]).astype(np.int32)
-    return out
 
 
 def statement_text(p: ICLParams, cell: dict, chat: bool) -> str:
@@ -140,6 +149,16 @@ def per_flip_probs(p: ICLParams, cell: dict) -> np.ndarray:
     return rows
 
 
+def _pad(a: np.ndarray, length: int, fill) -> np.ndarray:
+    """``a`` extended along its first axis to ``length`` with ``fill`` (a shorter random_choices sequence)."""
+    a = np.asarray(a)
+    if len(a) == length:
+        return a
+    out = np.full((length, *a.shape[1:]), fill, dtype=np.result_type(a.dtype, np.asarray(fill).dtype))
+    out[: len(a)] = a
+    return out
+
+
 @register
 class ICLFamily(Family):
     name = "icl"
@@ -156,7 +175,9 @@ class ICLFamily(Family):
             if face is not None:
                 c["face"] = face
             out.append(c)
-        if p.protocol == "paper":  # every (instruct prompt, query) pair shares the cell's sequence
+        if p.protocol == "paper" and p.flips == "random_choices":  # one sequence per (N, θ[, face], query)
+            out = [{"n": n, **c} for n in sorted(set(p.read_ns)) for c in out]
+        if p.protocol == "paper":  # every (instruct prompt, query) pair; instruct prompts share the query's sequence
             out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
 
@@ -198,6 +219,10 @@ class ICLFamily(Family):
         for c in cells:
             head = self.cell_head(p, c, model_kind)
             o = self.sample_outcomes(p, c, seed)
+            if "n" in c:  # random_choices: the cell's own sequence of n outcomes, read at n
+                out.append(RenderedCell(cell=dict(c), text=sequence_text(tokenizer, head, choices, o, p.separator),
+                                        choices=list(choices)))
+                continue
             for n in self.read_ns(p):
                 out.append(RenderedCell(cell={**c, "n": n}, text=sequence_text(tokenizer, head, choices, o[:n], p.separator),
                                         choices=list(choices)))
@@ -215,6 +240,9 @@ class ICLFamily(Family):
         if type(self).run is not ICLFamily.run:  # a subclass with its own run (attention)
             if p.permutations:
                 raise ConfigError("params.permutations", f"family {self.name!r} does not score permutations", allowed=[0])
+            if p.flips == "random_choices":
+                raise ConfigError("params.flips", f"family {self.name!r} reads one full-length sequence per cell",
+                                  allowed=["seeded", "numpy_legacy", "random_chain"])
         if p.shift != "none" and not p.theta2s:
             raise ConfigError("params.theta2s", f"shift {p.shift!r} needs at least one theta2", allowed=["[0, 1]"])
         if p.shift == "block" and not (0 <= p.block[0] <= p.block[1] <= p.n_flips):
@@ -231,10 +259,16 @@ class ICLFamily(Family):
                 raise ConfigError(f"params.queries.{q}", str(e)) from None
 
     def sample_outcomes(self, p: ICLParams, cell: dict, seed: int) -> np.ndarray:
+        """The cell's outcome indices: ``n_flips`` of them, or ``cell["n"]`` under ``random_choices``."""
         probs = per_flip_probs(p, cell)
-        if p.protocol == "paper":  # one sequence per bias (and sample), shared by all (instruct, query) pairs
+        if p.protocol == "paper":  # numpy_legacy / random_chain / seeded: one sequence per bias (and sample)
             if p.flips == "numpy_legacy":
-                return legacy_coin_flips(seed, tuple(p.thetas), p.n_flips)[cell["theta"]].copy()
+                return paper_flips.legacy_sequence(seed, p.n_flips, cell["theta"])
+            if p.flips == "random_choices":
+                return paper_flips.v2_sequence(p.process, seed, cell["n"], cell["theta"], cell.get("face"),
+                                               cell["query"])
+            if p.flips == "random_chain":
+                return paper_flips.chain_flips(seed, probs)
             key = sorted((k, v) for k, v in cell.items() if k not in ("instruct", "query"))
             rng = np.random.default_rng(cell_seed(seed, "icl-paper", p.process, p.shift, key))
         else:
@@ -254,10 +288,12 @@ class ICLFamily(Family):
         reqs = [build_curve(tok, h, choices, o, p.separator) for h, o in zip(heads, outs)]
         curves = paper.score_curves_once(ctx.scorer, reqs)
         p_true = []
-        for c in cells:
+        for c, o in zip(cells, outs):
             rows = per_flip_probs(p, c)
-            p_true.append(np.vstack([rows, rows[-1:]]))  # the read after the last flip: the last regime
-        res = {"logprobs": np.stack(curves).astype(np.float32), "outcomes": np.stack(outs),
+            rows = np.vstack([rows, rows[-1:]])  # the read after the last flip: the last regime
+            p_true.append(_pad(rows[: len(o) + 1], p.n_flips + 1, np.nan))
+        res = {"logprobs": np.stack([_pad(cv, p.n_flips + 1, np.nan) for cv in curves]).astype(np.float32),
+               "outcomes": np.stack([_pad(o, p.n_flips, -1) for o in outs]).astype(np.int32),
                "p_true": np.stack(p_true).astype(np.float32)}
         if p.permutations:
             perms = [self.permuted(p, c, o, ctx.seed) for c, o in zip(cells, outs)]

@@ -24,6 +24,12 @@ Per store (experiment × model) and every cell and read position n (n outcomes s
   reference first, so a degenerate θ ∈ {0, 1} gives a finite value);
 * coin i.i.d.: the importance-weighted single-branch martingale gap (:func:`bayes.martingale_gap`).
 
+Stores with one sequence per N (``flips: random_choices``: a cell coordinate ``n`` = the length
+of the cell's own sequence, reads 0..n, NaN after): the paper TVD at N reads position N of the
+cells with n = N (:func:`paper_tvd_table`); every other metric (priors, fits, γ, martingale,
+curves, summary, figures) reads only the cells with n = n_flips, i.e. full 0..N curves of one
+sequence each (:func:`sequence_length_view`), never a mix of sequences of different lengths.
+
 Curves after a bias statement (``statement: theta`` / ``theta2``) are conditioned on it: they never
 enter the fitted prior, get no ``fitted`` reference and no bayesflip γ (both need the model's prior
 without a statement), and their N = 0 read is reported as P(tracked choice) *after the statement*
@@ -34,7 +40,7 @@ prompts (``none (one prompt)``: identical prompts, the spread is numerical only)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -111,7 +117,7 @@ def _curves(st: StoreData) -> Curves:
     probs, off = choice_distribution(st.arrays["logprobs"])
     outcomes = st.arrays["outcomes"].astype(np.int64)
     k = probs.shape[-1]
-    seen = np.eye(k)[outcomes]                                       # (C, N, K)
+    seen = np.eye(k)[np.maximum(outcomes, 0)] * (outcomes >= 0)[..., None]   # (C, N, K); −1 = no outcome
     counts = np.concatenate([np.zeros((len(outcomes), 1, k)), np.cumsum(seen, axis=1)], axis=1)
     process = str(p.get("process", "coin"))
     if process == "die" and "face" in st.cells:
@@ -121,6 +127,18 @@ def _curves(st: StoreData) -> Curves:
     return Curves(store=st, process=process, shift=str(p.get("shift", "none")), probs=probs, off=off,
                   counts=counts, outcomes=outcomes, track=track,
                   labels=[str(x).strip() for x in st.labels.get("choice", range(k))], statement=st.statement)
+
+
+def sequence_length_view(st: StoreData) -> StoreData:
+    """A store with one sequence per N (cell coordinate ``n``, ``flips: random_choices``) → the same
+    store restricted to its full-length cells (n = ``n_flips``: reads 0..n_flips of one sequence);
+    any other store unchanged. Every curve-based metric reads this view."""
+    if "n" not in st.cells:
+        return st
+    n = st.cells["n"].to_numpy()
+    keep = np.flatnonzero(n == int(st.params.get("n_flips", n.max() if len(n) else 0)))
+    return replace(st, cells=st.cells.iloc[keep].reset_index(drop=True),
+                   arrays={k: v[keep] for k, v in st.arrays.items()})
 
 
 def prior_evidence(group: list[Curves]) -> list[Curves]:
@@ -253,11 +271,14 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     ``q_N`` = the generating distribution of the next outcome (``p_true``: θ; die: b on the face).
     Groups (sequences, faces) are then averaged per θ and N. Returns one row per (θ, N); column
     ``statement`` = what the prompts state (``theta``: the paper's TVD to the stated θ; ``none``: to
-    the generating θ, nothing stated).
+    the generating θ, nothing stated). A store with one sequence per N (cell coordinate ``n``) reads
+    position N of the cells with n = N only (column ``sequences``: ``one per N``; otherwise
+    ``prefixes`` — every N a prefix read).
     """
     cells = c.store.cells
     axis = averaging_axis(cells)
-    ns = [n for n in grid if n < c.probs.shape[1]]
+    per_n = "n" in cells                       # one sequence per N: position N of the cells with n = N
+    ns = [n for n in grid if n < c.probs.shape[1] and (not per_n or (cells["n"] == n).any())]
     if not ns or "theta" not in cells:
         return pd.DataFrame()
     keys = [k for k in ("theta", "face") if k in cells]
@@ -266,9 +287,11 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
     q = c.store.arrays["p_true"].astype(np.float64)
     rows = []
     for gkey, g in cells.groupby(keys, sort=True):
-        idx = g.index.to_numpy()
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         for n in ns:
+            idx = (g.index[g["n"] == n] if per_n else g.index).to_numpy()
+            if not len(idx):
+                continue
             p = c.probs[idx, n, :]
             qn = q[idx[0], n, :]
             t = np.asarray(bayes.tvd(p, qn), dtype=float)
@@ -280,6 +303,7 @@ def paper_tvd_table(c: Curves, grid=PAPER_N) -> pd.DataFrame:
         tvd_paper=("tvd_paper", "mean"), tvd_paper_std=("tvd_paper_std", "mean"),
         tvd_of_mean=("tvd_of_mean", "mean"), n_prompts=("n_prompts", "mean"),
         n_groups=("tvd_paper", "size")).reset_index()
+    out.insert(0, "sequences", "one per N" if per_n else "prefixes")
     out.insert(0, "averaged_over", axis)
     for k, v in (("statement", c.statement), ("process", c.process), ("protocol", protocol_of(c.store)),
                  ("model", c.store.model), ("experiment", c.store.experiment)):
@@ -751,7 +775,8 @@ def _priors_texts(curves: list[Curves], fits: dict, notes: dict, prior_tab: pd.D
 
 @register_reducer("icl")
 def reduce_icl(inp: FamilyInput) -> ReducedFamily:
-    curves = [_curves(st) for st in inp.stores]
+    full = [_curves(st) for st in inp.stores]           # the paper TVD reads each N from its own cells
+    curves = [c if (v := sequence_length_view(c.store)) is c.store else _curves(v) for c in full]
     fits, notes = _fit_priors(curves)
     gammas, gamma_notes = {}, {}
     for c in curves:
@@ -770,7 +795,7 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
     summary_tab = _summary_table(curves, table, gammas, paper_gammas)
     summary_tab.insert(summary_tab.columns.get_loc("statement") + 1, "prior_fitted_on",
                        [",".join(fits[c.key].fitted_on) if "fitted" in c.refs else "" for c in curves])
-    by_theta = [t for c in curves if c.shift == "none" and len(t := paper_tvd_table(c))]
+    by_theta = [t for c in full if c.shift == "none" and len(t := paper_tvd_table(c))]
     paper_theta = pd.concat(by_theta, ignore_index=True) if by_theta else pd.DataFrame()
     ngrid = paper_ngrid(paper_theta)
     statement_of = {(c.store.experiment, c.store.model): c.statement for c in curves}
@@ -872,7 +897,9 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
                  "the store has no paraphrase axis) — `tvd_paper` — then averaged over θ. With `statement: theta` it "
                  "is the paper's TVD to the stated θ; with `statement: none` the TVD to the generating θ of curves "
                  "that state nothing (not the paper's quantity). `tvd_of_mean` (table icl_paper_by_theta) is the TVD "
-                 "of the prompt-mean distribution instead; it is never larger."),
+                 "of the prompt-mean distribution instead; it is never larger. `sequences`: `one per N` — each N read "
+                 "at the end of its own sequence, as the published runs (`flips: random_choices`); `prefixes` — "
+                 "every N a prefix of one sequence."),
             Table(wide.reset_index(), "Mean over θ of the paper's ICL TVD per N."),
             Table(paper_theta, "Per θ and N (the paper's per-bias curves).", max_rows=80),
         ]
