@@ -44,7 +44,7 @@ def bench_shard_groups(lm, sweep: str = SWEEP) -> dict:
     from .backends import backend_for
     from .config import load_sweep
     from .job import run_task
-    from .plan import plan_sweep
+    from .plan import TaskPlan, plan_sweep
 
     model = lm.spec.name
     work = _work(sweep, model)
@@ -56,7 +56,7 @@ def bench_shard_groups(lm, sweep: str = SWEEP) -> dict:
             plan_sweep(load_sweep(sweep, model), results_dir=root)
             be = backend_for(lm)
             t = time.perf_counter()
-            r = run_task(sweep, model, work[:1] if mode == "warmup" else work, progress=False, results_dir=root,
+            r = run_task(TaskPlan.resolve(sweep, model, work[:1] if mode == "warmup" else work, root), progress=False,
                          lm=be, group_cells=cells)
             dt = time.perf_counter() - t
             if r.failed:

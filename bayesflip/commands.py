@@ -1,7 +1,9 @@
 """Sub-commands for experiments, HPC, reduce, demo and bench.
 
 Each command is a thin parser over a library function, so tests call the functions and
-users call the same code through ``make``.
+users call the same code through ``make``. The argparse ``Namespace`` stops here: the
+library functions take plain arguments (``debug`` and ``demo`` both run
+:func:`bayesflip.job.run_local`; ``submit``/``resubmit`` :mod:`bayesflip.hpc.launch`).
 """
 
 from __future__ import annotations
@@ -25,24 +27,6 @@ def _require_prepared(args) -> None:
     require_prepared_models(sweep_models(args.sweep, args.model_type))
 
 
-def _refuse_busy_overwrite(sweep, args) -> None:
-    """--overwrite deletes stores: never while a job or process of the sweep still works on them."""
-    if not args.overwrite:
-        return
-    from pathlib import Path
-
-    from .errors import ConfigError
-    from .hpc.launch import active_jobs
-    from .paths import RESULTS_DIR
-    from .plan import plan_sweep
-
-    root = Path(args.results_dir or RESULTS_DIR)
-    busy = active_jobs(sweep.name, root, plan_sweep(sweep, overwrite=True, results_dir=root, create=False))
-    if busy:
-        raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still active "
-                          f"({'; '.join(busy[:5])}); wait for them or stop them first")
-
-
 def cmd_plan(args) -> int:
     if args.dry_run:       # writes nothing: the cost table (bayesflip.cost)
         from .cost import dry_run
@@ -53,10 +37,11 @@ def cmd_plan(args) -> int:
         return 0
     _require_prepared(args)
     from .config import load_sweep
-    from .plan import plan_sweep, write_manifest
+    from .plan import plan_sweep, refuse_busy_overwrite, write_manifest
 
     sweep = load_sweep(args.sweep, args.model_type)
-    _refuse_busy_overwrite(sweep, args)
+    if args.overwrite:
+        refuse_busy_overwrite(sweep, args.results_dir)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
     for u in units:
         print(f"{u.experiment.name:20s} {u.model.name:28s} shards {u.n_shards:5d} pending {len(u.pending):5d}  {u.store}")
@@ -66,57 +51,63 @@ def cmd_plan(args) -> int:
 
 def cmd_debug(args) -> int:
     """Plan, then run every pending shard in this process (local GPU or CPU): the job code path, no SLURM."""
-    _require_prepared(args)
-    from .config import load_sweep
-    from .job import run_task
-    from .plan import make_tasks, plan_sweep, write_manifest
+    from .job import run_local
 
-    sweep = load_sweep(args.sweep, args.model_type)
-    _refuse_busy_overwrite(sweep, args)
-    units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
-    write_manifest(sweep, units, {"mode": "debug"}, results_dir=args.results_dir)
-    failed = 0
-    tasks = make_tasks(sweep.name, units, shards_per_task=10**9)
-    total = sum(u.n_shards for u in units)
-    n_held = sum(len(u.held) for u in units)
-    if not tasks:
-        print(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done"
-              + (f" or held by another live run ({n_held})" if n_held else "") + " (--overwrite recomputes)")
-    for task in tasks:
-        r = run_task(task.sweep, task.model, task.work, device=args.device, results_dir=args.results_dir)
-        held = sum(len(u.held) for u in units if u.model.name == task.model) + len(r.held)
-        already = sum(u.n_shards - len(u.pending) - len(u.held) for u in units if u.model.name == task.model) \
-            + len(r.skipped)
-        print(f"{task.model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed"
-              + (f", {held} held by another live run (not computed here)" if held else "")
-              + f" ({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
-        if getattr(args, "verbose_shards", False):      # demo passes its own Namespace
-            for exp, shard in r.done:
-                print(f"  computed {exp}:{shard}")
-        for exp, shard, err in r.failed:
-            print(f"  FAILED {exp}:{shard}: {err}")
-        failed += len(r.failed)
-    return 1 if failed else 0
+    return run_local(args.sweep, args.model_type, overwrite=args.overwrite, results_dir=args.results_dir,
+                     device=args.device, list_shards=args.verbose_shards).rc
+
+
+def _launch_options(args) -> dict:
+    """The options ``submit`` and ``resubmit`` share (:func:`bayesflip.hpc.launch.submit_sweep`)."""
+    from pathlib import Path
+
+    return dict(results_dir=Path(args.results_dir) if args.results_dir else None, partition=args.partition,
+                account=args.account, qos=args.qos, time_min=args.time, array_throttle=args.array_throttle,
+                shards_per_task=args.shards_per_task, template=args.template, executor=args.executor,
+                dry_run=args.dry_run, target_task_min=args.target_task_min, as_json=getattr(args, "json", False))
 
 
 def cmd_submit(args) -> int:
+    """``bayesflip submit --exp X --model-type T`` (``make submit``)."""
     if not args.dry_run:    # a dry run costs unprepared Hub models with the proxy tokenizer (marked *)
         _require_prepared(args)
-    from .hpc.launch import submit_cli
+    from .hpc.launch import submit_sweep, wait_jobs
 
-    return submit_cli(args)
+    sub = submit_sweep(args.sweep, args.model_type, overwrite=args.overwrite, cancel_running=args.cancel_running,
+                       **_launch_options(args))
+    if sub.manifest:
+        print(f"manifest: {sub.manifest}\nstatus:   bayesflip status --sweep {sub.sweep.name}"
+              + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
+    if args.wait and sub.submitted:
+        return 1 if wait_jobs(sub) else 0
+    return 0
 
 
 def cmd_resubmit(args) -> int:
-    from .hpc.launch import resubmit_cli
+    """``bayesflip resubmit --sweep X`` (``make resubmit``): only what is missing."""
+    from .errors import ConfigError
+    from .hpc.launch import resubmit_sweep, wait_jobs
 
-    return resubmit_cli(args)
+    if args.overwrite:
+        raise ConfigError("--overwrite", "resubmit never deletes results; use `submit --overwrite` to recompute")
+    sub = resubmit_sweep(args.sweep, args.model_type, **_launch_options(args))
+    if args.wait and sub.submitted:
+        return 1 if wait_jobs(sub) else 0
+    return 0
 
 
 def cmd_status(args) -> int:
-    from .hpc.status import status_cli
+    """``bayesflip status --sweep X`` (``make status SWEEP=X``). Always exits 0 once the manifest is read."""
+    import json
+    from pathlib import Path
 
-    return status_cli(args)
+    from .hpc.manifest import Manifest
+    from .hpc.status import render, sweep_status, to_json
+
+    root = Path(args.results_dir) if args.results_dir else None
+    st = sweep_status(Manifest.load(args.sweep, root), results_dir=root)
+    print(json.dumps(to_json(st), indent=1, default=str) if args.json else render(st))
+    return 0
 
 
 def cmd_reduce(args) -> int:
@@ -126,9 +117,9 @@ def cmd_reduce(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import demo_cli
+    from .demo import run_demo
 
-    return demo_cli(args)
+    return run_demo(args.sweep, overwrite=args.overwrite, results_dir=args.results_dir)
 
 
 def cmd_bench(args) -> int:

@@ -1,36 +1,38 @@
 """``bayesflip demo [--sweep S]``: a sweep (default ``demo``; ``paper_smol`` for ``make paper-smol``)
 end to end on smollm2-135m-instruct, then reduce + report.
 
-Runs the sweep through :func:`bayesflip.commands.cmd_debug` (plan, then every pending shard
+Runs the sweep through :func:`bayesflip.job.run_local` (plan, then every pending shard
 in-process: the same code path as ``bayesflip debug`` and the cluster jobs; completed shards
-are skipped, ``--overwrite`` recomputes), then :func:`bayesflip.reduce.reduce_sweep`, and
+are skipped, ``overwrite`` recomputes), then :func:`bayesflip.reduce.reduce_sweep`, and
 prints the absolute paths of the report: ``report.md`` and ``report.html`` (standalone, figures
 embedded; open it in a browser).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 DEMO_SWEEP = "demo"
 DEMO_MODEL = "smollm2-135m-instruct"
 
 
-def demo_cli(args) -> int:
-    from .commands import cmd_debug
+def run_demo(sweep: Optional[str] = None, *, overwrite: bool = False, results_dir: Path | str | None = None,
+             device: Optional[str] = None, out: Callable[[str], Any] = print) -> int:
+    """Run ``sweep`` (default ``demo``) on the demo model, reduce it, print where the report is.
+    Returns 1 when some shard failed (the report's Coverage section names it), else 0."""
+    from .job import run_local
     from .reduce import reduce_sweep
 
-    sweep = getattr(args, "sweep", None) or DEMO_SWEEP
+    sweep = sweep or DEMO_SWEEP
     t0 = time.time()
-    run_args = argparse.Namespace(sweep=sweep, model_type=DEMO_MODEL, overwrite=getattr(args, "overwrite", False),
-                                  results_dir=getattr(args, "results_dir", None), device=getattr(args, "device", None))
-    rc = cmd_debug(run_args)
+    rc = run_local(sweep, DEMO_MODEL, overwrite=overwrite, results_dir=results_dir, device=device, out=out).rc
     t1 = time.time()
-    report = reduce_sweep(sweep, results_dir=run_args.results_dir)
+    report = reduce_sweep(sweep, results_dir=results_dir)
     t2 = time.time()
-    print(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
-          + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))
-    print(f"report: {report.resolve()}")
-    print(f"html:   {report.with_suffix('.html').resolve()}")
+    out(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
+        + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))
+    out(f"report: {report.resolve()}")
+    out(f"html:   {report.with_suffix('.html').resolve()}")
     return rc

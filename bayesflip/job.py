@@ -1,14 +1,20 @@
 """What a job runs: load the model once, then score its shards into the stores.
 
-The same function runs in ``make debug`` (in-process), in ``make demo`` and inside SLURM
-array tasks (via :mod:`bayesflip.hpc`). Per shard: take the shard's lease (skip it when a
-live job holds it), re-check its record (skip it when done and its chunks verify), compute,
-then write only if the store on disk is still the one of this job's identity and the lease
-is still ours. So a requeued or re-run task never recomputes or duplicates, two runs never
-compute the same shard, and an old job never writes into a replaced store. A failing shard
-is recorded with its error and traceback; the task goes on with its other shards. A store
-of another identity (config, model spec, code version) or a failing write (full disk)
-stops the task with one clear error.
+Input: a :class:`~bayesflip.plan.TaskPlan` (resolved experiment configs, the ModelSpec, the
+(experiment, shard) pairs and the results dir) — built by the planner, pickled into SLURM array tasks
+by :mod:`bayesflip.hpc.launch`, or handed over in-process by :func:`run_local` (``bayesflip debug``,
+``demo``, ``paper-smol``). Nothing is looked up by name again here.
+
+:class:`ShardRunner` runs one task in four named steps. **plan**: per shard, skip it when done
+(its record verifies) or held by a live job's lease; **claim** (per group): take the leases,
+re-check the record right before computing; **compute**: the family's ``run`` over the group's
+cells, split back per shard; **write**: chunks + record, only if the store on disk is still the one
+of this job's identity and the lease is still ours. So a requeued or re-run task never recomputes
+or duplicates, two runs never compute the same shard, and an old job never writes into a replaced
+store. A failing shard is recorded with its error and traceback; the task goes on with its other
+shards. A store of another identity (config, model spec, code version) or a failing write (full
+disk) stops the task with one clear error. Whether a lease's holder still runs is decided with
+``live_jobs`` (:func:`bayesflip.hpc.slurm.live_jobs`, given to the stores' leases).
 
 Shard groups: consecutive pending shards of one experiment whose family is cell-independent
 (``Family.batch_across_shards``; not the generational chains / rules / acronym, whose mid-shard
@@ -19,15 +25,17 @@ each shard is written with its own record (``group_shards`` = the group's size),
 mid-group leaves exactly the unwritten shards pending. A failing group is re-run shard by shard,
 so only the failing shard gets a failed record.
 
-Tensor parallelism (DeepSpeed, ``world_size > 1``, one process per rank): the backend is
-loaded first; rank 0 alone plans, takes and releases leases, re-checks records and writes
-chunks and records, broadcasting every decision and outcome
-(:func:`~bayesflip.backends.distributed.from_writer`), so all ranks run the same groups in the
-same order; every rank computes under ``be.agree`` (an error on one rank fails the group on all,
-before the next collective). Records carry ``writer_rank`` and ``world_size``; every rank's
-:class:`TaskResult` has the same lists. Testing hook: ``BAYESFLIP_INJECT_FAILURE=exp:shard``
-fails a shard on every rank, ``exp:shard@rank1`` on rank 1 only (raised after the compute, so
-the ranks' collectives stay matched).
+Several processes per task (one per rank of a tensor-parallel backend: ``torchrun`` or a SLURM step of
+several tasks, seen as ``WORLD_SIZE``/``SLURM_NTASKS`` > 1): the backend is loaded first (it starts the
+process group); the backend's writer (``be.is_writer``, rank 0) alone plans, takes and releases leases,
+re-checks records and writes chunks and records, broadcasting every decision and outcome
+(:func:`~bayesflip.backends.distributed.from_writer`), so all ranks run the same groups in the same
+order; every rank computes under ``be.agree`` (an error on one rank fails the group on all, before the
+next collective). This module never asks which backend runs or how it is split: only the loaded
+backend's ``rank``, ``world_size``, ``is_writer`` and ``agree``. Records carry ``writer_rank`` and
+``world_size``; every rank's :class:`TaskResult` has the same lists. Testing hook:
+``BAYESFLIP_INJECT_FAILURE=exp:shard`` fails a shard on every rank, ``exp:shard@rank1`` on rank 1 only
+(raised after the compute, so the ranks' collectives stay matched).
 """
 
 from __future__ import annotations
@@ -38,15 +46,19 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .config import load_sweep
+from .backends.distributed import dist_env, from_writer
+from .config import ExperimentConfig, SweepConfig, load_sweep, sweep_models
+from .errors import LeaseLost, StoreIdentityError
 from .experiments import get_family
 from .experiments.base import RunContext
-from .errors import LeaseLost, StoreIdentityError
-from .store import ResultStore, describe_holder, identity, identity_diff, store_path
+from .hpc import slurm
+from .hpc.manifest import Submission
+from .plan import TaskPlan, make_tasks, plan_sweep, refuse_busy_overwrite, write_manifest
+from .store import LiveJobs, ResultStore, describe_holder, identity, identity_diff
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +96,16 @@ def _injected() -> set[tuple[str, int, Optional[int]]]:
     return out
 
 
-def open_checked(sweep_name: str, exp, model_spec, results_dir=None) -> ResultStore:
-    """The store of (exp, model), refusing one that is missing or of another identity."""
-    st = ResultStore(store_path(sweep_name, exp.name, model_spec.name, results_dir))
-    if not st.exists:
-        raise StoreIdentityError(f"{st.path}: store not found (deleted or moved?); re-plan with "
-                                 f"`bayesflip resubmit --sweep {sweep_name}` or `debug`")
-    diff = identity_diff(st.attrs.get("identity"), identity(exp.hash, model_spec))
-    if diff:
-        raise StoreIdentityError(f"{st.path}: this job's identity differs from the store's ({'; '.join(diff)}); "
-                                 f"nothing written (re-run with --overwrite or another sweep name)")
-    return st
+def _group_cells() -> int:
+    try:
+        return int(os.environ.get(GROUP_ENV) or GROUP_CELLS)
+    except ValueError:
+        raise ValueError(f"{GROUP_ENV}={os.environ.get(GROUP_ENV)!r}: expected a number of cells") from None
 
 
 @dataclass(frozen=True)
 class _Shard:
-    """One pending shard as rank 0 planned it (every rank gets the same list)."""
+    """One pending shard as the writer planned it (every rank gets the same list)."""
 
     exp: str
     shard: int
@@ -123,45 +129,103 @@ def group_shards(todo: list[_Shard], families: dict[str, Any], group_cells: int 
     return groups
 
 
-def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], device: str | None = None,
-             progress: bool = True, results_dir=None, lm=None, batch_tokens: int = 8192,
-             group_cells: Optional[int] = None) -> TaskResult:
-    """Run (experiment, shard) pairs for one model. Loads the model once (unless ``lm`` is given).
+def _what(exp: str, batch: list[_Shard]) -> str:
+    return f"{exp}:{','.join(str(sh.shard) for sh in batch)}"
 
-    Pending shards of one experiment go through the engine together (one ``fam.run`` over up to
-    ``group_cells`` cells, default ``$BAYESFLIP_GROUP_CELLS`` or 1024, split back per shard;
-    ``group_cells=1``: one shard per call) when
-    the family is cell-independent; each shard still gets its own record, and a failing group is
-    re-run shard by shard so only the failing shard is recorded as failed.
 
-    Tensor parallelism (the backend's ``world_size > 1``, one process per rank): the backend is
-    loaded first (it starts torch.distributed); rank 0 alone plans, takes/releases leases,
-    re-checks records and writes chunks and records, broadcasting each decision and outcome
-    (:func:`~bayesflip.backends.distributed.from_writer`); every rank computes every group under
-    ``be.agree`` (an error on one rank fails the group on all). Every rank returns the same lists.
-    """
-    from .backends.distributed import from_writer
-    from .models.registry import get_model_spec
+# (shard, ("ok", arrays, seconds) | ("failed", message, traceback))
+Outcomes = dict[int, tuple]
 
-    t0 = time.time()
-    res = TaskResult()
-    sweep = load_sweep(sweep_name, model_type=model_name)
-    spec = get_model_spec(model_name)
-    exps = {e.name: e for e in sweep.experiments}
-    stores: dict[str, ResultStore] = {}          # rank 0 only
 
-    def plan() -> tuple[list[_Shard], list, list]:
+class ShardRunner:
+    """One task: :meth:`plan` → per group :meth:`claim` → :meth:`compute` → :meth:`write` (module docstring).
+
+    ``lm``: an already loaded model or backend (tests) instead of loading ``task.model``; ``group_cells``:
+    at most this many cells per ``fam.run`` (default ``$BAYESFLIP_GROUP_CELLS`` or 1024; 1: one shard per
+    call); ``live_jobs``: which scheduler jobs still run, for the stores' leases."""
+
+    def __init__(self, task: TaskPlan, *, device: Optional[str] = None, progress: bool = True, lm: Any = None,
+                 batch_tokens: int = 8192, group_cells: Optional[int] = None,
+                 live_jobs: LiveJobs = slurm.live_jobs):
+        self.task = task
+        self.device = device
+        self.progress = progress
+        self.lm = lm
+        self.batch_tokens = batch_tokens
+        self.group_cells = group_cells
+        self.live_jobs = live_jobs
+        self.result = TaskResult()
+        self.be: Any = None                              # the loaded backend
+        self.stores: dict[str, ResultStore] = {}         # the writer's open stores
+        self._cells: dict[str, list[dict]] = {}
+        self._families: dict[str, Any] = {}
+        self._inject: set[tuple[str, int, Optional[int]]] = set()
+
+    # ------------------------------------------------------------------ the task
+    def run(self) -> TaskResult:
+        t0 = time.time()
+        res = self.result
+        if dist_env().world_size > 1:     # one process per rank: the backend starts the group, then ranks follow
+            self.load(t0)
+        todo, res.skipped, res.held = from_writer(self.plan, "planning the task's shards")
+        if not todo:
+            res.seconds = time.time() - t0
+            return res
+        if self.be is None:
+            self.load(t0)
+        group_cells = self.group_cells if self.group_cells is not None else _group_cells()
+        self._inject = _injected()
+        self._families = {e: get_family(self.task.experiments[e].family) for e in {sh.exp for sh in todo}}
+        bar = None
+        if self.progress and self.be.is_writer:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), desc=f"{self.task.sweep}/{self.task.model.name}", unit="shard")
+        for grp in group_shards(todo, self._families, group_cells):
+            try:
+                self.run_group(grp)
+            finally:
+                if bar is not None:
+                    bar.update(len(grp))
+        if bar is not None:
+            bar.close()
+        res.seconds = time.time() - t0
+        return res
+
+    def load(self, t0: float) -> None:
+        """Load the model through its backend once (or wrap the given ``lm``)."""
+        from .backends import backend_for, load_backend
+
+        self.be = (backend_for(self.lm, batch_tokens=self.batch_tokens) if self.lm is not None else
+                   load_backend(self.task.model, device=self.device, batch_tokens=self.batch_tokens))
+        self.result.load_seconds = time.time() - t0
+        self.result.rank, self.result.world_size = self.be.rank, self.be.world_size
+
+    def open_store(self, exp: ExperimentConfig) -> ResultStore:
+        """The store of (exp, model), refusing one that is missing or of another identity."""
+        st = ResultStore(self.task.store(exp.name), self.live_jobs)
+        if not st.exists:
+            raise StoreIdentityError(f"{st.path}: store not found (deleted or moved?); re-plan with "
+                                     f"`bayesflip resubmit --sweep {self.task.sweep}` or `debug`")
+        diff = identity_diff(st.attrs.get("identity"), identity(exp.hash, self.task.model))
+        if diff:
+            raise StoreIdentityError(f"{st.path}: this job's identity differs from the store's ({'; '.join(diff)}); "
+                                     f"nothing written (re-run with --overwrite or another sweep name)")
+        return st
+
+    # ------------------------------------------------------------------ the four steps
+    def plan(self) -> tuple[list[_Shard], list, list]:
+        """Writer: the task's shards that are neither done nor held by a live job, plus (skipped, held)."""
         todo: list[_Shard] = []
         skipped, held = [], []
         states: dict[str, dict] = {}
-        for exp_name, shard in work:
-            if exp_name not in exps:
-                raise StoreIdentityError(f"experiment {exp_name!r} is no longer in sweep {sweep_name!r}; "
-                                         f"nothing written")
-            if exp_name not in stores:
-                stores[exp_name] = open_checked(sweep_name, exps[exp_name], spec, results_dir)
-                states[exp_name] = stores[exp_name].shard_states()
-            st = stores[exp_name]
+        for exp_name, shard in self.task.work:
+            if exp_name not in self.stores:
+                if exp_name not in self.task.experiments:
+                    raise StoreIdentityError(f"experiment {exp_name!r} has no config in this task's plan "
+                                             f"(sweep {self.task.sweep!r}); nothing written")
+                self.stores[exp_name] = self.open_store(self.task.experiments[exp_name])
+                states[exp_name] = self.stores[exp_name].shard_states()
+            st = self.stores[exp_name]
             if states[exp_name][shard].state == "done":
                 skipped.append((exp_name, shard))
                 continue
@@ -174,151 +238,128 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
                                str(st.path.with_suffix(".work") / f"shard-{shard:06d}")))
         return todo, skipped, held
 
-    def load():
-        from .backends import backend_for, load_backend
+    def claim(self, exp: ExperimentConfig, grp: list[_Shard], ident: dict, leased: list[int]
+              ) -> tuple[list[_Shard], list, list]:
+        """Writer: take the group's leases (appended to ``leased``) and re-check each record right before
+        computing; returns (shards to compute, skipped, held)."""
+        st = self.stores[exp.name]
+        live, skipped, held = [], [], []
+        for sh in grp:
+            try:
+                ok, holder = st.leases.acquire(sh.shard)
+                if not ok:
+                    held.append((exp.name, sh.shard, describe_holder(holder or {})))
+                    continue
+                leased.append(sh.shard)
+                st.check_writable(st.uid, ident)
+                if st.shard_state(sh.shard).state == "done":
+                    skipped.append((exp.name, sh.shard))
+                    continue
+                live.append(sh)
+            except LeaseLost as e:
+                log.warning("%s", e)
+                held.append((exp.name, sh.shard, str(e)))
+        return live, skipped, held
 
-        return backend_for(lm, batch_tokens=batch_tokens) if lm is not None else \
-            load_backend(model_name, device=device, batch_tokens=batch_tokens)
+    def compute(self, exp: ExperimentConfig, batch: list[_Shard]) -> list[dict[str, np.ndarray]]:
+        """Every rank: the arrays of each shard of ``batch``, from one ``fam.run`` over their cells."""
+        fam = self._families[exp.name]
+        if exp.name not in self._cells:
+            self._cells[exp.name] = fam.cells(exp.params)
+        cells = self._cells[exp.name]
+        be = self.be
+        ctx = RunContext(scorer=be, model_kind=be.spec.kind, model_name=be.model_name, seed=exp.seed,
+                         workdir=Path(batch[0].workdir) if len(batch) == 1 else None)
+        self.result.runs += 1
+        arrays = fam.run(exp.params, [c for sh in batch for c in cells[sh.start:sh.stop]], ctx)
+        # the injected failure comes after the compute, so the ranks' collectives stay matched (an
+        # error inside a forward leaves the peers in an all-reduce: BAYESFLIP_DIST_TIMEOUT_MIN bounds it)
+        for sh in batch:
+            for e, s, r in self._inject:
+                if e == exp.name and s == sh.shard and r in (None, be.rank):
+                    raise RuntimeError(f"injected failure ({FAIL_ENV}) for {e}:{s}"
+                                       + (f" on rank {be.rank}" if r is not None else ""))
+        n = sum(sh.stop - sh.start for sh in batch)
+        bad = {k: np.asarray(v).shape[:1] for k, v in arrays.items() if np.asarray(v).shape[:1] != (n,)}
+        if bad:
+            raise ValueError(f"family {fam.name} returned arrays without {n} cells: {bad}")
+        out, off = [], 0
+        for sh in batch:
+            m = sh.stop - sh.start
+            out.append({k: np.asarray(v)[off:off + m] for k, v in arrays.items()})
+            off += m
+        return out
 
-    be = None
-    if int(getattr(spec, "tp", 1) or 1) > 1 or int(getattr(lm, "world_size", 1) or 1) > 1:
-        be = load()             # starts torch.distributed: rank 0 plans, the other ranks follow
-        res.load_seconds = time.time() - t0
-        res.rank, res.world_size = be.rank, be.world_size
-    todo, res.skipped, res.held = from_writer(plan, "planning the task's shards")
-    if not todo:
-        res.seconds = time.time() - t0
-        return res
-    if be is None:
-        be = load()
-        res.load_seconds = time.time() - t0
-    res.rank, res.world_size = be.rank, be.world_size
-    writer = {"writer_rank": be.rank, "world_size": be.world_size}
-    if group_cells is None:
+    def compute_group(self, exp: ExperimentConfig, live: list[_Shard]) -> Outcomes:
+        """Every rank: compute the group under ``be.agree`` (an error on any rank fails it on all ranks alike);
+        a failing group of several shards is re-run shard by shard, so only the failing shard fails."""
+        be = self.be
+        outcomes: Outcomes = {}
+        ts = time.time()
         try:
-            group_cells = int(os.environ.get(GROUP_ENV) or GROUP_CELLS)
-        except ValueError:
-            raise ValueError(f"{GROUP_ENV}={os.environ.get(GROUP_ENV)!r}: expected a number of cells") from None
-    inject = _injected()
-    families = {e: get_family(exps[e].family) for e in {sh.exp for sh in todo}}
-    groups = group_shards(todo, families, group_cells)
-    cells_cache: dict[str, list[dict]] = {}
-    bar = None
-    if progress and be.is_writer:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc=f"{sweep_name}/{model_name}", unit="shard")
+            parts = be.agree(lambda: self.compute(exp, live), _what(exp.name, live))
+            dt = time.time() - ts
+            n = sum(sh.stop - sh.start for sh in live)
+            for sh, arrays in zip(live, parts):
+                outcomes[sh.shard] = ("ok", arrays, round(dt * (sh.stop - sh.start) / n, 3))
+        except Exception as e:  # recorded by write() (or retried shard by shard); the task goes on
+            if len(live) == 1:
+                outcomes[live[0].shard] = ("failed", f"{type(e).__name__}: {e}", traceback.format_exc())
+            else:
+                if be.is_writer:
+                    log.warning("group %s failed (%s: %s); running its %d shards one by one",
+                                _what(exp.name, live), type(e).__name__, e, len(live))
+                for sh in live:
+                    ts = time.time()
+                    try:
+                        (arrays,) = be.agree(lambda: self.compute(exp, [sh]), _what(exp.name, [sh]))
+                        outcomes[sh.shard] = ("ok", arrays, round(time.time() - ts, 3))
+                    except Exception as e1:  # noqa: BLE001 — this shard's failed record
+                        outcomes[sh.shard] = ("failed", f"{type(e1).__name__}: {e1}", traceback.format_exc())
+        return outcomes
 
-    for grp in groups:
-        exp = exps[grp[0].exp]
-        fam = families[exp.name]
-        ident = identity(exp.hash, spec)
-        leased: list[int] = []                   # rank 0: leases taken for this group
+    def write(self, exp: ExperimentConfig, live: list[_Shard], outcomes: Outcomes, ident: dict
+              ) -> list[tuple[int, str, str]]:
+        """Writer: chunks + records of the group; (shard, done|failed|held, message) each."""
+        st = self.stores[exp.name]
+        writer = {"writer_rank": self.be.rank, "world_size": self.be.world_size}
+        out = []
+        for sh in live:
+            kind, a, b = outcomes[sh.shard]
+            try:
+                if kind == "ok":
+                    extra = {"group_shards": len(live)} if len(live) > 1 else {}
+                    st.write_shard(sh.shard, a, expect_uid=st.uid, expect_identity=ident, require_lease=True,
+                                   seconds=b, model_revision=self.be.revision, **writer, **extra)
+                    log.info("computed shard %s:%d of %s", exp.name, sh.shard, st.path)
+                    out.append((sh.shard, "done", ""))
+                else:
+                    log.error("shard %s:%d failed: %s", exp.name, sh.shard, a)
+                    st.check_writable(st.uid, ident, sh.shard)
+                    st.write_record(sh.shard, "failed", error=a, traceback=b, **writer)
+                    out.append((sh.shard, "failed", a))
+            except LeaseLost as e:
+                log.warning("%s", e)
+                out.append((sh.shard, "held", str(e)))
+        return out
 
-        def claim() -> tuple[list[_Shard], list, list]:
-            st = stores[exp.name]
-            live, skipped, held = [], [], []
-            for sh in grp:
-                try:
-                    ok, holder = st.leases.acquire(sh.shard)
-                    if not ok:
-                        held.append((exp.name, sh.shard, describe_holder(holder or {})))
-                        continue
-                    leased.append(sh.shard)
-                    st.check_writable(st.uid, ident)
-                    if st.shard_state(sh.shard).state == "done":       # re-check right before computing
-                        skipped.append((exp.name, sh.shard))
-                        continue
-                    live.append(sh)
-                except LeaseLost as e:
-                    log.warning("%s", e)
-                    held.append((exp.name, sh.shard, str(e)))
-            return live, skipped, held
-
-        def compute(batch: list[_Shard]) -> list[dict[str, np.ndarray]]:
-            """Arrays of each shard of ``batch``, from one fam.run over their cells."""
-            if exp.name not in cells_cache:
-                cells_cache[exp.name] = fam.cells(exp.params)
-            cells = cells_cache[exp.name]
-            ctx = RunContext(scorer=be, model_kind=be.spec.kind, model_name=be.model_name, seed=exp.seed,
-                             workdir=Path(batch[0].workdir) if len(batch) == 1 else None)
-            res.runs += 1
-            arrays = fam.run(exp.params, [c for sh in batch for c in cells[sh.start:sh.stop]], ctx)
-            # the injected failure comes after the compute, so the ranks' collectives stay matched (an
-            # error inside a forward leaves the peers in an all-reduce: BAYESFLIP_DIST_TIMEOUT_MIN bounds it)
-            for sh in batch:
-                for e, s, r in inject:
-                    if e == exp.name and s == sh.shard and r in (None, be.rank):
-                        raise RuntimeError(f"injected failure ({FAIL_ENV}) for {e}:{s}"
-                                           + (f" on rank {be.rank}" if r is not None else ""))
-            n = sum(sh.stop - sh.start for sh in batch)
-            bad = {k: np.asarray(v).shape[:1] for k, v in arrays.items() if np.asarray(v).shape[:1] != (n,)}
-            if bad:
-                raise ValueError(f"family {fam.name} returned arrays without {n} cells: {bad}")
-            out, off = [], 0
-            for sh in batch:
-                m = sh.stop - sh.start
-                out.append({k: np.asarray(v)[off:off + m] for k, v in arrays.items()})
-                off += m
-            return out
-
-        def what(batch: list[_Shard]) -> str:
-            return f"{exp.name}:{','.join(str(sh.shard) for sh in batch)}"
-
+    def run_group(self, grp: list[_Shard]) -> None:
+        """claim → compute → write one group; the writer releases the group's leases whatever happens."""
+        res = self.result
+        exp = self.task.experiments[grp[0].exp]
+        ident = identity(exp.hash, self.task.model)
+        leased: list[int] = []                   # writer: leases taken for this group
         try:
-            live, skipped, held = from_writer(claim, f"leases of {what(grp)}")
+            live, skipped, held = from_writer(lambda: self.claim(exp, grp, ident, leased),
+                                              f"leases of {_what(exp.name, grp)}")
             res.skipped += skipped
             res.held += held
             if not live:
-                continue
-            # every rank computes; an error on any rank fails the group on all ranks alike
-            outcomes: dict[int, tuple] = {}
-            ts = time.time()
-            try:
-                parts = be.agree(lambda: compute(live), what(live))
-                dt = time.time() - ts
-                n = sum(sh.stop - sh.start for sh in live)
-                for sh, arrays in zip(live, parts):
-                    outcomes[sh.shard] = ("ok", arrays, round(dt * (sh.stop - sh.start) / n, 3))
-            except Exception as e:  # recorded below (or retried shard by shard); the task goes on
-                if len(live) == 1:
-                    outcomes[live[0].shard] = ("failed", f"{type(e).__name__}: {e}", traceback.format_exc())
-                else:
-                    if be.is_writer:
-                        log.warning("group %s failed (%s: %s); running its %d shards one by one",
-                                    what(live), type(e).__name__, e, len(live))
-                    for sh in live:
-                        ts = time.time()
-                        try:
-                            (arrays,) = be.agree(lambda: compute([sh]), what([sh]))
-                            outcomes[sh.shard] = ("ok", arrays, round(time.time() - ts, 3))
-                        except Exception as e1:  # noqa: BLE001 — this shard's failed record
-                            outcomes[sh.shard] = ("failed", f"{type(e1).__name__}: {e1}", traceback.format_exc())
-
-            def write() -> list[tuple[int, str, str]]:
-                """Rank 0: chunks + records of the group; (shard, done|failed|held, message) each."""
-                st = stores[exp.name]
-                out = []
-                for sh in live:
-                    kind, a, b = outcomes[sh.shard]
-                    try:
-                        if kind == "ok":
-                            extra = {"group_shards": len(live)} if len(live) > 1 else {}
-                            st.write_shard(sh.shard, a, expect_uid=st.uid, expect_identity=ident, require_lease=True,
-                                           seconds=b, model_revision=be.revision, **writer, **extra)
-                            log.info("computed shard %s:%d of %s", exp.name, sh.shard, st.path)
-                            out.append((sh.shard, "done", ""))
-                        else:
-                            log.error("shard %s:%d failed: %s", exp.name, sh.shard, a)
-                            st.check_writable(st.uid, ident, sh.shard)
-                            st.write_record(sh.shard, "failed", error=a, traceback=b, **writer)
-                            out.append((sh.shard, "failed", a))
-                    except LeaseLost as e:
-                        log.warning("%s", e)
-                        out.append((sh.shard, "held", str(e)))
-                return out
-
+                return
+            outcomes = self.compute_group(exp, live)
             # StoreIdentityError / StoreWriteError stop the task, on every rank: one clear error
-            for shard, kind, msg in from_writer(write, f"writing {what(live)}"):
+            for shard, kind, msg in from_writer(lambda: self.write(exp, live, outcomes, ident),
+                                                f"writing {_what(exp.name, live)}"):
                 if kind == "done":
                     res.done.append((exp.name, shard))
                 elif kind == "failed":
@@ -326,12 +367,76 @@ def run_task(sweep_name: str, model_name: str, work: list[tuple[str, int]], devi
                 else:
                     res.held.append((exp.name, shard, msg))
         finally:
-            if be.is_writer:
+            if self.be.is_writer:
                 for shard in leased:
-                    stores[exp.name].leases.release(shard)
-            if bar is not None:
-                bar.update(len(grp))
-    if bar is not None:
-        bar.close()
-    res.seconds = time.time() - t0
-    return res
+                    self.stores[exp.name].leases.release(shard)
+
+
+def run_task(task: TaskPlan, *, device: Optional[str] = None, progress: bool = True, lm: Any = None,
+             batch_tokens: int = 8192, group_cells: Optional[int] = None) -> TaskResult:
+    """Run one task's (experiment, shard) pairs for its model (see :class:`ShardRunner`)."""
+    return ShardRunner(task, device=device, progress=progress, lm=lm, batch_tokens=batch_tokens,
+                       group_cells=group_cells).run()
+
+
+# ---------------------------------------------------------------------- in-process runs
+@dataclass
+class LocalRun:
+    """What :func:`run_local` ran: each task with its result."""
+
+    sweep: str
+    tasks: list[tuple[TaskPlan, TaskResult]] = field(default_factory=list)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(len(r.failed) for _, r in self.tasks)
+
+    @property
+    def rc(self) -> int:
+        """The exit code of ``bayesflip debug``: 1 when a shard failed, else 0."""
+        return 1 if self.n_failed else 0
+
+
+def run_local(sweep: str | SweepConfig, model_type: Optional[str] = None, *, overwrite: bool = False,
+              results_dir: Path | str | None = None, device: Optional[str] = None, list_shards: bool = False,
+              lm: Any = None, progress: bool = True, out: Callable[[str], Any] = print) -> LocalRun:
+    """Plan, then run every pending shard in this process (local GPU or CPU): ``bayesflip debug``, ``demo``
+    and ``paper-smol``, the cluster jobs' code path without SLURM.
+
+    ``sweep``: a name (configs/sweeps, with ``model_type``) or a :class:`SweepConfig` built in memory. Hub
+    models must be prepared (checked first); ``overwrite`` deletes the stores first, refused while a job or
+    process of the sweep still works on them. One line per model is printed through ``out``."""
+    from .models.prepare import require_prepared_models
+
+    if isinstance(sweep, str):
+        require_prepared_models(sweep_models(sweep, model_type))
+        sweep = load_sweep(sweep, model_type)
+    else:
+        require_prepared_models(sweep.models)
+    if overwrite:
+        refuse_busy_overwrite(sweep, results_dir)
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir)
+    write_manifest(sweep, units, Submission(mode="debug"), results_dir=results_dir)
+    run = LocalRun(sweep.name)
+    tasks = make_tasks(sweep.name, units, shards_per_task=10**9, results_dir=results_dir)
+    total = sum(u.n_shards for u in units)
+    n_held = sum(len(u.held) for u in units)
+    if not tasks:
+        out(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done"
+            + (f" or held by another live run ({n_held})" if n_held else "") + " (--overwrite recomputes)")
+    for task in tasks:
+        r = run_task(task, device=device, lm=lm, progress=progress)
+        run.tasks.append((task, r))
+        model = task.model.name
+        held = sum(len(u.held) for u in units if u.model.name == model) + len(r.held)
+        already = sum(u.n_shards - len(u.pending) - len(u.held) for u in units if u.model.name == model) \
+            + len(r.skipped)
+        out(f"{model}: {len(r.done)} shards done, {already} already done, {len(r.failed)} failed"
+            + (f", {held} held by another live run (not computed here)" if held else "")
+            + f" ({r.seconds:.1f} s, model load {r.load_seconds:.1f} s)")
+        if list_shards:
+            for exp, shard in r.done:
+                out(f"  computed {exp}:{shard}")
+        for exp, shard, err in r.failed:
+            out(f"  FAILED {exp}:{shard}: {err}")
+    return run

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from . import store_layout as layout
 from .errors import ConfigError
+from .hpc import slurm
 from .store import ResultStore
 
 
 def migrate_store(path: Path) -> str:
     """``migrated`` | ``current``; refuses while a live job holds one of its shards."""
-    st = ResultStore(path)
+    st = ResultStore(path, slurm.live_jobs)
     damaged = st.damage()
     if damaged:
         raise ConfigError("migrate", f"{path} is damaged ({damaged}); re-run its sweep (it is moved aside and rebuilt)")

@@ -6,24 +6,29 @@ tokenization of choices, empty grids, store identity) runs here, before submissi
 ``plan_sweep(..., create=False)`` plans without writing anything (dry runs, and the
 array-size checks that must pass before any store is created). A shard is pending when it
 is not verified done (see :mod:`bayesflip.store`) and no live job holds its lease.
+
+What crosses into a job is a :class:`TaskPlan`: the resolved experiment configs, the model's
+:class:`~bayesflip.models.registry.ModelSpec` and the (experiment, shard) pairs, so a job (in-process
+or a pickled SLURM array task) never looks a sweep or a model up by name again.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Optional
 
-from .config import ExperimentConfig, SweepConfig
-from .errors import ConfigError
+from .config import ExperimentConfig, SweepConfig, load_sweep
+from .errors import ConfigError, StoreIdentityError
 from .experiments import get_family
+from .hpc import slurm
+from .hpc.manifest import Manifest, ManifestError, PlannedUnit, Submission
+from .hpc.status import active_jobs
 from .models.registry import ModelSpec, get_model_spec
 from .paths import RESULTS_DIR
-from .store import ResultStore, atomic_write_text, identity, identity_diff, provenance, store_path
+from .store import ResultStore, identity, identity_diff, provenance, store_path
 from .store_layout import check_names
-from .errors import StoreIdentityError
 
 
 @dataclass
@@ -39,16 +44,39 @@ class Unit:
     n_cells: int = 0
 
 
-@dataclass
-class Task:
-    """What one job (array task) does: load ``model`` once, run these (experiment, shard) pairs."""
+@dataclass(frozen=True)
+class TaskPlan:
+    """What one job (array task) runs: load ``model`` once, run these (experiment, shard) pairs.
+
+    Everything is resolved: ``experiments`` holds the config of every experiment of ``work`` (as the
+    planner saw it), ``model`` the registry entry. Submit pickles it into the array task; ``debug``
+    hands it to :class:`bayesflip.job.ShardRunner` in-process. ``results_dir`` None: the default."""
 
     sweep: str
-    model: str
-    work: list[tuple[str, int]]
+    model: ModelSpec
+    experiments: dict[str, ExperimentConfig]
+    work: tuple[tuple[str, int], ...]
+    results_dir: Optional[Path] = None
 
-    def to_json(self) -> dict:
-        return {"sweep": self.sweep, "model": self.model, "work": [list(w) for w in self.work]}
+    @classmethod
+    def resolve(cls, sweep: str, model: str, work: Iterable[tuple[str, int]],
+                results_dir: Path | str | None = None) -> "TaskPlan":
+        """From names (scripts, tests, and array tasks pickled by an older bayesflip): the sweep is
+        loaded once here; an experiment the sweep no longer has is refused (nothing written)."""
+        sw = load_sweep(sweep, model_type=model)
+        exps = {e.name: e for e in sw.experiments}
+        pairs = tuple((str(e), int(s)) for e, s in work)
+        for e, _ in pairs:
+            if e not in exps:
+                raise StoreIdentityError(f"experiment {e!r} is no longer in sweep {sweep!r}; nothing written")
+        return cls(sw.name, get_model_spec(model), {e: exps[e] for e, _ in pairs},
+                   pairs, Path(results_dir) if results_dir else None)
+
+    def store(self, experiment: str) -> Path:
+        return store_path(self.sweep, experiment, self.model.name, self.results_dir)
+
+    def work_json(self) -> list[list]:
+        return [list(w) for w in self.work]
 
 
 HUGE_GRID = 1_000_000   # cells of one store above which the planner warns (time + memory)
@@ -111,9 +139,9 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
                 if (ev := fam.evidence(exp.params)) is not None:   # the cells' evidence kind, read by reduce
                     attrs["evidence"] = ev
                 st = ResultStore.create(path, arrays, cells, exp.shard_size, fam.coords(exp.params),
-                                        attrs, overwrite=overwrite)
+                                        attrs, overwrite=overwrite, live_jobs=slurm.live_jobs)
             else:
-                st = ResultStore(path)
+                st = ResultStore(path, slurm.live_jobs)
                 check_names({k: v.dims for k, v in arrays.items()}, {k: v.shape for k, v in arrays.items()},
                             list(cells[0]), fam.coords(exp.params), f"experiment {exp.name}")
                 if st.exists and not overwrite:
@@ -133,43 +161,58 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
     return units
 
 
+def refuse_busy_overwrite(sweep: SweepConfig, results_dir: Path | str | None = None) -> None:
+    """``--overwrite`` deletes stores: never while a job or process of the sweep still works on them."""
+    root = Path(results_dir or RESULTS_DIR)
+    units = plan_sweep(sweep, overwrite=True, results_dir=root, create=False)
+    busy = active_jobs(sweep.name, root, [(u.experiment.name, u.store) for u in units])
+    if busy:
+        raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still active "
+                          f"({'; '.join(busy[:5])}); wait for them or stop them first")
+
+
 def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, only_pending: bool = True,
-               pack=None) -> list[Task]:
+               pack=None, results_dir: Path | str | None = None) -> list[TaskPlan]:
     """Group shards into tasks, per model (one model load per task), in experiment order.
 
     ``pack`` (model name → callable(work) → list of work lists, e.g. :meth:`bayesflip.cost.ModelCost.pack`)
     groups a model's shards by estimated time; models without one get ``shards_per_task`` each."""
     by_model: dict[str, list[tuple[str, int]]] = {}
+    specs: dict[str, ModelSpec] = {}
+    exps: dict[str, ExperimentConfig] = {}
     for u in units:
         shards = u.pending if only_pending else list(range(u.n_shards))
         by_model.setdefault(u.model.name, []).extend((u.experiment.name, s) for s in shards)
+        specs.setdefault(u.model.name, u.model)
+        exps.setdefault(u.experiment.name, u.experiment)
+    root = Path(results_dir) if results_dir else None
+
+    def task(model: str, work: list[tuple[str, int]]) -> TaskPlan:
+        return TaskPlan(sweep_name, specs[model], {e: exps[e] for e, _ in work}, tuple(work), root)
+
     tasks = []
     for model, work in by_model.items():
         if pack and model in pack:
-            tasks.extend(Task(sweep_name, model, w) for w in pack[model](work))
+            tasks.extend(task(model, w) for w in pack[model](work))
             continue
         for i in range(0, len(work), shards_per_task):
-            tasks.append(Task(sweep_name, model, work[i: i + shards_per_task]))
+            tasks.append(task(model, work[i: i + shards_per_task]))
     return tasks
 
 
-def write_manifest(sweep: SweepConfig, units: list[Unit], extra: dict | None = None,
-                   results_dir: Path | None = None) -> Path:
-    path = Path(results_dir or RESULTS_DIR) / sweep.name / "manifest.json"
+def write_manifest(sweep: SweepConfig, units: list[Unit], submission: Optional[Submission] = None,
+                   results_dir: Path | str | None = None) -> Path:
+    """Record the plan (models, resolved configs, units) in the sweep's manifest, keeping its submissions,
+    plus ``submission`` when given. An unreadable manifest is refused, never overwritten."""
     try:
-        old = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError) as e:
-        raise StoreIdentityError(f"{path}: unreadable manifest ({e}); move it away to start the sweep afresh") from None
-    doc = {
-        "sweep": sweep.name,
-        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "models": sweep.models,
-        "experiments": {e.name: e.raw for e in sweep.experiments},
-        "units": [{"experiment": u.experiment.name, "model": u.model.name, "store": f"{u.experiment.name}/{u.model.name}.zarr",
-                   "n_shards": u.n_shards, "template": u.model.template} for u in units],
-        "submissions": old.get("submissions", []),
-    }
-    if extra:
-        doc["submissions"].append(extra)
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str))
-    return path
+        with Manifest.edit(sweep.name, results_dir) as m:
+            m.models = list(sweep.models)
+            m.experiments = {e.name: e.raw for e in sweep.experiments}
+            m.units = [PlannedUnit(experiment=u.experiment.name, model=u.model.name,
+                                   store=f"{u.experiment.name}/{u.model.name}.zarr", n_shards=u.n_shards,
+                                   template=u.model.template) for u in units]
+            if submission is not None:
+                m.submissions.append(submission)
+    except ManifestError as e:
+        raise StoreIdentityError(f"{e}; move it away to start the sweep afresh") from None
+    return Manifest.path(sweep.name, results_dir)

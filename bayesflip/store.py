@@ -19,7 +19,9 @@ checksum; anything else is ``corrupt`` (with the file named) and is recomputed.
 One writer per shard: a process computes a shard only while it holds the shard's lease
 ``<model>.leases/shard-000012.lease`` (host, pid, SLURM job id; mtime = heartbeat). A lease
 whose holder is gone (SLURM job no longer active, local pid dead, or heartbeat older than
-``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard.
+``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard. Which jobs
+are active is not asked here: the store is given a ``live_jobs`` callable
+(:func:`bayesflip.hpc.slurm.live_jobs` from the planner, the job and status).
 
 All coordinates sit at the root so ``xarray.open_zarr`` reads a labelled Dataset; the older
 ``coords/`` + ``labels/`` layout is still read (see :mod:`bayesflip.store_layout`).
@@ -42,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import zarr
@@ -183,9 +185,12 @@ class ShardState:
 LEASE_TTL_S = float(os.environ.get("BAYESFLIP_LEASE_TTL", "120"))
 HEARTBEAT_S = max(1.0, LEASE_TTL_S / 6)
 _TOKEN = uuid.uuid4().hex          # this process
-SLURM_ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED",
-                "REQUEUED", "PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "STOPPED", "RESV_DEL_HOLD"}
-_squeue_cache: dict[str, Any] = {"t": 0.0, "jobs": None}
+LiveJobs = Callable[[], Optional[Mapping[str, str]]]
+
+
+def no_scheduler() -> Optional[Mapping[str, str]]:
+    """The ``live_jobs`` of a store opened without a scheduler: nothing known (pids and heartbeats decide)."""
+    return None
 
 
 def _proc_start(pid: int) -> Optional[str]:
@@ -203,36 +208,18 @@ def _me() -> dict:
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def slurm_jobs() -> Optional[dict[str, str]]:
-    """{job id (unique per array task): state} of every job SLURM still knows; None if squeue is unavailable."""
-    now = time.time()
-    if _squeue_cache["jobs"] is not None and now - _squeue_cache["t"] < 3:
-        return _squeue_cache["jobs"]
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        r = subprocess.run(["squeue", "-h", "-a", "-o", "%A|%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    jobs = {}
-    for ln in r.stdout.splitlines():
-        if "|" in ln:
-            jid, state = ln.split("|", 1)
-            jobs[jid.strip()] = state.strip()
-    _squeue_cache.update(t=now, jobs=jobs)
-    return jobs
+def lease_alive(info: dict, mtime: float, live_jobs: LiveJobs = no_scheduler) -> tuple[bool, str]:
+    """Is the holder of a lease still alive? (answer, why).
 
-
-def lease_alive(info: dict, mtime: float) -> tuple[bool, str]:
-    """Is the holder of a lease still alive? (answer, why)."""
+    ``live_jobs()``: {job id: state} of the jobs the scheduler still runs or queues, or None when it cannot
+    tell (:func:`bayesflip.hpc.slurm.live_jobs`). A holder with a job id is alive while its job is listed;
+    else a holder on this host while its pid lives (same start time); else while its heartbeat is recent."""
     jid = info.get("job_id")
     if jid:
-        jobs = slurm_jobs()
+        jobs = live_jobs()
         if jobs is not None:
             state = jobs.get(str(jid))
-            return (state in SLURM_ACTIVE, f"SLURM job {jid} {state or 'ended'}")
+            return (state is not None, f"SLURM job {jid} {state or 'ended'}")
     if info.get("host") == socket.gethostname() and info.get("pid"):
         pid = int(info["pid"])
         alive = _proc_start(pid) is not None and _proc_start(pid) == info.get("pid_start")
@@ -282,10 +269,12 @@ _HEARTBEAT = _Heartbeat()
 
 
 class Leases:
-    """Shard leases of one store (see the module docstring)."""
+    """Shard leases of one store (see the module docstring). ``live_jobs`` tells which scheduler jobs
+    still run (:func:`lease_alive`); the store never asks the scheduler itself."""
 
-    def __init__(self, store_path_: Path):
+    def __init__(self, store_path_: Path, live_jobs: LiveJobs = no_scheduler):
         self.dir = Path(store_path_).with_suffix(".leases")
+        self.live_jobs = live_jobs
 
     def path(self, shard: int) -> Path:
         return self.dir / f"shard-{shard:06d}.lease"
@@ -343,7 +332,7 @@ class Leases:
         info, mtime = got
         if self.is_mine(info):
             return None
-        alive, why = lease_alive(info, mtime)
+        alive, why = lease_alive(info, mtime, self.live_jobs)
         return {**info, "why": why} if alive else None
 
     def live_holders(self) -> dict[int, dict]:
@@ -375,7 +364,7 @@ class Leases:
                 self._link_new(p, me, replace=True)
                 _HEARTBEAT.add(p)
                 return True, None
-            alive, why = lease_alive(info, mtime)
+            alive, why = lease_alive(info, mtime, self.live_jobs)
             if alive:
                 return False, {**info, "why": why}
             broken = p.with_name(f"{p.name}.stale-{_TOKEN}")   # break it: rename, then make sure it was that one
@@ -410,20 +399,25 @@ class Leases:
 
 # ---------------------------------------------------------------------- store
 class ResultStore:
-    """One Zarr store plus its per-shard completion records and leases."""
+    """One Zarr store plus its per-shard completion records and leases.
 
-    def __init__(self, path: Path):
+    ``live_jobs`` goes to the store's :class:`Leases` (which scheduler jobs still run); without it a lease's
+    holder is judged by its pid and heartbeat alone. Whoever takes or reports leases passes
+    :func:`bayesflip.hpc.slurm.live_jobs`."""
+
+    def __init__(self, path: Path, live_jobs: LiveJobs = no_scheduler):
         self.path = Path(path)
         self.records_dir = self.path.with_suffix(".records")
-        self.leases = Leases(self.path)
+        self.leases = Leases(self.path, live_jobs)
         self._attrs: Optional[dict] = None
 
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: Path, arrays: dict[str, ArraySpec], cells: list[dict], shard_size: int,
-               labels: dict[str, list], attrs: dict, overwrite: bool = False) -> "ResultStore":
+               labels: dict[str, list], attrs: dict, overwrite: bool = False,
+               live_jobs: LiveJobs = no_scheduler) -> "ResultStore":
         """Create (or re-open an identical) store. A different identity is an error unless overwrite."""
-        st = cls(path)
+        st = cls(path, live_jobs)
         layout.check_names({k: v.dims for k, v in arrays.items()}, {k: v.shape for k, v in arrays.items()},
                            list(cells[0]) if cells else [], labels)
         if "identity" not in attrs:   # synthetic / hand-made provenance: identity from what it has

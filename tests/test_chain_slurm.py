@@ -66,14 +66,14 @@ def test_chain_interrupted_under_slurm_resumes_at_next_generation(smol, tmp_path
     # the uninterrupted run, in-process with 1 thread like the SLURM task
     from bayesflip.config import load_sweep
     from bayesflip.job import run_task
-    from bayesflip.plan import plan_sweep
+    from bayesflip.plan import TaskPlan, plan_sweep
 
     ref_root = tmp_path / "ref"
     plan_sweep(load_sweep(SWEEP), results_dir=ref_root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        r = run_task(SWEEP, MODEL, [(EXP, 0)], results_dir=ref_root, lm=smol, progress=False)
+        r = run_task(TaskPlan.resolve(SWEEP, MODEL, [(EXP, 0)], ref_root), lm=smol, progress=False)
     finally:
         torch.set_num_threads(threads)
     assert r.done == [(EXP, 0)]

@@ -1,5 +1,5 @@
 """A task scores its pending shards of one experiment through the engine together (one
-``fam.run`` over the cells of several shards, split back per shard; :func:`bayesflip.job.run_task`).
+``fam.run`` over the cells of several shards, split back per shard; :class:`bayesflip.job.ShardRunner`).
 
 configs/sweeps/test_group.yaml: small icl / needle / markov / poisson (sampled) / cot (sampled)
 experiments of several shards each, plus a generational chain (never grouped), on tiny-random
@@ -17,7 +17,7 @@ import pytest
 from bayesflip.config import load_sweep
 from bayesflip.experiments import family_names, get_family
 from bayesflip.job import FAIL_ENV, group_shards, run_task
-from bayesflip.plan import plan_sweep
+from bayesflip.plan import TaskPlan, plan_sweep
 from bayesflip.store import ResultStore, store_path
 
 SWEEP = "test_group"
@@ -52,7 +52,8 @@ def _run(root: Path, lm, sweep=SWEEP, model=MODEL, work=None, **kw):
     if not (root / sweep).exists():
         plan_sweep(load_sweep(sweep, model), results_dir=root)
     t0 = time.time()
-    r = run_task(sweep, model, work or _work(sweep, model), device="cpu", progress=False, results_dir=root, lm=be, **kw)
+    r = run_task(TaskPlan.resolve(sweep, model, work or _work(sweep, model), root), device="cpu", progress=False,
+                 lm=be, **kw)
     return r, be.stats.forward_calls, time.time() - t0
 
 

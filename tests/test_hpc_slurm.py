@@ -33,7 +33,8 @@ if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
                 allow_module_level=True)
 
 from bayesflip.errors import ConfigError  # noqa: E402
-from bayesflip.hpc.launch import Submission, read_manifest, resubmit_sweep, submit_sweep  # noqa: E402
+from bayesflip.hpc.launch import Submission, resubmit_sweep, submit_sweep  # noqa: E402
+from bayesflip.hpc.manifest import Manifest  # noqa: E402
 from bayesflip.hpc.status import render, sweep_status  # noqa: E402
 from bayesflip.job import FAIL_ENV  # noqa: E402
 from conftest import sweep_arrays, sweep_records  # noqa: E402
@@ -88,7 +89,7 @@ def _settled_status(root: Path, deadline_s: float = 30):
     """sweep_status once sacct has caught up (no task RUNNING/PENDING any more; sacct lags ~1 s)."""
     end = time.time() + deadline_s
     while True:
-        st = sweep_status(read_manifest(SWEEP, root), results_dir=root)
+        st = sweep_status(Manifest.load(SWEEP, root), results_dir=root)
         busy = [j for j, v in st.tasks.items() if v in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED")]
         if (st.tasks and not busy) or time.time() > end:
             return st
@@ -155,6 +156,7 @@ def reference(smol, tmp_path_factory):
 
     from bayesflip.config import load_sweep
     from bayesflip.job import run_task
+    from bayesflip.plan import TaskPlan
     from bayesflip.plan import plan_sweep
 
     root = tmp_path_factory.mktemp("ref")
@@ -162,7 +164,7 @@ def reference(smol, tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)   # cpus_per_task = 1 in the tasks: same reduction order, same bits
     try:
-        r = run_task(SWEEP, MODEL, ALL_WORK, device="cpu", progress=False, results_dir=root, lm=smol)
+        r = run_task(TaskPlan.resolve(SWEEP, MODEL, ALL_WORK, root), device="cpu", progress=False, lm=smol)
     finally:
         torch.set_num_threads(n)
     assert not r.failed and len(r.done) == len(ALL_WORK)
@@ -204,7 +206,7 @@ def test_bad_submissions_fail_before_submitting(cluster, tmp_path, capsys):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "empty grid" in r.stderr and "'experiments'" in r.stderr
 
-    assert not (Path(res) / SWEEP / "manifest.json").exists()
+    assert not Manifest.path(SWEEP, res).exists()
     assert not (Path(res) / SWEEP / "icl_coin").exists()       # checks ran before planning created stores
     time.sleep(1.5)   # sacct lags ~1 s
     assert _sacct_jobs(since) == before, "a job was submitted although the submission was invalid"
@@ -212,13 +214,13 @@ def test_bad_submissions_fail_before_submitting(cluster, tmp_path, capsys):
 
 def _too_much_memory(tmp: Path):
     """A template file asking for more memory than the node has (private template dir)."""
-    from bayesflip.hpc import templates as T
+    from bayesflip.hpc import slurm, templates as T
 
     tdir = tmp / "templates"
     tdir.mkdir(exist_ok=True)
     (tdir / "huge.yaml").write_text("partition: debug\ncpus_per_task: 1\nmem_gb: 100000\ntime_min: 5\n")
     tpl = T.load_template("huge", tdir)
-    T.check_against_partition(tpl, T.query_partition("debug"))
+    T.check_against_partition(tpl, slurm.query_partition("debug"))
 
 
 # ---------------------------------------------------------------------- (b) preemption → requeue → resume
@@ -273,11 +275,10 @@ def test_array_completes_and_equals_debug_run(launched, reference):
     # and another batch composition moves float32 log-probs by ~1e-5 (measured 1.2e-5; grouping: bayesflip.job)
     _assert_same(_arrays(sub.results_dir, MODEL), reference, atol=5e-5)
 
-    manifest = read_manifest(SWEEP, sub.results_dir)
-    subm = manifest["submissions"][-1]
-    assert subm["command"] == "submit" and subm["arrays"][0]["array_id"] == arr.array_id
-    assert [t["work"] for t in subm["arrays"][0]["tasks"]] == [[list(w) for w in ALL_WORK[:5]],
-                                                                [list(w) for w in ALL_WORK[5:]]]
+    manifest = Manifest.load(SWEEP, sub.results_dir)
+    subm = manifest.submissions[-1]
+    assert subm.command == "submit" and subm.arrays[0].array_id == arr.array_id
+    assert [t.work for t in subm.arrays[0].tasks] == [list(ALL_WORK[:5]), list(ALL_WORK[5:])]
     st = _settled_status(sub.results_dir)
     assert st.totals() == {"done": 6, "running": 0, "pending": 0, "failed": 0, "corrupt": 0}
     assert sorted(st.tasks) == [f"{arr.array_id}_0", f"{arr.array_id}_1"]
@@ -300,7 +301,7 @@ def test_failed_shard_reported_then_resubmit_completes_only_it(launched, referen
     assert main(["status", "--sweep", SWEEP, "--results-dir", str(root)]) == 0
     out = capsys.readouterr().out
     assert "injected failure" in out and "icl_coin:1" in out
-    st = sweep_status(read_manifest(SWEEP, root), results_dir=root)
+    st = sweep_status(Manifest.load(SWEEP, root), results_dir=root)
     coin = next(u for u in st.units if u.experiment == "icl_coin")
     assert coin.shards == {0: "done", 1: "failed", 2: "done", 3: "done"}
     assert "injected failure" in coin.errors[1]

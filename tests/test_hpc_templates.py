@@ -13,7 +13,9 @@ from bayesflip.config import load_sweep
 from bayesflip.errors import ConfigError
 from bayesflip.hpc import templates as T
 from bayesflip.hpc.launch import resolve_templates
-from bayesflip.hpc.status import _expand_array, log_error, render, sweep_status
+from bayesflip.hpc import slurm
+from bayesflip.hpc.manifest import Manifest
+from bayesflip.hpc.status import log_error, render, sweep_status
 
 
 def _write(tmp_path, name, text):
@@ -50,19 +52,19 @@ def test_template_errors_name_the_key(tmp_path):
 
 
 def test_slurm_time_and_gres_parsing():
-    assert T.parse_slurm_time("UNLIMITED") is None and T.parse_slurm_time("INFINITE") is None
-    assert T.parse_slurm_time("1-02:03:00") == 1440 + 123
-    assert T.parse_slurm_time("02:00:00") == 120
-    assert T.parse_slurm_time("30:00") == 30 and T.parse_slurm_time("30:01") == 31
-    assert T.parse_slurm_time("45") == 45 and T.parse_slurm_time("2-12") == 2 * 1440 + 720
-    assert T.parse_gres_gpus("(null)") == 0
-    assert T.parse_gres_gpus("gpu:a100:4(S:0-1)") == 4
-    assert T.parse_gres_gpus("gpu:2,shard:8") == 2
-    assert T.parse_gres_gpus("gpu:v100:2(S:0),gpu:a100:2(S:1)") == 4
+    assert slurm.parse_slurm_time("UNLIMITED") is None and slurm.parse_slurm_time("INFINITE") is None
+    assert slurm.parse_slurm_time("1-02:03:00") == 1440 + 123
+    assert slurm.parse_slurm_time("02:00:00") == 120
+    assert slurm.parse_slurm_time("30:00") == 30 and slurm.parse_slurm_time("30:01") == 31
+    assert slurm.parse_slurm_time("45") == 45 and slurm.parse_slurm_time("2-12") == 2 * 1440 + 720
+    assert slurm.parse_gres_gpus("(null)") == 0
+    assert slurm.parse_gres_gpus("gpu:a100:4(S:0-1)") == 4
+    assert slurm.parse_gres_gpus("gpu:2,shard:8") == 2
+    assert slurm.parse_gres_gpus("gpu:v100:2(S:0),gpu:a100:2(S:1)") == 4
 
 
 def test_template_vs_partition():
-    part = T.PartitionInfo("p", "UP", max_time_min=60, max_nodes=None, total_nodes=2, cpus_per_node=16,
+    part = slurm.PartitionInfo("p", "UP", max_time_min=60, max_nodes=None, total_nodes=2, cpus_per_node=16,
                            mem_mb_per_node=128 * 1024, gpus_per_node=2)
     ok = T.JobTemplate(name="ok", partition="p", cpus_per_task=8, gpus_per_node=2, mem_gb=128, time_min=60, nodes=2)
     assert T.template_problems(ok, part) == []
@@ -103,7 +105,7 @@ def test_status_from_records_and_task_states(tmp_path):
                     {"model": "m", "array_id": "7", "tasks": [{"job_id": "7_0", "stderr": str(log),
                                                                "work": [["icl_coin", 0], ["icl_coin", 1],
                                                                         ["icl_coin", 2]]}]}]}]}
-    s = sweep_status(json.loads(json.dumps(manifest)), results_dir=tmp_path)
+    s = sweep_status(Manifest.model_validate(json.loads(json.dumps(manifest))), results_dir=tmp_path)
     u = s.units[0]
     assert u.shards == {0: "done", 1: "failed", 2: "pending", 3: "pending"}
     assert "boom" in u.errors[1]
@@ -112,7 +114,10 @@ def test_status_from_records_and_task_states(tmp_path):
     msg = log_error(str(log))
     assert msg.splitlines()[0].startswith("bayesflip.hpc.launch.ShardsFailed") and "oom-kill" in msg
     assert "Exited with exit code" not in msg
-    assert _expand_array("2-4%2") == [2, 3, 4] and _expand_array("1,5-6") == [1, 5, 6]
+    got = slurm.parse_sacct("JobID|State\n9_[2-4%2]|PENDING\n8_[1,5-6]|PENDING\n7_0|CANCELLED by 0\n7_1|\n"
+                            "6.batch|COMPLETED\n")
+    assert got == {"9_2": "PENDING", "9_3": "PENDING", "9_4": "PENDING", "8_1": "PENDING", "8_5": "PENDING",
+                   "8_6": "PENDING", "7_0": "CANCELLED", "7_1": "UNKNOWN"}
 
 
 def test_tp_picks_the_template(tmp_path):

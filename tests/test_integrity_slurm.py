@@ -33,7 +33,8 @@ if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
     pytest.skip("SLURM client tools not installed; start the local cluster with `make slurm-up`",
                 allow_module_level=True)
 
-from bayesflip.hpc.status import ACTIVE, QUEUED, _slurm_arrays, sacct_states  # noqa: E402
+from bayesflip.hpc.manifest import Manifest  # noqa: E402
+from bayesflip.hpc.slurm import ACTIVE, QUEUED, task_states  # noqa: E402
 from bayesflip.store import ResultStore, store_path  # noqa: E402
 from conftest import private_configs as configs  # noqa: E402
 
@@ -64,16 +65,16 @@ def bf(args: list[str], cfg: Path | None = None, timeout: float = 300, env: dict
     return subprocess.run([PY, "-m", "bayesflip.cli", *args], env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def manifest(root: Path, sweep: str) -> dict:
-    return json.loads((root / sweep / "manifest.json").read_text())
+def manifest(root: Path, sweep: str) -> Manifest:
+    return Manifest.load(sweep, root)
 
 
 def wait_sweep(root: Path, sweep: str, deadline_s: float = 300) -> dict[str, str]:
     """Wait until no task of any submission of the sweep is queued/running; cancel on expiry."""
     end = time.time() + deadline_s
     while True:
-        arrays = _slurm_arrays(manifest(root, sweep))
-        states = sacct_states(arrays)
+        arrays = manifest(root, sweep).slurm_array_ids()
+        states = task_states(arrays)
         if states and not any(v in ACTIVE | QUEUED for v in states.values()):
             return states
         if time.time() > end:
@@ -163,7 +164,7 @@ def test_deleted_chunk_flipped_byte_deleted_store_reported_and_repaired(cluster,
 
     from bayesflip.config import load_sweep
     from bayesflip.job import run_task
-    from bayesflip.plan import plan_sweep
+    from bayesflip.plan import TaskPlan, plan_sweep
     from bayesflip.reduce.load import load_sweep_data
 
     root = tmp_path / "res"
@@ -215,8 +216,8 @@ def test_deleted_chunk_flipped_byte_deleted_store_reported_and_repaired(cluster,
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rr = run_task("test_slurm", MODEL, [("icl_coin", s) for s in range(4)] + [("icl_die", 0), ("icl_die", 1)],
-                      device="cpu", progress=False, results_dir=ref, lm=tiny)
+        work = [("icl_coin", s) for s in range(4)] + [("icl_die", 0), ("icl_die", 1)]
+        rr = run_task(TaskPlan.resolve("test_slurm", MODEL, work, ref), device="cpu", progress=False, lm=tiny)
     finally:
         torch.set_num_threads(n)
     assert len(rr.done) == 6
@@ -232,7 +233,7 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
     assert r.returncode == 0, r.stderr
     path = store_path("dt", "icl_coin", MODEL, root)
     wait_records(path, 1)
-    subprocess.run(["scancel", *_slurm_arrays(manifest(root, "dt"))], check=True)   # the kill
+    subprocess.run(["scancel", *manifest(root, "dt").slurm_array_ids()], check=True)   # the kill
     wait_sweep(root, "dt")
     assert 1 <= len(ResultStore(path).done_shards()) < N
     recs_before = ResultStore(path).records()
@@ -246,17 +247,19 @@ def test_registry_dtype_changed_between_kill_and_resume_is_refused(cluster, tmp_
     r = bf(["resubmit", "--sweep", "dt", "--results-dir", str(root)], cfg)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "dtype: store='float32' now='bfloat16'" in r.stderr
-    # a job of the new registry (e.g. a requeued task) refuses to write into the float32 store
-    code = ("from bayesflip.job import run_task\n"
-            f"run_task('dt', '{MODEL}', [('icl_coin', s) for s in range({N})], progress=False, results_dir='{root}')")
+    # a job resolved from the new registry (a script, or a task pickled by an older bayesflip) refuses to
+    # write into the float32 store (a task submitted now carries the ModelSpec it was planned with)
+    code = ("from bayesflip.job import run_task\nfrom bayesflip.plan import TaskPlan\n"
+            f"run_task(TaskPlan.resolve('dt', '{MODEL}', [('icl_coin', s) for s in range({N})], '{root}'), "
+            "progress=False)")
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "BAYESFLIP_CONFIG_DIR": str(cfg)})
     assert p.returncode != 0 and "StoreIdentityError" in p.stderr and "dtype: store='float32'" in p.stderr
     assert ResultStore(path).records() == recs_before                  # nothing written
     time.sleep(1.5)
-    old = set(_slurm_arrays(manifest(root, "dt")))   # the cancelled array may reach sacct late: not a new job
+    old = set(manifest(root, "dt").slurm_array_ids())   # the cancelled array may reach sacct late: not a new job
     assert not {j for j in sacct_since(since, ("bf-dt-",)) - jobs if j.split("_")[0] not in old}   # nothing submitted
-    assert len(manifest(root, "dt")["submissions"]) == 1
+    assert len(manifest(root, "dt").submissions) == 1
 
 
 # ---------------------------------------------------------------------- 4. a second submit while the sweep runs

@@ -178,8 +178,8 @@ def test_submitted_hub_model_pins_its_sha_in_manifest_store_and_records(tmp_path
     r = _bf(env, "submit", "--exp", "hubx", "--executor", "local", "--dry-run", "--results-dir", str(res))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"model_revision: store='{SHA}' now='{SHA_B}'" in r.stderr and "--overwrite" in r.stderr
-    job = ("from pathlib import Path; from bayesflip.job import run_task; "
-           f"run_task('hubx', 'hubtiny', [('icl_coin', 0)], device='cpu', progress=False, results_dir=Path({str(res)!r}))")
+    job = ("from bayesflip.job import run_task; from bayesflip.plan import TaskPlan; "
+           f"run_task(TaskPlan.resolve('hubx', 'hubtiny', [('icl_coin', 0)], {str(res)!r}), device='cpu', progress=False)")
     r = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode != 0 and "StoreIdentityError" in r.stderr
     assert f"model_revision: store='{SHA}' now='{SHA_B}'" in r.stderr.strip().splitlines()[-1]
@@ -200,8 +200,9 @@ def test_sweep_task_runs_offline(monkeypatch):
     import huggingface_hub.constants as hc
 
     from bayesflip.hpc.launch import SweepTask
+    from bayesflip.plan import TaskPlan
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
-    out = SweepTask("demo", "tiny-random", "/nonexistent-results")([])   # empty work list: nothing loaded
+    out = SweepTask()(TaskPlan.resolve("demo", "tiny-random", [], "/nonexistent-results"))   # no work: nothing loaded
     assert out["done"] == [] and os.environ["HF_HUB_OFFLINE"] == "1" and hc.is_offline_mode()

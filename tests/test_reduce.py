@@ -4,7 +4,7 @@ Synthetic stores are built with the real ICL family (its cells, arrays, coords, 
 sampler) and an exact Bayesian / discounted learner in place of the model, so the fitted
 α, β, Dirichlet α and γ must be recovered and the matching TVD must vanish. The
 integration tests run the demo sweep's ICL experiments on the real SmolLM2 through
-``bayesflip.job.run_task`` into a temporary results dir.
+``bayesflip.job.run_local`` into a temporary results dir.
 """
 
 from __future__ import annotations
@@ -228,20 +228,15 @@ def test_unknown_sweep_names_key_and_known_sweeps(tmp_path):
 # ---------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def real_sweep(smol, tmp_path_factory):
-    """The demo sweep's ICL experiments on SmolLM2, run through run_task into a temp results dir."""
+    """The demo sweep's ICL experiments on SmolLM2, run in-process (run_local) into a temp results dir."""
     from bayesflip.config import load_sweep
-    from bayesflip.job import run_task
-    from bayesflip.plan import make_tasks, plan_sweep, write_manifest
+    from bayesflip.job import run_local
 
     root = tmp_path_factory.mktemp("real")
     sweep = load_sweep("demo", model_type="smollm2-135m-instruct")
     sweep.experiments = [e for e in sweep.experiments if e.name in ("icl_coin", "icl_die", "shift_coin")]
     assert len(sweep.experiments) == 3
-    units = plan_sweep(sweep, results_dir=root)
-    write_manifest(sweep, units, results_dir=root)
-    for task in make_tasks(sweep.name, units, shards_per_task=10**9):
-        r = run_task(task.sweep, task.model, task.work, results_dir=root, lm=smol, progress=False)
-        assert not r.failed
+    assert run_local(sweep, results_dir=root, lm=smol, progress=False).n_failed == 0
     report = reduce_sweep("demo", results_dir=root, strict=True)
     return root, report
 

@@ -3,8 +3,8 @@
 Synthetic stores are built with the real families (cells, coords, stated distributions, Markov
 sampler) and a known 'model' in place of the LLM, so TVDs, slopes and the Bayesian transition
 learner have exact values. The integration test runs a tiny sweep of all four families on the real
-SmolLM2 through ``bayesflip.job.run_task`` (the sweep is built in memory: ``job.load_sweep`` is
-pointed at it, nothing else is replaced) and checks the reducers' numbers against hand
+SmolLM2 through ``bayesflip.job.run_local`` (the sweep is built in memory and handed over as a
+``SweepConfig``; nothing is replaced) and checks the reducers' numbers against hand
 computations from the raw stored arrays.
 """
 
@@ -156,20 +156,14 @@ REAL = {
 
 @pytest.fixture(scope="module")
 def real(smol, tmp_path_factory):
-    """All four families, tiny grids, on SmolLM2 through run_task, then reduce."""
-    from bayesflip import job
-    from bayesflip.plan import make_tasks, plan_sweep, write_manifest
+    """All four families, tiny grids, on SmolLM2 through run_local (a sweep built in memory), then reduce."""
+    from bayesflip.job import run_local
 
     root = tmp_path_factory.mktemp("realfam")
     sweep = SweepConfig(name="fam", models=[SMOL],
                         experiments=[load_experiment(e, ov, prefix=f"experiments.{e}.") for e, ov in REAL.items()])
-    units = plan_sweep(sweep, results_dir=root)
-    write_manifest(sweep, units, results_dir=root)
-    with pytest.MonkeyPatch.context() as mp:  # run_task looks sweeps up by name in configs/: give it this one
-        mp.setattr(job, "load_sweep", lambda name, model_type=None: sweep)
-        for task in make_tasks(sweep.name, units, shards_per_task=10**9):
-            r = job.run_task(task.sweep, task.model, task.work, results_dir=root, lm=smol, progress=False)
-            assert not r.failed, r.failed
+    run = run_local(sweep, results_dir=root, lm=smol, progress=False)
+    assert run.n_failed == 0, [r.failed for _, r in run.tasks]
     report = reduce_sweep("fam", results_dir=root, strict=True)
     return root, report
 

@@ -3,7 +3,7 @@
 Synthetic stores are built with the real families (cells, arrays, coords, stated distributions)
 and known counts / log-probs in place of the model, so pooled λ̂, the fitted slopes and the TVDs
 have exact hand-computed values. The integration test runs the demo sweep's poisson_explicit,
-poisson_icl and cot_coin on the real SmolLM2 through ``bayesflip.job.run_task`` and checks the
+poisson_icl and cot_coin on the real SmolLM2 through ``bayesflip.job.run_local`` and checks the
 reducers' numbers against the raw stored arrays.
 """
 
@@ -207,16 +207,12 @@ def test_report_sections_and_figures(synthetic):
 @pytest.mark.integration
 def test_real_poisson_and_cot(smol, tmp_path):
     from bayesflip.config import load_sweep
-    from bayesflip.job import run_task
-    from bayesflip.plan import make_tasks, plan_sweep, write_manifest
+    from bayesflip.job import run_local
 
     sweep = load_sweep("demo", model_type=SMOL)
     sweep.experiments = [e for e in sweep.experiments if e.name in ("poisson_explicit", "poisson_icl", "cot_coin")]
     assert len(sweep.experiments) == 3
-    units = plan_sweep(sweep, results_dir=tmp_path)
-    write_manifest(sweep, units, results_dir=tmp_path)
-    for task in make_tasks(sweep.name, units, shards_per_task=10**9):
-        assert not run_task(task.sweep, task.model, task.work, results_dir=tmp_path, lm=smol, progress=False).failed
+    assert run_local(sweep, results_dir=tmp_path, lm=smol, progress=False).n_failed == 0
     report = reduce_sweep("demo", results_dir=tmp_path, strict=True)
     out = report.parent
 

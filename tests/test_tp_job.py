@@ -1,4 +1,4 @@
-"""The rank-aware job path without SLURM: ``run_task`` under ``torchrun --nproc_per_node 2`` on
+"""The rank-aware job path without SLURM: ``run_task`` (a :class:`~bayesflip.plan.TaskPlan`) under ``torchrun --nproc_per_node 2`` on
 ``tiny-random-llama-tp2`` (DeepSpeed AutoTP, gloo on CPU), the injection hook, and SweepTask's
 device check (see tests/test_tp_slurm.py for the same through a real 2-task SLURM job)."""
 
@@ -25,9 +25,10 @@ RANK_SCRIPT = """
 import json, sys
 from pathlib import Path
 from bayesflip.job import run_task
+from bayesflip.plan import TaskPlan
 root = Path(sys.argv[1])
 work = [tuple(w) for w in json.loads(sys.argv[2])]
-r = run_task("test_tp", "tiny-random-llama-tp2", work, device="cpu", progress=False, results_dir=root)
+r = run_task(TaskPlan.resolve("test_tp", "tiny-random-llama-tp2", work, root), device="cpu", progress=False)
 import torch.distributed as dist
 (root / f"rank{r.rank}.json").write_text(json.dumps({"done": r.done, "skipped": r.skipped, "failed": r.failed,
                                                      "runs": r.runs, "rank": r.rank, "world_size": r.world_size}))
@@ -49,14 +50,15 @@ def test_sweep_task_checks_the_device_before_loading(tmp_path):
 
     from bayesflip.backends.distributed import DeviceError
     from bayesflip.hpc.launch import SweepTask
+    from bayesflip.plan import TaskPlan
 
     if torch.cuda.is_available():
         pytest.skip("this node has CUDA")
-    task = SweepTask("test_tp", "tiny-random", str(tmp_path), template={"name": "gpu-small", "gpus_per_node": 1})
+    task = SweepTask(template={"name": "gpu-small", "gpus_per_node": 1})
     with pytest.raises(DeviceError, match=r"job template 'gpu-small' asks for 1 GPU.*no usable CUDA device"):
-        task([("icl_coin", 0)])
+        task(TaskPlan.resolve("test_tp", "tiny-random", [("icl_coin", 0)], tmp_path))
     assert not (tmp_path / "test_tp").exists()          # nothing planned or written
-    assert SweepTask("s", "m", str(tmp_path)).template is None   # old call sites: the model's own template
+    assert SweepTask().template is None                 # no template given: the model's own template
 
 
 def test_rendezvous_variables_already_set_are_respected(monkeypatch):

@@ -32,7 +32,8 @@ if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
     pytest.skip("SLURM client tools (sinfo/sbatch) not installed; start the local cluster with `make slurm-up`",
                 allow_module_level=True)
 
-from bayesflip.hpc.launch import Submission, job_outcome, read_manifest, submit_sweep, wait_jobs  # noqa: E402
+from bayesflip.hpc.launch import Submission, job_outcome, submit_sweep, wait_jobs  # noqa: E402
+from bayesflip.hpc.manifest import Manifest  # noqa: E402
 from bayesflip.hpc.status import sweep_status  # noqa: E402
 from bayesflip.job import FAIL_ENV  # noqa: E402
 from conftest import sweep_arrays, sweep_records  # noqa: E402
@@ -111,14 +112,14 @@ def reference(tmp_path_factory):
 
     from bayesflip.config import load_sweep
     from bayesflip.job import run_task
-    from bayesflip.plan import plan_sweep
+    from bayesflip.plan import TaskPlan, plan_sweep
 
     root = tmp_path_factory.mktemp("tpref")
     plan_sweep(load_sweep(SWEEP, REF_MODEL), results_dir=root)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        r = run_task(SWEEP, REF_MODEL, ALL_WORK, device="cpu", progress=False, results_dir=root)
+        r = run_task(TaskPlan.resolve(SWEEP, REF_MODEL, ALL_WORK, root), device="cpu", progress=False)
     finally:
         torch.set_num_threads(n)
     assert not r.failed and len(r.done) == len(ALL_WORK)
@@ -170,11 +171,11 @@ def test_tp2_job_on_slurm_equals_single_process(launched, reference):
                 tol = 1e-6 if k.startswith(("mass", "attn_max")) else 1e-4
                 assert np.abs(b - a).max() <= tol, (exp, k, float(np.abs(b - a).max()))
 
-    st = sweep_status(read_manifest(SWEEP, root), results_dir=root)
+    st = sweep_status(Manifest.load(SWEEP, root), results_dir=root)
     end = time.time() + 30
     while any(v not in ("COMPLETED", "FAILED") for v in st.tasks.values()) and time.time() < end:
         time.sleep(1)
-        st = sweep_status(read_manifest(SWEEP, root), results_dir=root)
+        st = sweep_status(Manifest.load(SWEEP, root), results_dir=root)
     assert st.tasks == {str(job.job_id): "COMPLETED"}       # one task, not one per rank / step
     assert st.totals() == {"done": 8, "running": 0, "pending": 0, "failed": 0, "corrupt": 0}
 

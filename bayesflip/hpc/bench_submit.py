@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from . import slurm
+
 
 def submit_array_benchmark(n_tasks: int = 1000, sweep: str = "bench_submit") -> dict:
     real = shutil.which("sbatch")
-    if real is None or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode != 0:
+    if real is None or not slurm.cluster_up():
         raise RuntimeError("no SLURM here (run `make slurm-up`)")
     from .launch import submit_sweep
 
@@ -35,9 +36,7 @@ def submit_array_benchmark(n_tasks: int = 1000, sweep: str = "bench_submit") -> 
         dt = time.perf_counter() - t0
     finally:
         os.environ["PATH"] = old_path
-        ids = [s.array_id for s in getattr(locals().get("sub"), "submitted", [])]
-        for i in ids:
-            subprocess.run(["scancel", str(i)], capture_output=True, timeout=60)
+        slurm.scancel(s.array_id for s in getattr(locals().get("sub"), "submitted", []))
     n_sbatch = len(log.read_text().splitlines()) if log.exists() else 0
     tasks = sum(len(s.jobs) for s in sub.submitted)
     shutil.rmtree(tmp, ignore_errors=True)

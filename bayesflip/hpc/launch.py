@@ -15,13 +15,17 @@ Pipeline (nothing is submitted unless every step before submission succeeds)::
 ``--overwrite`` refuses while jobs of the sweep are queued/running or a live process holds a
 shard (``--cancel-running`` cancels the sweep's SLURM jobs first).
 
-Each array task is a :class:`SweepTask` — a ``submitit.helpers.Checkpointable`` whose
-``__call__`` is :func:`bayesflip.job.run_task`. On preemption or time-out submitit calls
-``checkpoint()``, which resubmits the *same* callable with the *same* work list; the requeued
-task skips every shard that already has a ``done`` record, so requeue = resume, with no
-recomputation and no duplicates. A tensor-parallel model runs as one array task of ``tp``
-SLURM tasks (one per rank): every rank calls ``run_task``, rank 0 alone takes leases and writes
-(:mod:`bayesflip.job`), and :func:`wait_jobs` reads every rank's result.
+Each array task is a :class:`SweepTask` — a ``submitit.helpers.Checkpointable`` called with the
+task's pickled :class:`~bayesflip.plan.TaskPlan` (resolved configs, ModelSpec, work list; nothing
+is looked up by name in the job) and running it through :class:`bayesflip.job.ShardRunner`. On
+preemption or time-out submitit calls ``checkpoint()``, which resubmits the *same* callable with
+the *same* plan; the requeued task skips every shard that already has a ``done`` record, so
+requeue = resume, with no recomputation and no duplicates. A tensor-parallel model runs as one
+array task of ``tp`` SLURM tasks (one per rank): every rank runs the plan, rank 0 alone takes
+leases and writes (:mod:`bayesflip.job`), and :func:`wait_jobs` reads every rank's result.
+
+SLURM is asked through :mod:`bayesflip.hpc.slurm` only; the manifest is a
+:class:`~bayesflip.hpc.manifest.Manifest`, recorded through :func:`bayesflip.plan.write_manifest`.
 
 Why one array per (model, template) and not one per sweep: a task loads its model once and
 runs many shards with it, so a task never mixes models; and models need different resources
@@ -32,7 +36,6 @@ tasks of one array share one resource request.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import os
 import socket
@@ -45,12 +48,14 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..config import SweepConfig, load_sweep
-from ..errors import BayesflipError, ConfigError, StoreWriteError
+from ..errors import BayesflipError, ConfigError
 from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
-from ..plan import Task, Unit, make_tasks, plan_sweep, write_manifest
-from .templates import (JobTemplate, check_against_partition, load_template, query_partition, slurm_available,
-                        templates_for, with_overrides)
+from ..plan import TaskPlan, Unit, make_tasks, plan_sweep, write_manifest
+from . import slurm
+from .manifest import ArrayRecord, Manifest, Submission as SubmissionRecord, TaskRecord, now_iso
+from .status import ACTIVE, QUEUED, active_jobs, active_shards, manifest_units
+from .templates import JobTemplate, check_against_partition, templates_for, with_overrides
 
 EXECUTORS = ("slurm", "local")
 
@@ -60,24 +65,26 @@ class ShardsFailed(BayesflipError, RuntimeError):
 
 
 class SweepTask(Checkpointable):
-    """One array task: load ``model`` once and run its (experiment, shard) work list.
+    """One array task: load the plan's model once and run its (experiment, shard) work list.
 
-    ``__call__(work)`` → ``run_task(sweep, model, work)``; returns a summary dict, or raises
-    :class:`ShardsFailed` (after finishing every other shard) so that SLURM marks the task FAILED.
-    ``checkpoint(work)`` → the same callable with the same work list (resume from the records).
+    ``__call__(task)`` runs the :class:`~bayesflip.plan.TaskPlan` (:func:`bayesflip.job.run_task`);
+    returns a summary dict, or raises :class:`ShardsFailed` (after finishing every other shard) so that
+    SLURM marks the task FAILED. ``checkpoint(task)`` → the same callable with the same plan (resume
+    from the records). ``device``: ``cpu`` for a CPU template; ``template`` (name, or {name,
+    gpus_per_node}): checked against the node (``check_device``) before anything is loaded.
+    A work list instead of a plan is a task pickled by an older bayesflip (``sweep``/``model``/
+    ``results_dir`` attributes): resolved once by name.
     """
 
-    def __init__(self, sweep: str, model: str, results_dir: str, device: Optional[str] = None,
-                 template: Optional[str | dict] = None):
-        self.sweep = sweep
-        self.model = model
-        self.results_dir = results_dir
+    def __init__(self, device: Optional[str] = None, template: Optional[str | dict] = None):
         self.device = device
-        self.template = template        # job template (name, or {name, gpus_per_node}): check_device at task start
+        self.template = template
 
-    def __call__(self, work: list) -> dict:
+    def __call__(self, task: TaskPlan | list) -> dict:
         from ..models.prepare import offline_job
         offline_job()                       # HF_HUB_OFFLINE=1: jobs load prepared snapshots, never download
+        if not isinstance(task, TaskPlan):  # an array task submitted by an older bayesflip
+            task = TaskPlan.resolve(self.__dict__["sweep"], self.__dict__["model"], task, self.__dict__["results_dir"])
         n_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if n_cpus:
             import torch
@@ -85,7 +92,7 @@ class SweepTask(Checkpointable):
             torch.set_num_threads(n_cpus)   # no cgroup pinning on every cluster: do not oversubscribe
         if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
             # tensor-parallel ranks: env:// rendezvous for torch.distributed / DeepSpeed. Rank 0 alone
-            # takes leases and writes (bayesflip.job.run_task); every rank computes. CUDA_VISIBLE_DEVICES
+            # takes leases and writes (bayesflip.job.ShardRunner); every rank computes. CUDA_VISIBLE_DEVICES
             # is left as SLURM set it: rank_device picks cuda:LOCAL_RANK (or cuda:0 with one GPU per task).
             from ..backends.distributed import export_rendezvous
 
@@ -93,11 +100,9 @@ class SweepTask(Checkpointable):
         from ..backends.distributed import check_device
         from ..job import run_task
 
-        spec = get_model_spec(self.model)
-        check_device(spec, getattr(self, "template", None))   # one line, before loading (old pickles: no template)
-        pairs = [(str(e), int(s)) for e, s in work]
+        check_device(task.model, getattr(self, "template", None))   # one line, before loading
         try:
-            res = run_task(self.sweep, self.model, pairs, device=self.device, results_dir=Path(self.results_dir))
+            res = run_task(task, device=self.device)
         finally:
             _leave_together()
         if res.rank == 0:           # every rank has the same lists: rank 0's log is the audit log
@@ -108,7 +113,7 @@ class SweepTask(Checkpointable):
         else:
             print(f"bayesflip: rank {res.rank} of {res.world_size} computed {len(res.done)} shard(s) with rank 0 "
                   f"(rank 0 wrote them)", flush=True)
-        summary = {"sweep": self.sweep, "model": self.model, "done": [list(x) for x in res.done],
+        summary = {"sweep": task.sweep, "model": task.model.name, "done": [list(x) for x in res.done],
                    "skipped": [list(x) for x in res.skipped], "failed": [list(x) for x in res.failed],
                    "held": [list(x) for x in res.held],
                    "seconds": round(res.seconds, 3), "load_seconds": round(res.load_seconds, 3),
@@ -117,13 +122,13 @@ class SweepTask(Checkpointable):
                    "rank": res.rank, "world_size": res.world_size, "runs": res.runs}
         if res.failed:
             lines = "\n".join(f"  {e}:{s}: {err}" for e, s, err in res.failed)
-            raise ShardsFailed(f"{len(res.failed)} of {len(pairs)} shard(s) failed ({self.model}); the other "
+            raise ShardsFailed(f"{len(res.failed)} of {len(task.work)} shard(s) failed ({task.model.name}); the other "
                                f"{len(res.done) + len(res.skipped)} are stored:\n{lines}")
         return summary
 
-    def checkpoint(self, work: list) -> DelayedSubmission:
+    def checkpoint(self, task: TaskPlan | list) -> DelayedSubmission:
         """Requeue the same task: completed shards are skipped by their ``done`` records."""
-        return DelayedSubmission(self, work)
+        return DelayedSubmission(self, task)
 
 
 def _leave_together() -> None:
@@ -144,7 +149,7 @@ class ArrayPlan:
 
     model: ModelSpec
     template: JobTemplate
-    tasks: list[Task]
+    tasks: list[TaskPlan]
 
     @property
     def n_shards(self) -> int:
@@ -157,15 +162,15 @@ class SubmittedArray:
     array_id: str
     jobs: list = field(default_factory=list)   # submitit Job objects, one per task
 
-    def to_json(self) -> dict:
+    def record(self) -> ArrayRecord:
+        """What the manifest keeps of this array: ids, resources and every task's work list and logs."""
         t = self.plan.template
-        return {
-            "model": self.plan.model.name, "template": t.name, "array_id": self.array_id,
-            "resources": t.resources(), "throttle": t.array_throttle, "n_tasks": len(self.jobs),
-            "tasks": [{"task": i, "job_id": str(j.job_id), "work": task.to_json()["work"],
-                       "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr)}
-                      for i, (j, task) in enumerate(zip(self.jobs, self.plan.tasks))],
-        }
+        return ArrayRecord(
+            model=self.plan.model.name, template=t.name, array_id=self.array_id,
+            resources=t.resources(), throttle=t.array_throttle, n_tasks=len(self.jobs),
+            tasks=[TaskRecord(task=i, job_id=str(j.job_id), work=list(task.work),
+                              stdout=str(j.paths.stdout), stderr=str(j.paths.stderr))
+                   for i, (j, task) in enumerate(zip(self.jobs, self.plan.tasks))])
 
 
 @dataclass
@@ -207,26 +212,28 @@ def resolve_templates(sweep: SweepConfig, template: Optional[str] = None, **over
 
 def check_partitions(templates: dict[str, JobTemplate]) -> None:
     """Each template against the partition it names (queried once per partition)."""
-    if not slurm_available():
+    if not slurm.available():
         raise ConfigError("--executor", "SLURM is not available here (no sinfo/sbatch on PATH)",
                           allowed=["slurm (on a cluster login node)", "local"])
     infos = {}
     for t in templates.values():
         if t.partition not in infos:
-            infos[t.partition] = query_partition(t.partition, key=f"job_templates/{t.name}.partition (--partition)")
+            infos[t.partition] = slurm.query_partition(t.partition,
+                                                       key=f"job_templates/{t.name}.partition (--partition)")
         check_against_partition(t, infos[t.partition])
 
 
 def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobTemplate],
                 exclude: Optional[set[tuple[str, str, int]]] = None,
-                max_array_size: Optional[int] = None, costs: Optional[dict] = None) -> list[ArrayPlan]:
+                max_array_size: Optional[int] = None, costs: Optional[dict] = None,
+                results_dir: Optional[Path] = None) -> list[ArrayPlan]:
     """Pending shards → tasks (per model, ``shards_per_task`` each) → ArrayPlans per (model, template),
     each of at most ``max_array_size`` tasks (SLURM's MaxArraySize).
 
     ``exclude``: (model, experiment, shard) triples not to submit (e.g. still queued/running).
     ``costs`` (:func:`bayesflip.cost.estimate_models`): a model whose template has ``target_task_min``
     and a throughput figure gets its shards packed by estimated time instead (None: no packing, e.g.
-    an explicit ``--shards-per-task``)."""
+    an explicit ``--shards-per-task``). ``results_dir``: where the tasks write (None: the default)."""
     arrays = []
     for model in sweep.models:
         mine = []
@@ -237,74 +244,26 @@ def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobT
             mine.append(dataclasses.replace(u, pending=pend))
         t = templates[model]
         pack = {model: costs[model].pack} if costs and model in costs and costs[model].packable else None
-        tasks = make_tasks(sweep.name, mine, shards_per_task=t.shards_per_task, pack=pack)
+        tasks = make_tasks(sweep.name, mine, shards_per_task=t.shards_per_task, pack=pack, results_dir=results_dir)
         step = max_array_size or len(tasks) or 1
         for i in range(0, len(tasks), step):
             arrays.append(ArrayPlan(get_model_spec(model), t, tasks[i: i + step]))
     return arrays
 
 
-def max_array_size() -> Optional[int]:
-    """SLURM's MaxArraySize (``scontrol show config``): an array holds at most this many tasks."""
-    import subprocess
-
-    try:
-        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for ln in r.stdout.splitlines():
-        if ln.strip().startswith("MaxArraySize"):
-            try:
-                return int(ln.split("=", 1)[1].strip())
-            except ValueError:
-                return None
-    return None
-
-
-def active_jobs(sweep_name: str, root: Path, units: list[Unit]) -> list[str]:
-    """Who is still working on the sweep: SLURM tasks of the manifest that are queued/running, and
-    live shard leases (in-process runs or tasks) in its stores; one description each."""
-    from ..store import ResultStore, describe_holder
-    from .status import ACTIVE, QUEUED, _slurm_arrays, sacct_states
-
-    out = []
-    mpath = root / sweep_name / "manifest.json"
-    if mpath.exists() and slurm_available():
-        try:
-            states = sacct_states(_slurm_arrays(json.loads(mpath.read_text())))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ConfigError("--overwrite", f"cannot tell whether jobs of {sweep_name} still run ({e}); "
-                              f"refusing to delete its stores") from None
-        out += [f"SLURM job {j} {v}" for j, v in sorted(states.items()) if v in ACTIVE | QUEUED]
-    seen = set()
-    for u in units:
-        st = ResultStore(u.store)
-        if u.store in seen or not st.records_dir.parent.exists():
-            continue
-        seen.add(u.store)
-        for shard, h in sorted(st.leases.live_holders().items()):
-            out.append(f"{u.experiment.name}:{shard} held by {describe_holder(h)}")
-    return out
-
-
 def cancel_sweep_jobs(sweep_name: str, root: Path, out=print, timeout_s: float = 120) -> None:
     """scancel every queued/running SLURM task of the sweep's manifest and wait until they are gone."""
-    import subprocess
     import time
 
-    from .status import ACTIVE, QUEUED, _slurm_arrays, sacct_states
-
-    mpath = root / sweep_name / "manifest.json"
-    if not mpath.exists():
-        return
-    arrays = _slurm_arrays(json.loads(mpath.read_text()))
+    manifest = Manifest.read_if_exists(sweep_name, root)
+    arrays = manifest.slurm_array_ids() if manifest is not None else []
     if not arrays:
         return
-    subprocess.run(["scancel", *arrays], capture_output=True, text=True, timeout=60)
+    slurm.scancel(arrays)
     out(f"cancelled the SLURM jobs of {sweep_name}: {', '.join(arrays)}")
     end = time.time() + timeout_s
     while time.time() < end:
-        if not any(v in ACTIVE | QUEUED for v in sacct_states(arrays).values()):
+        if not any(v in ACTIVE | QUEUED for v in slurm.task_states(arrays).values()):
             return
         time.sleep(1)
     raise ConfigError("--cancel-running", f"jobs of {sweep_name} still active {timeout_s:.0f} s after scancel")
@@ -373,32 +332,31 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                        tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
     pack_costs = None if shards_per_task is not None else costs
     if overwrite and not dry_run:
-        busy = active_jobs(sweep.name, root, units)
+        stores = [(u.experiment.name, u.store) for u in units]
+        busy = active_jobs(sweep.name, root, stores)
         if busy and cancel_running and executor == "slurm":
             import time
 
             cancel_sweep_jobs(sweep.name, root, out)
             end = time.time() + 120          # until their processes are gone too (leases released/dead)
-            busy = active_jobs(sweep.name, root, units)
+            busy = active_jobs(sweep.name, root, stores)
             while busy and time.time() < end:
                 time.sleep(1)
-                busy = active_jobs(sweep.name, root, units)
+                busy = active_jobs(sweep.name, root, stores)
         if busy:
             raise ConfigError("--overwrite", f"{len(busy)} job(s)/process(es) of sweep {sweep.name} are still "
                               f"active ({'; '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}); wait for them, "
                               f"scancel them, or pass --cancel-running")
-    if exclude is None and not overwrite and executor == "slurm" and (root / sweep.name / "manifest.json").exists():
-        from .status import active_shards
-
-        exclude = active_shards(read_manifest(sweep.name, root), root)     # queued/running tasks own these
-    limit = max_array_size() if executor == "slurm" else None
-    arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs)
+    if exclude is None and not overwrite and executor == "slurm" and Manifest.path(sweep.name, root).exists():
+        exclude = active_shards(Manifest.load(sweep.name, root), root)     # queued/running tasks own these
+    limit = slurm.max_array_size() if executor == "slurm" else None
+    arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs, results_dir=root)
     n_split = bool(limit) and len(arrays) > len({a.model.name for a in arrays})
     if not dry_run:
         # 2. now create the stores (--overwrite deletes them first) and plan for real
         units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, validate=False, create=True,
                            cells_cache=cells, warn=False)
-        arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs)
+        arrays = plan_arrays(sweep, units, templates, exclude, limit, costs=pack_costs, results_dir=root)
     sub = Submission(sweep, units, arrays, executor, root)
     n_pending = sum(len(u.pending) for u in units)
     n_total = sum(u.n_shards for u in units)
@@ -428,10 +386,10 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     try:
         for a in arrays:
             ex = make_executor(executor, folder, a.template, f"bf-{sweep.name}-{a.model.name}"[:100])
-            fn = SweepTask(sweep.name, a.model.name, str(root), device="cpu" if a.template.gpus_per_node == 0 else None,
+            fn = SweepTask(device="cpu" if a.template.gpus_per_node == 0 else None,
                            template={"name": a.template.name, "gpus_per_node": a.template.gpus_per_node})
             try:
-                jobs = ex.map_array(fn, [t.to_json()["work"] for t in a.tasks])
+                jobs = ex.map_array(fn, a.tasks)
             except (submitit.core.utils.FailedJobError, OSError, RuntimeError) as e:
                 raise _sbatch_error(e) from None
             array_id = str(jobs[0].job_id).split("_")[0] if jobs else ""
@@ -441,10 +399,9 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                 f"{a.n_shards} shard(s), logs {folder.parent}/{array_id}_*")
     finally:
         if sub.submitted:   # record whatever went out, even if a later array failed to submit
-            extra = {"command": command, "executor": executor,
-                     "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "arrays": [s.to_json() for s in sub.submitted], "pinned_revisions": pinned}
-            sub.manifest = write_manifest(sweep, units, extra, results_dir=root)
+            record = SubmissionRecord(command=command, executor=executor, time=now_iso(),
+                                      arrays=[s.record() for s in sub.submitted], pinned_revisions=pinned)
+            sub.manifest = write_manifest(sweep, units, record, results_dir=root)
     return sub
 
 
@@ -502,65 +459,17 @@ def wait_jobs(sub: Submission, out=print) -> int:
     return failed
 
 
-def read_manifest(sweep: str, results_dir: Optional[Path] = None) -> dict:
-    from ..config import check_name
-
-    check_name(sweep, "--sweep")
-    path = Path(results_dir or RESULTS_DIR) / sweep / "manifest.json"
-    if not path.exists():
-        root = Path(results_dir or RESULTS_DIR)
-        known = sorted(p.parent.name for p in root.glob("*/manifest.json")) if root.exists() else []
-        raise ConfigError("--sweep", f"no manifest at {path}: plan or submit the sweep first", allowed=known)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError("--sweep", f"unreadable manifest {path}: {e}") from None
-
-
-# ---------------------------------------------------------------------- CLI
-def _common(args) -> dict:
-    return dict(results_dir=Path(args.results_dir) if args.results_dir else None, partition=args.partition,
-                account=args.account, qos=args.qos, time_min=args.time, array_throttle=args.array_throttle,
-                shards_per_task=args.shards_per_task, template=args.template, executor=args.executor,
-                dry_run=args.dry_run, target_task_min=getattr(args, "target_task_min", None),
-                as_json=getattr(args, "json", False))
-
-
-def submit_cli(args) -> int:
-    """``bayesflip submit --exp X --model-type T`` (``make submit``)."""
-    sub = submit_sweep(args.sweep, args.model_type, overwrite=args.overwrite,
-                       cancel_running=getattr(args, "cancel_running", False), **_common(args))
-    if sub.manifest:
-        print(f"manifest: {sub.manifest}\nstatus:   bayesflip status --sweep {sub.sweep.name}"
-              + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
-    if args.wait and sub.submitted:
-        return 1 if wait_jobs(sub) else 0
-    return 0
-
-
 def resubmit_sweep(sweep_name: str, model_type: Optional[str] = None, **kw) -> Submission:
     """Re-plan (never overwrite) and submit only shards that are neither done nor queued/running.
 
     Without ``model_type`` the models are every model the manifest knows (planned or submitted)."""
-    from .status import active_shards, manifest_units
-
     results_dir = kw.get("results_dir")
-    manifest = read_manifest(sweep_name, results_dir)
-    known = [*manifest.get("models", []), *(u["model"] for u in manifest_units(manifest, results_dir))]
+    manifest = Manifest.load(sweep_name, results_dir)
+    known = [*manifest.models, *(u.model for u in manifest_units(manifest, results_dir))]
     models = list(dict.fromkeys(known))
     sweep = load_sweep(sweep_name, model_type or models[0])
     if model_type is None:
         sweep = dataclasses.replace(sweep, models=[get_model_spec(m).name for m in models])
-    use_sacct = kw.get("executor", "slurm") == "slurm" and slurm_available()
+    use_sacct = kw.get("executor", "slurm") == "slurm" and slurm.available()
     active = active_shards(manifest, results_dir) if use_sacct else set()
     return submit_sweep(sweep_name, sweep=sweep, overwrite=False, command="resubmit", exclude=active, **kw)
-
-
-def resubmit_cli(args) -> int:
-    """``bayesflip resubmit --sweep X`` (``make resubmit``): only what is missing."""
-    if args.overwrite:
-        raise ConfigError("--overwrite", "resubmit never deletes results; use `submit --overwrite` to recompute")
-    sub = resubmit_sweep(args.sweep, args.model_type, **_common(args))
-    if args.wait and sub.submitted:
-        return 1 if wait_jobs(sub) else 0
-    return 0

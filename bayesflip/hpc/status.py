@@ -21,24 +21,25 @@ Store locations are always ``<results dir>/<sweep>/<experiment>/<model>.zarr`` u
 results directory given now, so a moved or copied sweep reads its own stores. A tensor-parallel
 task (one SLURM task per rank) is one entry: ``sacct -X`` lists allocations, not steps or ranks.
 ``bayesflip status --sweep S --json`` prints the same as one JSON object.
+
+Also here, for ``--overwrite`` (plan, debug, submit): :func:`active_jobs`, who still works on a sweep
+(queued/running SLURM tasks of its manifest, live shard leases). SLURM is asked through
+:mod:`bayesflip.hpc.slurm` only; the manifest is read as a :class:`~bayesflip.hpc.manifest.Manifest`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
+from ..errors import ConfigError
 from ..store import ResultStore, ShardState, describe_holder, store_path
+from . import slurm
+from .manifest import Manifest, ManifestError, parse_time
+from .slurm import ACTIVE, FAILED, QUEUED
 
-ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
-QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "STOPPED"}
-FAILED = {"FAILED", "TIMEOUT", "CANCELLED", "PREEMPTED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-          "REVOKED", "SPECIAL_EXIT"}
 COLUMNS = ("done", "running", "pending", "failed", "corrupt")
 
 
@@ -69,61 +70,6 @@ class SweepStatus:
         return {c: sum(u.count(c) for u in self.units) for c in COLUMNS}
 
 
-def _expand_array(spec: str) -> list[int]:
-    """``2-5%2`` / ``1,3-4`` → task ids."""
-    spec = spec.split("%")[0]
-    out = []
-    for part in filter(None, spec.split(",")):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
-    return out
-
-
-def sacct_states(array_ids: list[str]) -> dict[str, str]:
-    """``sacct -X`` states of every task of the given arrays/jobs: {'123_4': 'RUNNING', ...}.
-
-    Raises ``RuntimeError`` when sacct is unavailable or fails (status reports it and goes on)."""
-    ids = sorted({a for a in array_ids if a})
-    if not ids:
-        return {}
-    try:
-        r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"sacct failed: {e}") from None
-    if r.returncode != 0:
-        raise RuntimeError(f"sacct failed: {r.stderr.strip()}")
-    out: dict[str, str] = {}
-    for line in r.stdout.splitlines():
-        if "|" not in line:
-            continue
-        jid, state = line.split("|", 1)
-        state = state.split()[0] if state.strip() else "UNKNOWN"   # "CANCELLED by 0" → CANCELLED
-        m = re.fullmatch(r"(\d+)_\[(.+)\]", jid)
-        if m:
-            for t in _expand_array(m.group(2)):
-                out[f"{m.group(1)}_{t}"] = state
-        else:
-            out[jid] = state
-    # squeue knows a job the moment sbatch returns; sacct (slurmdbd) can lag by seconds
-    try:
-        q = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
-        lines = q.stdout.splitlines() if q.returncode == 0 else []
-    except (OSError, subprocess.TimeoutExpired):
-        lines = []
-    wanted = set(ids)
-    for line in lines:
-        if "|" not in line:
-            continue
-        jid, state = (x.strip() for x in line.split("|", 1))
-        if jid.split("_")[0] in wanted and state in ACTIVE | QUEUED:
-            out[jid] = state
-    return out
-
-
 _EXC = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt|Exit)\b.*")
 _SLURM_MSG = re.compile(r"(slurmstepd|srun): error: (?!.*Exited with exit code).*"
                         r"|.*(oom-kill|OUT OF MEMORY|DUE TO TIME LIMIT|DUE TO PREEMPTION|CANCELLED AT).*")
@@ -151,69 +97,52 @@ def log_error(path: str, max_lines: int = 8) -> str:
     return "\n".join(picked[:max_lines])
 
 
-def _parse_time(s: Optional[str]) -> Optional[_dt.datetime]:
-    try:
-        return _dt.datetime.fromisoformat(s) if s else None
-    except ValueError:
-        return None
+@dataclass(frozen=True)
+class StoreUnit:
+    """One (experiment, model) store of a sweep, at its path under the results dir given now."""
+
+    experiment: str
+    model: str
+    store: Path
+    n_shards: int
 
 
-def latest_tasks(manifest: dict) -> dict[tuple[str, str, int], tuple[str, Optional[_dt.datetime], str]]:
-    """(model, experiment, shard) → (job id, submission time, stderr path) of the latest task given it."""
-    out = {}
-    for sub in manifest.get("submissions", []):
-        when = _parse_time(sub.get("time"))
-        for arr in sub.get("arrays", []):
-            for t in arr.get("tasks", []):
-                for exp, shard in t["work"]:
-                    out[(arr["model"], exp, int(shard))] = (str(t["job_id"]), when, t.get("stderr", ""))
-    return out
-
-
-def _slurm_arrays(manifest: dict) -> list[str]:
-    return [str(a["array_id"]) for s in manifest.get("submissions", []) if s.get("executor", "slurm") == "slurm"
-            for a in s.get("arrays", [])]
-
-
-def manifest_units(manifest: dict, results_dir: Optional[Path] = None) -> list[dict]:
+def manifest_units(manifest: Manifest, results_dir: Optional[Path] = None) -> list[StoreUnit]:
     """The manifest's units (latest plan) plus every (experiment, model) an earlier submission ran
     (a later submit for fewer models rewrites ``units`` but not the stores of the others).
     ``store`` is always the path under ``results_dir`` (never the absolute path of the manifest)."""
-    sweep = manifest["sweep"]
+    sweep = manifest.sweep
     units = []
     seen = set()
-    for u in manifest.get("units", []):
-        seen.add((u["experiment"], u["model"]))
-        units.append({**u, "store": str(store_path(sweep, u["experiment"], u["model"], results_dir))})
-    for sub in manifest.get("submissions", []):
-        for arr in sub.get("arrays", []):
-            for t in arr.get("tasks", []):
-                for exp, _ in t["work"]:
-                    if (exp, arr["model"]) in seen:
-                        continue
-                    seen.add((exp, arr["model"]))
-                    path = store_path(sweep, exp, arr["model"], results_dir)
-                    if (path / "zarr.json").exists():
-                        units.append({"experiment": exp, "model": arr["model"], "store": str(path),
-                                      "n_shards": ResultStore(path).n_shards})
+    for u in manifest.units:
+        seen.add((u.experiment, u.model))
+        units.append(StoreUnit(u.experiment, u.model, store_path(sweep, u.experiment, u.model, results_dir),
+                               int(u.n_shards)))
+    for exp, model in manifest.submitted_units():
+        if (exp, model) in seen:
+            continue
+        seen.add((exp, model))
+        path = store_path(sweep, exp, model, results_dir)
+        if (path / "zarr.json").exists():
+            units.append(StoreUnit(exp, model, path, ResultStore(path).n_shards))
     return units
 
 
-def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[Path] = None) -> SweepStatus:
+def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Optional[Path] = None) -> SweepStatus:
     """Classify every shard of every (experiment, model) store of the manifest."""
-    latest = latest_tasks(manifest)
+    latest = manifest.latest_tasks()
     states: dict[str, str] = {}
     sacct_error = None
-    if use_sacct and _slurm_arrays(manifest):
+    if use_sacct and manifest.slurm_array_ids():
         try:
-            states = sacct_states(_slurm_arrays(manifest))
+            states = slurm.task_states(manifest.slurm_array_ids())
         except RuntimeError as e:
             sacct_error = str(e)
     task_errors: dict[str, str] = {}
     units = []
     for u in manifest_units(manifest, results_dir):
-        us = UnitStatus(u["experiment"], u["model"], int(u["n_shards"]))
-        st = ResultStore(Path(u["store"]))
+        us = UnitStatus(u.experiment, u.model, u.n_shards)
+        st = ResultStore(u.store, slurm.live_jobs)
         if st.exists:
             try:
                 shard_states = st.shard_states()
@@ -232,9 +161,9 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
         for shard in range(us.n_shards):
             ss = shard_states[shard]
             rec = ss.record or {}
-            job, when, stderr = latest.get((u["model"], u["experiment"], shard), (None, None, ""))
-            slurm = states.get(job) if job else None
-            rec_time = _parse_time(rec.get("time"))
+            job, when, stderr = latest.get((u.model, u.experiment, shard), (None, None, ""))
+            task_state = states.get(job) if job else None
+            rec_time = parse_time(rec.get("time"))
             if ss.state == "done":
                 us.shards[shard] = "done"
             elif shard in holders:
@@ -243,17 +172,17 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
             elif ss.state == "failed" and (job is None or when is None or (rec_time and rec_time >= when)):
                 us.shards[shard] = "failed"
                 us.errors[shard] = f"{ss.message} (job {rec.get('job_id')}, host {rec.get('host')})"
-            elif slurm in ACTIVE:
+            elif task_state in ACTIVE:
                 us.shards[shard] = "running"
-            elif slurm in QUEUED:
+            elif task_state in QUEUED:
                 us.shards[shard] = "queued"
             elif ss.state == "corrupt":
                 us.shards[shard] = "corrupt"
                 us.errors[shard] = ss.message
-            elif slurm in FAILED:
+            elif task_state in FAILED:
                 us.shards[shard] = "failed"
-                us.errors[shard] = f"SLURM task {job} {slurm}"
-            elif slurm == "COMPLETED":
+                us.errors[shard] = f"SLURM task {job} {task_state}"
+            elif task_state == "COMPLETED":
                 us.shards[shard] = "failed"
                 us.errors[shard] = f"task {job} COMPLETED without writing this shard"
             elif ss.state == "failed":
@@ -271,8 +200,7 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
         if states.get(job) in FAILED and u is not None and u.shards.get(shard) != "done" and job not in task_errors:
             task_errors[job] = f"{states[job]}: {log_error(stderr)}"
     tasks = dict(states)
-    return SweepStatus(manifest.get("sweep", "?"), units, tasks, task_errors,
-                       len(manifest.get("submissions", [])), sacct_error)
+    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error)
 
 
 def to_json(s: SweepStatus) -> dict:
@@ -290,7 +218,7 @@ def to_json(s: SweepStatus) -> dict:
             "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error}
 
 
-def active_shards(manifest: dict, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
+def active_shards(manifest: Manifest, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
     """(model, experiment, shard) currently running or queued in SLURM (resubmit leaves them alone)."""
     s = sweep_status(manifest, results_dir=results_dir)
     return {(u.model, u.experiment, sh) for u in s.units for sh, st in u.shards.items() if st in ("running", "queued")}
@@ -338,11 +266,25 @@ def render(s: SweepStatus) -> str:
     return "\n".join(lines)
 
 
-def status_cli(args) -> int:
-    """``bayesflip status --sweep X`` (``make status SWEEP=X``). Always exits 0 once the manifest is read."""
-    from .launch import read_manifest
-
-    root = Path(args.results_dir) if args.results_dir else None
-    st = sweep_status(read_manifest(args.sweep, root), results_dir=root)
-    print(json.dumps(to_json(st), indent=1, default=str) if getattr(args, "json", False) else render(st))
-    return 0
+def active_jobs(sweep_name: str, root: Path, stores: Iterable[tuple[str, Path]]) -> list[str]:
+    """Who is still working on the sweep: SLURM tasks of the manifest that are queued/running, and
+    live shard leases (in-process runs or tasks) in its ``stores`` ((experiment, store path) pairs);
+    one description each. Refuses (``--overwrite``) when SLURM cannot tell."""
+    out = []
+    if slurm.available() and Manifest.path(sweep_name, root).exists():
+        try:
+            manifest = Manifest.read(Manifest.path(sweep_name, root))
+            states = slurm.task_states(manifest.slurm_array_ids())
+        except (RuntimeError, ManifestError) as e:
+            raise ConfigError("--overwrite", f"cannot tell whether jobs of {sweep_name} still run ({e}); "
+                              f"refusing to delete its stores") from None
+        out += [f"SLURM job {j} {v}" for j, v in sorted(states.items()) if v in ACTIVE | QUEUED]
+    seen = set()
+    for exp, path in stores:
+        st = ResultStore(path, slurm.live_jobs)
+        if path in seen or not st.records_dir.parent.exists():
+            continue
+        seen.add(path)
+        for shard, h in sorted(st.leases.live_holders().items()):
+            out.append(f"{exp}:{shard} held by {describe_holder(h)}")
+    return out

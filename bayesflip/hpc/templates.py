@@ -32,8 +32,9 @@ values are errors naming the key)::
     setup: []               # shell lines run before the task (module load ...)
 
 :func:`check_against_partition` compares a template with what the partition really offers
-(``scontrol show partition`` + ``sinfo`` per node: CPUs, memory, GPUs from Gres, MaxTime,
-MaxNodes) and refuses, naming the key, a template that could never be scheduled.
+(:func:`bayesflip.hpc.slurm.query_partition`: ``scontrol show partition`` + ``sinfo`` per node:
+CPUs, memory, GPUs from Gres, MaxTime, MaxNodes) and refuses, naming the key, a template that
+could never be scheduled.
 
 Which template a model gets (:func:`template_for`): one whose ``nodes × tasks_per_node`` equals the
 model's ``tp`` — ``--template`` (a comma-separated list: each name for the models whose ``tp`` fits it),
@@ -49,10 +50,6 @@ sweep; an explicit ``--shards-per-task`` overrides the packing. Without them tas
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -61,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..config import read_yaml_mapping, pydantic_error
 from ..errors import ConfigError
 from ..paths import TEMPLATE_DIR
+from .slurm import PartitionInfo
 
 # submitit counts any signal before min(0.8·T, T − 600 s) as a preemption and after it as a
 # time-out; below 3 minutes a task cannot even load a model before its USR2 arrives.
@@ -261,106 +259,6 @@ def with_overrides(t: JobTemplate, **over) -> JobTemplate:
 
 
 # ---------------------------------------------------------------------- partitions
-@dataclass
-class PartitionInfo:
-    """What one partition offers per node (max over its nodes) and per job."""
-
-    name: str
-    state: str
-    max_time_min: Optional[int]      # None = UNLIMITED
-    max_nodes: Optional[int]         # None = UNLIMITED
-    total_nodes: int
-    cpus_per_node: int
-    mem_mb_per_node: int
-    gpus_per_node: int
-
-
-def slurm_available() -> bool:
-    return shutil.which("sinfo") is not None and shutil.which("sbatch") is not None
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ConfigError("partition", f"cannot query SLURM ({' '.join(cmd)}): {e}") from None
-
-
-def parse_slurm_time(text: str) -> Optional[int]:
-    """SLURM durations → minutes (rounded up): ``[D-]HH:MM:SS``, ``D-HH[:MM]``, ``MM:SS``, ``MM``.
-    ``UNLIMITED``/``INFINITE``/``NONE`` → None."""
-    text = text.strip()
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
-        return None
-    days = 0
-    if "-" in text:
-        d, text = text.split("-", 1)
-        days = int(d)
-        parts = [int(x) for x in text.split(":")] + [0] * (3 - len(text.split(":")))
-        h, m, s = parts[:3]
-    else:
-        parts = [int(x) for x in text.split(":")]
-        if len(parts) == 3:
-            h, m, s = parts
-        elif len(parts) == 2:
-            h, (m, s) = 0, parts
-        else:
-            h, m, s = 0, parts[0], 0
-    return days * 1440 + h * 60 + m + (1 if s else 0)
-
-
-def parse_gres_gpus(gres: str) -> int:
-    """GPU count of a node's Gres string, e.g. ``gpu:a100:4(S:0-1),shard:8`` → 4; ``(null)`` → 0."""
-    n = 0
-    for item in re.split(r",(?![^()]*\))", gres or ""):
-        item = re.sub(r"\(.*\)", "", item).strip()
-        if not item.startswith("gpu"):
-            continue
-        last = item.split(":")[-1]
-        n += int(last) if last.isdigit() else 1
-    return n
-
-
-def _scontrol_fields(line: str) -> dict[str, str]:
-    return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-
-
-def partition_names() -> list[str]:
-    out = _run(["sinfo", "-h", "-o", "%R"])
-    return sorted(set(out.stdout.split()))
-
-
-def query_partition(name: str, key: str = "partition") -> PartitionInfo:
-    """Read a partition's limits and its nodes' resources from the running SLURM."""
-    sc = _run(["scontrol", "show", "partition", name, "-o"])
-    if sc.returncode != 0 or not sc.stdout.strip():
-        raise ConfigError(key, f"unknown partition {name!r} ({(sc.stderr or sc.stdout).strip()})",
-                          allowed=partition_names())
-    f = _scontrol_fields(sc.stdout)
-    nodes = _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"])
-    if nodes.returncode != 0:
-        raise ConfigError("partition", f"sinfo failed for partition {name!r}: {nodes.stderr.strip()}")
-    cpus, mems, gpus, names = [0], [0], [0], set()
-    for line in nodes.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) != 4:
-            continue
-        names.add(parts[0])
-        cpus.append(int(re.sub(r"\D", "", parts[1]) or 0))
-        mems.append(int(re.sub(r"\D", "", parts[2]) or 0))
-        gpus.append(parse_gres_gpus(parts[3]))
-    cpu, mem = max(cpus), max(mems)
-    if f.get("MaxCPUsPerNode", "UNLIMITED").isdigit():
-        cpu = min(cpu, int(f["MaxCPUsPerNode"]))
-    if f.get("MaxMemPerNode", "UNLIMITED").isdigit():
-        mem = min(mem, int(f["MaxMemPerNode"]))
-    max_nodes = f.get("MaxNodes", "UNLIMITED")
-    return PartitionInfo(name=name, state=f.get("State", "?"), max_time_min=parse_slurm_time(f.get("MaxTime", "")),
-                         max_nodes=int(max_nodes) if max_nodes.isdigit() else None,
-                         total_nodes=int(f.get("TotalNodes", len(names)) or len(names)),
-                         cpus_per_node=cpu, mem_mb_per_node=mem, gpus_per_node=max(gpus))
-
-
 def template_problems(t: JobTemplate, p: PartitionInfo) -> list[tuple[str, str]]:
     """(key, message) for every request of ``t`` that partition ``p`` cannot satisfy."""
     out = []

@@ -26,7 +26,6 @@ declares none (or params that no longer validate) gives ``unknown``, which no pr
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import pandas as pd
 import zarr
 
 from ..errors import ConfigError
+from ..hpc.manifest import Manifest, ManifestError
 from ..paths import RESULTS_DIR
 from ..store import ResultStore, ShardState
 from ..store_layout import array_dims, read_coords
@@ -143,7 +143,7 @@ class SweepData:
     root: Path
     stores: list[StoreData]
     coverage: pd.DataFrame
-    manifest: dict | None
+    manifest: Manifest | None
 
     def by_family(self) -> dict[str, list[StoreData]]:
         out: dict[str, list[StoreData]] = {}
@@ -194,10 +194,10 @@ def _cov(exp, model, family, shard, lo, hi, status, error, store) -> dict:
             "cell_stop": hi, "status": status, "error": error, "store": str(store)}
 
 
-def _discover(root: Path, manifest: dict | None) -> dict[tuple[str, str], Path]:
+def _discover(root: Path, manifest: Manifest | None) -> dict[tuple[str, str], Path]:
     """(experiment, model) -> ``root/<experiment>/<model>.zarr`` for every unit of the manifest and
     every store on disk (paths are taken under ``root``, so a moved or copied sweep still reads)."""
-    keys = {(u["experiment"], u["model"]) for u in (manifest or {}).get("units", [])}
+    keys = {(u.experiment, u.model) for u in (manifest.units if manifest else [])}
     keys |= {(p.parent.name, p.stem) for p in root.glob("*/*.zarr")}
     return {k: root / k[0] / f"{k[1]}.zarr" for k in sorted(keys)}
 
@@ -305,16 +305,15 @@ def load_sweep_data(sweep: str, results_dir: Path | str | None = None, trusted_o
     """Every store of ``results/<sweep>`` (from the manifest and from disk), trusted cells only
     (``trusted_only=False``: every cell, see :func:`load_store`)."""
     root = sweep_root(sweep, results_dir)
-    mpath = root / "manifest.json"
+    mpath = Manifest.path(sweep, results_dir)
     manifest = None
     rows: list[dict] = []
-    if mpath.exists():
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, OSError) as e:
-            rows.append(_cov("(manifest)", "", "", -1, 0, 0, "unreadable-store", f"manifest.json: {e}", mpath))
+    try:
+        manifest = Manifest.read_if_exists(sweep, results_dir)
+    except ManifestError as e:
+        rows.append(_cov("(manifest)", "", "", -1, 0, 0, "unreadable-store", f"manifest.json: {e}", mpath))
     stores: list[StoreData] = []
-    fam_of = {e: (c or {}).get("family", "?") for e, c in ((manifest or {}).get("experiments") or {}).items()}
+    fam_of = {e: (c or {}).get("family", "?") for e, c in (manifest.experiments if manifest else {}).items()}
     for (exp, model), path in _discover(root, manifest).items():
         data, cov = load_store(sweep, exp, model, path, fam_of.get(exp, "?"), trusted_only)
         rows.extend(cov)
