@@ -28,8 +28,8 @@ def _require_prepared(args) -> None:
 
 
 def cmd_plan(args) -> int:
-    if args.dry_run:       # writes nothing: the cost table (bayesflip.cost)
-        from .cost import dry_run
+    if args.dry_run:       # writes nothing: the cost table (bayesflip.hpc.cost)
+        from .hpc.launch import dry_run
 
         dry_run(args.sweep, args.model_type, results_dir=args.results_dir, template=args.template,
                 shards_per_task=args.shards_per_task, target_task_min=args.target_task_min, time_min=args.time,

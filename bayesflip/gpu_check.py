@@ -25,7 +25,7 @@ Writes one JSON file with
     same new tokens (plus greedy / sampled without stops for the 8B bf16 shape). Model-FLOP
     utilisation against the device's peak for the dtype (looked up from the device name:
     :data:`PEAK_TFLOPS`; ``--peak-tflops`` overrides the bf16 figure) and peak memory.
-(c) ``calibration`` — the planner's figures (:mod:`bayesflip.cost`): per kind (``score_tokens_per_s``,
+(c) ``calibration`` — the planner's figures (:mod:`bayesflip.hpc.cost`): per kind (``score_tokens_per_s``,
     ``curve_tokens_per_s``, ``gen_tokens_per_s``) for bfloat16 and ``float32``, and the ``small`` model's,
     written to ``$BAYESFLIP_CACHE/throughput/<template>.json`` for every template of ``--template``
     (default on CUDA: every GPU template of ``job_templates/``): measured for one-GPU templates; for
@@ -457,7 +457,7 @@ def template_figures(doc: dict, template) -> dict:
 def write_calibration(res: dict, template: str) -> Path:
     """Write ``res["calibration"]["throughput"]`` (one GPU; scaled for a multi-GPU template) to the planner's
     calibration file of ``template``."""
-    from .cost import calibration_path
+    from .hpc.cost import calibration_path
     from .hpc.templates import load_template
 
     t = load_template(template)                 # an unknown template is a ConfigError naming the allowed ones
@@ -513,7 +513,7 @@ def run(device: str | None = None, tiny: bool = False, out: str | Path | None = 
         "curve_tokens_per_s": thr["curve"]["engine_tokens_per_s"],
         "generation_tokens_per_s": thr["generation"]["stops"]["sampled"]["engine_tokens_per_s"],
         "note": "tokens/s of the engine on one device, per kind of work and dtype; the planner interpolates "
-                "between the small and the reference size and scales beyond (bayesflip.cost.kind_speed)",
+                "between the small and the reference size and scales beyond (bayesflip.hpc.cost.kind_speed)",
         "throughput": calibration(res["throughput"])}
     try:
         from .store import git_commit

@@ -175,7 +175,7 @@ def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, onl
                pack=None, results_dir: Path | str | None = None) -> list[TaskPlan]:
     """Group shards into tasks, per model (one model load per task), in experiment order.
 
-    ``pack`` (model name → callable(work) → list of work lists, e.g. :meth:`bayesflip.cost.ModelCost.pack`)
+    ``pack`` (model name → callable(work) → list of work lists, e.g. :meth:`bayesflip.hpc.cost.ModelCost.pack`)
     groups a model's shards by estimated time; models without one get ``shards_per_task`` each."""
     by_model: dict[str, list[tuple[str, int]]] = {}
     specs: dict[str, ModelSpec] = {}

@@ -1,4 +1,4 @@
-"""Cost before submitting (bayesflip.cost): token counts against the engine and a hand count, the
+"""Cost before submitting (bayesflip.hpc.cost): token counts against the engine and a hand count, the
 proxy tokenizer for unprepared Hub models, template throughput keys and calibration files, packing
 of shards into tasks by estimated time, and ``plan --dry-run`` writing nothing. Tokenizers and the
 tiny random model only (no weights downloaded)."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bayesflip import cost
+from bayesflip.hpc import cost
 from bayesflip.config import load_experiment, load_sweep
 from bayesflip.errors import ConfigError
 from bayesflip.experiments import get_family

@@ -311,7 +311,7 @@ class AcronymFamily(GenerationalFamily):
         kept / selected model-written pairs) are as long as generation 1's (clean: the init pairs
         the chain's generator shows; paper: d⁰), so generation 1's prompts are rendered (as the run
         renders them, ``encode_prompt``) and counted for every generation."""
-        from ..cost import TokenCount
+        from .tokens import TokenCount
         from ..prompts import encode_prompt
 
         G = p.generations

@@ -229,7 +229,7 @@ class AttentionFamily(ICLFamily):
 
     def count_tokens(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """The run's forwards: one curve pass per cell, then every attention pass once per layer set."""
-        from ..cost import TokenCount
+        from .tokens import TokenCount
 
         n = 0
         for req, _, passes in self.requests(p, cells, tokenizer, model_kind, seed):

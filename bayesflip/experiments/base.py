@@ -154,9 +154,9 @@ class Family:
 
     def count_tokens(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """Estimated tokens the engine forwards (``prompt``) and samples (``generated``) for these cells
-        (one shard), without a model: :func:`bayesflip.cost.count_rendered` over :meth:`render`.
+        (one shard), without a model: :func:`bayesflip.experiments.tokens.count_rendered` over :meth:`render`.
         Override where rendering is too slow or misses work the run does."""
-        from ..cost import count_rendered
+        from .tokens import count_rendered
 
         return count_rendered(self.render(p, cells, tokenizer, model_kind, seed), cells, tokenizer)
 

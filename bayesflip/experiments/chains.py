@@ -176,7 +176,7 @@ class ChainFamily(GenerationalFamily):
         tokens per outcome; a filtered sampler generation is drawn once (the run redraws it while the
         filter rejects it, a model-dependent number of times up to ``max_redraws``); pm / tempered /
         greedy draws cost no engine call."""
-        from ..cost import TokenCount, branch_tokens
+        from .tokens import TokenCount, branch_tokens
 
         choices = _spec(p)["choices"]
         head = len(encode_prompt(tokenizer, self.head(p, model_kind)))

@@ -381,7 +381,7 @@ class MarkovFamily(Family):
     def count_tokens(self, p: MarkovParams, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """The exact ids of every cell's one curve pass (decoded digit runs would re-tokenize differently),
         and its read positions (every position under the paper protocol)."""
-        from ..cost import TokenCount
+        from .tokens import TokenCount
 
         reqs = [self.request(p, tokenizer, model_kind, self.trajectory(p, c, seed)[2]) for c in cells]
         return TokenCount(prompt=sum(len(r.ids) for r in reqs), reads=sum(len(r.positions) for r in reqs))

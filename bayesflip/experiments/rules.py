@@ -394,7 +394,7 @@ class RulesFamily(GenerationalFamily):
         history are h*; every model reply in the history is ``max_new_tokens`` tokens long (upper
         bound). Prompts are rendered and tokenized like the run's (``encode_prompt``), once per
         distinct condition and generation, so a sweep is costed in seconds."""
-        from ..cost import TokenCount, branch_tokens
+        from .tokens import TokenCount, branch_tokens
         from ..prompts import encode_prompt
 
         rules = [encode_piece(tokenizer, t) for t in self.rule_texts(p)]
@@ -434,7 +434,7 @@ class RulesFamily(GenerationalFamily):
         """One paper cell's tokens (see :meth:`count_tokens`): the run's own prompt builders
         (:func:`.rules_run.rounds`, :func:`.rules_run.paper_rule_prompt`) over arrays filled with the
         stated assumptions."""
-        from ..cost import TokenCount
+        from .tokens import TokenCount
         from ..prompts import encode_prompt
         from .rules_run import _fmt, conversation, paper_rule_prompt, rounds
 

@@ -7,7 +7,7 @@ Pipeline (nothing is submitted unless every step before submission succeeds)::
                → arrays checked against SLURM's MaxArraySize (split into several arrays if larger)
                → [--dry-run stops here]  plan_sweep (creates every store up front)
                → make_tasks per model (pending shards packed into tasks of ~target_task_min from the
-                 template's throughput, bayesflip.cost; else grouped by shards_per_task), minus shards
+                 template's throughput, bayesflip.hpc.cost; else grouped by shards_per_task), minus shards
                  held by a live job (lease) or given to a queued/running task of the manifest
                → one submitit job array per (model, template), throttled to %N
                → manifest: job ids + each task's (experiment, shard) work list
@@ -42,7 +42,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -231,7 +231,7 @@ def plan_arrays(sweep: SweepConfig, units: list[Unit], templates: dict[str, JobT
     each of at most ``max_array_size`` tasks (SLURM's MaxArraySize).
 
     ``exclude``: (model, experiment, shard) triples not to submit (e.g. still queued/running).
-    ``costs`` (:func:`bayesflip.cost.estimate_models`): a model whose template has ``target_task_min``
+    ``costs`` (:func:`bayesflip.hpc.cost.estimate_models`): a model whose template has ``target_task_min``
     and a throughput figure gets its shards packed by estimated time instead (None: no packing, e.g.
     an explicit ``--shards-per-task``). ``results_dir``: where the tasks write (None: the default)."""
     arrays = []
@@ -307,7 +307,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
 
     Raises (before anything is submitted) a :class:`ConfigError` naming the key for unknown
     models/types/templates/partitions, empty grids, bad tokenization, and templates that ask
-    for more than the partition has. A dry run also prints the cost table (:mod:`bayesflip.cost`;
+    for more than the partition has. A dry run also prints the cost table (:mod:`bayesflip.hpc.cost`;
     ``as_json``: as JSON) and costs unprepared Hub models with a proxy tokenizer instead of refusing.
     """
     if executor not in EXECUTORS:
@@ -326,7 +326,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     cells: dict = {}
     costs, toks = None, {}
     if dry_run or (shards_per_task is None and any(t.target_task_min for t in templates.values())):
-        from ..cost import estimate_models     # tokens per shard → time-based packing and the dry run's table
+        from .cost import estimate_models     # tokens per shard → time-based packing and the dry run's table
         costs = estimate_models(sweep, [], templates, cells, toks)
     units = plan_sweep(sweep, overwrite=overwrite, results_dir=root, create=False, cells_cache=cells,
                        tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
@@ -373,7 +373,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
         packed = bool(pack_costs and a.model.name in pack_costs and pack_costs[a.model.name].packable)
         out(("would submit " if dry_run else "  ") + _describe(a, packed))
     if dry_run and costs is not None:
-        from ..cost import cost_rows, format_cost
+        from .cost import cost_rows, format_cost
 
         rows = cost_rows(costs, units, arrays, packing=pack_costs is not None)
         out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2) if as_json
@@ -473,3 +473,28 @@ def resubmit_sweep(sweep_name: str, model_type: Optional[str] = None, **kw) -> S
     use_sacct = kw.get("executor", "slurm") == "slurm" and slurm.available()
     active = active_shards(manifest, results_dir) if use_sacct else set()
     return submit_sweep(sweep_name, sweep=sweep, overwrite=False, command="resubmit", exclude=active, **kw)
+
+
+def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=None, template: Optional[str] = None,
+            shards_per_task: Optional[int] = None, target_task_min: Optional[int] = None, time_min: Optional[int] = None,
+            as_json: bool = False, overwrite: bool = False, out: Callable[[str], None] = print) -> list[dict]:
+    """``bayesflip plan --dry-run``: plan without writing (no stores, manifest or records), cost every
+    model (:mod:`bayesflip.hpc.cost`), pack its pending shards into tasks, print the table (or JSON). No SLURM needed.
+    ``overwrite``: cost every shard (as ``--overwrite`` would recompute them), not only pending ones."""
+    from .cost import cost_rows, estimate_models, format_cost
+
+    sweep = load_sweep(sweep_name, model_type)
+    templates = resolve_templates(sweep, template, shards_per_task=shards_per_task, target_task_min=target_task_min,
+                                  time_min=time_min)
+    cells: dict = {}
+    toks: dict = {}
+    costs = estimate_models(sweep, [], templates, cells, toks)
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir, create=False, cells_cache=cells,
+                       tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
+    arrays = plan_arrays(sweep, units, templates, costs=None if shards_per_task else costs)
+    rows = cost_rows(costs, units, arrays, packing=not shards_per_task)
+    if as_json:
+        out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2))
+    else:
+        out(format_cost(sweep.name, rows))
+    return rows

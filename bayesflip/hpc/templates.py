@@ -40,7 +40,7 @@ Which template a model gets (:func:`template_for`): one whose ``nodes × tasks_p
 model's ``tp`` — ``--template`` (a comma-separated list: each name for the models whose ``tp`` fits it),
 else the registry's ``template``, else the one template of the same kind that starts ``tp`` tasks.
 
-Time-based packing (:mod:`bayesflip.cost`): with ``target_task_min`` and a throughput figure
+Time-based packing (:mod:`bayesflip.hpc.cost`): with ``target_task_min`` and a throughput figure
 (the template's ``throughput``, or a calibration file ``$BAYESFLIP_CACHE/throughput/<name>.json``
 written by ``make gpu-check``, which wins), the planner fills each task with shards up to about
 ``target_task_min`` minutes of estimated work, so a model is loaded a handful of times per
@@ -83,11 +83,11 @@ class Throughput(BaseModel):
     ``curve_tokens_per_s`` (every position read, the Markov shape; None: reads cost nothing extra),
     ``gen_tokens_per_s`` (sampled tokens, batched decoding).
 
-    Time estimates (:func:`bayesflip.cost.kind_speed`) scale seconds per token linearly with the
+    Time estimates (:func:`bayesflip.hpc.cost.kind_speed`) scale seconds per token linearly with the
     model's parameter count — through the ``small`` model's figures when given (small models are
     bound by kernel launches, not FLOPs: no faster per token than the small one), else through the
     origin; a model in another dtype uses the ``float32`` figures when measured, else on-paper
-    factors (:data:`bayesflip.cost.FP32_SLOWDOWN`, GPU templates only)."""
+    factors (:data:`bayesflip.hpc.cost.FP32_SLOWDOWN`, GPU templates only)."""
 
     model_config = ConfigDict(extra="forbid")
 

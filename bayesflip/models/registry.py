@@ -60,7 +60,7 @@ class ModelSpec(BaseModel):
     max_length: Optional[int] = Field(None, ge=8)  # override the config's context window
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     trust_remote_code: bool = False
-    params_b: Optional[float] = Field(None, gt=0)         # billions of parameters (bayesflip.cost)
+    params_b: Optional[float] = Field(None, gt=0)         # billions of parameters (bayesflip.hpc.cost)
     active_params_b: Optional[float] = Field(None, gt=0)  # per token, for mixtures of experts (default params_b)
     model_set: str = ""
 

@@ -44,105 +44,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .errors import BayesflipError, ConfigError
+from ..errors import BayesflipError, ConfigError
 
 PROXY_TOKENIZER = "smollm2-135m-instruct"   # packaged with `make install`: available offline
 SAMPLE_SHARDS = 8                           # at most this many shards rendered per experiment
 SAMPLE_CELLS = 1000                         # ... and at most about this many cells
 
-
-# ---------------------------------------------------------------------- token counts
-@dataclass
-class TokenCount:
-    """Tokens of some cells: ``prompt`` forwarded for scoring/prefill, ``generated`` sampled,
-    ``rows`` generation rows (sequences sampled), ``reads`` scored read points (positions whose
-    log-probs are read: one per needle prompt, one per token of a Markov curve)."""
-
-    prompt: int = 0
-    generated: int = 0
-    rows: int = 0
-    reads: int = 0
-
-    def __add__(self, other: "TokenCount") -> "TokenCount":
-        return TokenCount(self.prompt + other.prompt, self.generated + other.generated, self.rows + other.rows,
-                          self.reads + other.reads)
-
-    def scaled(self, k: int) -> "TokenCount":
-        return TokenCount(self.prompt * k, self.generated * k, self.rows * k, self.reads * k)
-
-
-def branch_tokens(choices: list) -> int:
-    """Continuation tokens the engine forwards for one ``score_choices`` request's choices (token
-    ids) after its context: the maximal unique ``c[:-1]`` prefixes (``engine._branch_plan``; the
-    first token of every choice is read from the context's last logits)."""
-    uniq = sorted({tuple(c[:-1]) for c in choices if len(c) > 1}, key=len, reverse=True)
-    keep: list[tuple] = []
-    for s in uniq:
-        if not any(k[: len(s)] == s for k in keep):
-            keep.append(s)
-    return sum(map(len, keep))
-
-
-def chunked_read_tokens(context_len: int, choices: list, chunk: int) -> int:
-    """Tokens forwarded to read ``choices`` after one context in engine calls of ``chunk`` choices
-    each (the context is forwarded once per call, the branches of each call's choices after it)."""
-    return sum(context_len + branch_tokens(choices[lo: lo + chunk]) for lo in range(0, len(choices), chunk))
-
-
-def _maximal_texts(texts: list[str]) -> list[str]:
-    """Unique texts that are not a proper prefix of another one (what one forward pass covers)."""
-    keep: list[str] = []
-    for t in sorted(set(texts), key=len, reverse=True):
-        if not any(k.startswith(t) for k in keep):
-            keep.append(t)
-    return keep
-
-
-def count_rendered(rendered: list, cells: list[dict], tokenizer) -> TokenCount:
-    """Tokens the engine forwards / samples for these rendered cells (see the module docstring).
-
-    ``rendered``: :class:`~bayesflip.experiments.base.RenderedCell` items of ``cells`` (one or more
-    per cell; an item's ``cell`` holds the cell's coordinates plus its read point). Per cell: every
-    generation item = its prompt + ``max_new_tokens`` sampled; scored items = the maximal texts (read
-    points that are prefixes of a longer text of the same cell are free), each text once per call
-    (identical prompts are scored once), each + Σ_choices (len(choice tokens) − 1); every scored item
-    is one read."""
-    from .prompts import encode_piece, encode_text
-
-    keys = list(cells[0]) if cells else []
-
-    def cell_key(c: dict) -> tuple:
-        return tuple(repr(c.get(k)) for k in keys)
-
-    groups: dict[tuple, list] = {}
-    for r in rendered:
-        groups.setdefault(cell_key(r.cell), []).append(r)
-    choice_extra: dict[tuple, int] = {}
-    seen: set[str] = set()
-    out = TokenCount()
-    for items in groups.values():
-        scored: dict[str, tuple] = {}
-        for r in items:
-            if r.generation is not None:
-                out.prompt += len(encode_text(tokenizer, r.text))
-                out.generated += int(r.generation.get("max_new_tokens") or 0)
-                out.rows += 1
-            else:
-                scored[r.text] = tuple(r.choices or ())
-                out.reads += 1
-        for text in _maximal_texts(list(scored)):
-            if text in seen:
-                continue
-            seen.add(text)
-            ch = scored[text]
-            if ch not in choice_extra:
-                choice_extra[ch] = sum(max(len(encode_piece(tokenizer, c)) - 1, 0) for c in ch)
-            out.prompt += len(encode_text(tokenizer, text)) + choice_extra[ch]
-    return out
 
 
 def sample_shards(n_shards: int, shard_size: int, max_shards: int = SAMPLE_SHARDS,
@@ -172,7 +83,7 @@ class ExperimentTokens:
 def experiment_tokens(exp, cells: list[dict], tokenizer, model_kind: str) -> ExperimentTokens:
     """Tokens per shard of ``exp``: sampled shards counted (:meth:`Family.count_tokens`), the others
     interpolated linearly by shard index."""
-    from .experiments import get_family
+    from ..experiments import get_family
 
     fam = get_family(exp.family)
     size = exp.shard_size
@@ -196,9 +107,9 @@ def experiment_tokens(exp, cells: list[dict], tokenizer, model_kind: str) -> Exp
 def tokenizer_for(spec) -> tuple[object, bool, str]:
     """(tokenizer, is_proxy, description) for costing ``spec``: its own when available offline,
     else (an unprepared Hub model) the packaged proxy tokenizer."""
-    from .models.loader import load_tokenizer
-    from .models.prepare import is_prepared
-    from .models.registry import get_model_spec
+    from ..models.loader import load_tokenizer
+    from ..models.prepare import is_prepared
+    from ..models.registry import get_model_spec
 
     if is_prepared(spec):
         return load_tokenizer(spec), False, "own"
@@ -216,7 +127,7 @@ def tokenizer_key(spec, proxy: bool) -> str:
 # ---------------------------------------------------------------------- throughput
 def calibration_path(template_name: str) -> Path:
     """``$BAYESFLIP_CACHE/throughput/<template>.json`` (read from the environment at call time)."""
-    from .paths import CACHE_DIR
+    from ..paths import CACHE_DIR
 
     return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "throughput" / f"{template_name}.json"
 
@@ -228,8 +139,8 @@ def template_throughput(t) -> tuple[Optional[object], str]:
     ``ref_params_b`` / ``score_tokens_per_s``), else the template's ``throughput``."""
     from pydantic import ValidationError
 
-    from .config import pydantic_error
-    from .hpc.templates import Throughput
+    from ..config import pydantic_error
+    from .templates import Throughput
 
     path = calibration_path(t.name)
     base = t.throughput.model_dump() if t.throughput else {}
@@ -438,7 +349,7 @@ def estimate_models(sweep, units, templates: dict, cells_cache: Optional[dict] =
     """Per model of the sweep: tokenizer (own or proxy), throughput and per-shard tokens of every
     experiment. ``tokenizers`` (model → (tokenizer, proxy, description)) is filled as a side effect so
     that planning can reuse them; counts are shared between models with the same tokenizer and kind."""
-    from .experiments import get_family
+    from ..experiments import get_family
 
     cells_cache = {} if cells_cache is None else cells_cache
     tokenizers = {} if tokenizers is None else tokenizers
@@ -447,7 +358,7 @@ def estimate_models(sweep, units, templates: dict, cells_cache: Optional[dict] =
     for name in sweep.models:
         spec = next((u.model for u in units if u.model.name == name), None)
         if spec is None:
-            from .models.registry import get_model_spec
+            from ..models.registry import get_model_spec
             spec = get_model_spec(name)
         if name not in tokenizers:
             tokenizers[name] = tokenizer_for(spec)
@@ -560,30 +471,3 @@ def format_cost(sweep_name: str, rows: list[dict]) -> str:
             lines.append(f"warning: {r['model']}: a task is estimated at {r['max_task_minutes']:.0f} min, "
                          f"close to or over time_min {r['time_min']} (it will be checkpointed and requeued)")
     return "\n".join(lines)
-
-
-def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=None, template: Optional[str] = None,
-            shards_per_task: Optional[int] = None, target_task_min: Optional[int] = None, time_min: Optional[int] = None,
-            as_json: bool = False, overwrite: bool = False, out: Callable[[str], None] = print) -> list[dict]:
-    """``bayesflip plan --dry-run``: plan without writing (no stores, manifest or records), cost every
-    model, pack its pending shards into tasks, print the table (or JSON). No SLURM needed.
-    ``overwrite``: cost every shard (as ``--overwrite`` would recompute them), not only pending ones."""
-    from .config import load_sweep
-    from .hpc.launch import plan_arrays, resolve_templates
-    from .plan import plan_sweep
-
-    sweep = load_sweep(sweep_name, model_type)
-    templates = resolve_templates(sweep, template, shards_per_task=shards_per_task, target_task_min=target_task_min,
-                                  time_min=time_min)
-    cells: dict = {}
-    toks: dict = {}
-    costs = estimate_models(sweep, [], templates, cells, toks)
-    units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir, create=False, cells_cache=cells,
-                       tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
-    arrays = plan_arrays(sweep, units, templates, costs=None if shards_per_task else costs)
-    rows = cost_rows(costs, units, arrays, packing=not shards_per_task)
-    if as_json:
-        out(json.dumps({"sweep": sweep.name, "estimate": True, "models": rows}, indent=2))
-    else:
-        out(format_cost(sweep.name, rows))
-    return rows
