@@ -50,6 +50,7 @@ import numpy as np
 import zarr
 
 from . import __version__
+from .atomic import atomic_write_text  # noqa: F401 (re-exported: hpc.manifest imports it from here)
 from .errors import LeaseLost, StoreIdentityError, StoreWriteError
 from .experiments.base import ArraySpec
 from .paths import REPO_ROOT, RESULTS_DIR
@@ -139,29 +140,6 @@ def checksum_file(path: Path) -> Optional[str]:
             return "blake2b:" + hashlib.blake2b(f.read(), digest_size=20).hexdigest()
     except FileNotFoundError:
         return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename; on any OSError the temp file is removed and StoreWriteError names the path."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise StoreWriteError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
 
 
 @dataclass

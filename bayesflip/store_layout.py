@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .atomic import atomic_write_text
 from .errors import ConfigError
 
 LAYOUT = 3
@@ -137,8 +138,6 @@ def coord_arrays(g, attrs: dict) -> list:
 
 def _rename_dims(meta: Path, dims: list[str]) -> None:
     """Rewrite an array's dimension_names in its zarr.json (metadata only; chunks untouched)."""
-    from .store import atomic_write_text
-
     m = json.loads(meta.read_text())
     m["dimension_names"] = dims
     atomic_write_text(meta, json.dumps(m, indent=2))

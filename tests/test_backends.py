@@ -102,14 +102,20 @@ def test_capabilities_are_checked_before_and_at_run_time():
 def test_check_device_gpu_template_without_cuda():
     import torch
 
+    from bayesflip.hpc.launch import task_template
+    from bayesflip.hpc.templates import load_template
+
     if torch.cuda.is_available():
         pytest.skip("this node has CUDA")
     spec = get_model_spec("llama-3.1-8b")
     with pytest.raises(DeviceError) as e:
-        check_device(spec, "gpu-small")
+        check_device(spec, load_template("gpu-small"))
     msg = str(e.value)
     assert "\n" not in msg and "job template 'gpu-small' asks for 1 GPU(s) per node" in msg and "no usable CUDA" in msg
-    check_device(get_model_spec("tiny-random"))  # cpu-debug: fine
+    check_device(get_model_spec("tiny-random"), task_template(get_model_spec("tiny-random")))  # cpu-debug: fine
+    assert task_template(spec, "gpu-small").name == "gpu-small" and task_template(spec, {"name": "x"}) == {"name": "x"}
+    with pytest.raises(TypeError, match="resolved job template"):
+        check_device(spec, "gpu-small")
     with pytest.raises(DeviceError, match="tp=2 ranks, but this process is one of 1"):
         load_backend("tiny-random-llama-tp2", device="cpu")
 

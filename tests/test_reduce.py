@@ -158,7 +158,7 @@ def test_synthetic_outputs_and_summary(synthetic):
         assert len(a) == len(b) and list(a.columns) == list(b.columns)
 
 
-def test_unknown_family_raw_only_and_failing_reducer_recorded(tmp_path, monkeypatch):
+def test_unknown_family_raw_only_and_failing_reducer_recorded(tmp_path, monkeypatch, request):
     make_icl_store(tmp_path, "mix", "icl_coin", {"thetas": [0.5], "n_flips": 8, "samples": 2}, beta_learner(1.0, 3.0))
     # a family with no reducer: written with the store API, as a plug-in would
     attrs = {"experiment": "needle_x", "family": "zz_noreducer", "config": {"params": {}}, "config_hash": "h1", "shard_size": 2,
@@ -183,8 +183,9 @@ def test_unknown_family_raw_only_and_failing_reducer_recorded(tmp_path, monkeypa
         return ReducedFamily(tables={"scores": t}, summary={"models": {st.model: {"n": len(t)}}, "note": "ok"},
                              sections=[Section("Priors", [Text("plug-in prior text")])])
 
-    monkeypatch.setitem(reduce_base._REDUCERS, "zz_broken", broken)
-    monkeypatch.setitem(reduce_base._REDUCERS, "zz_plugin", plugin)
+    for name, fn in (("zz_broken", broken), ("zz_plugin", plugin)):
+        reduce_base.REDUCERS.register(name, fn)
+        request.addfinalizer(lambda name=name: reduce_base.REDUCERS.unregister(name))
     plug = ResultStore.create(store_path("mix", "plug", MODEL, tmp_path), {"score": ArraySpec(("choice",), (2,))},
                               cells, 3, {"choice": ["a", "b"]}, dict(attrs, experiment="plug", family="zz_plugin",
                                                                      config_hash="h3", shard_size=3))

@@ -282,18 +282,17 @@ def all_reduce_max(t):
     return _all_reduce(t, "MAX")
 
 
-def check_device(spec: Any, template: Any = None) -> None:
+def check_device(spec: Any, template: Any) -> None:
     """Fail at task start, in one line, when the node cannot serve ``spec`` under ``template``.
 
-    ``template``: a :class:`~bayesflip.hpc.templates.JobTemplate`, a dict, a template name
-    (loaded from ``job_templates/``) or None (the model's own template).
+    ``template``: the resolved job template, a :class:`~bayesflip.hpc.templates.JobTemplate` or a dict
+    with ``name`` and ``gpus_per_node`` (the caller resolves names: :func:`bayesflip.hpc.launch.task_template`;
+    the backends do not import the cluster layer).
     """
     import torch
 
     if template is None or isinstance(template, str):
-        from ..hpc.templates import load_template, template_for
-
-        template = load_template(template) if template else template_for(spec)
+        raise TypeError(f"check_device needs a resolved job template (JobTemplate or dict), not {template!r}")
     get = template.get if isinstance(template, dict) else (lambda k, d=None: getattr(template, k, d))
     name = get("name", "?")
     gpus = int(get("gpus_per_node", 0) or 0)

@@ -55,7 +55,7 @@ from ..plan import TaskPlan, Unit, make_tasks, plan_sweep, write_manifest
 from . import slurm
 from .manifest import ArrayRecord, Manifest, Submission as SubmissionRecord, TaskRecord, now_iso
 from .status import ACTIVE, QUEUED, active_jobs, active_shards, manifest_units
-from .templates import JobTemplate, check_against_partition, templates_for, with_overrides
+from .templates import JobTemplate, check_against_partition, load_template, template_for, templates_for, with_overrides
 
 EXECUTORS = ("slurm", "local")
 
@@ -100,7 +100,7 @@ class SweepTask(Checkpointable):
         from ..backends.distributed import check_device
         from ..job import run_task
 
-        check_device(task.model, getattr(self, "template", None))   # one line, before loading
+        check_device(task.model, task_template(task.model, getattr(self, "template", None)))  # one line, before loading
         try:
             res = run_task(task, device=self.device)
         finally:
@@ -129,6 +129,14 @@ class SweepTask(Checkpointable):
     def checkpoint(self, task: TaskPlan | list) -> DelayedSubmission:
         """Requeue the same task: completed shards are skipped by their ``done`` records."""
         return DelayedSubmission(self, task)
+
+
+def task_template(spec: ModelSpec, template: Optional[str | dict | JobTemplate] = None) -> dict | JobTemplate:
+    """The job template a task runs under: ``template`` as given (a dict or JobTemplate), loaded by name
+    from ``job_templates/``, or (None) the model's own (:func:`~bayesflip.hpc.templates.template_for`)."""
+    if template is None:
+        return template_for(spec)
+    return load_template(template) if isinstance(template, str) else template
 
 
 def _leave_together() -> None:

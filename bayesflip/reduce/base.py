@@ -1,16 +1,14 @@
 """The reducer plug-in interface: report blocks, sections, and the per-family registry.
 
 A family reducer is a function ``fn(inp: FamilyInput) -> ReducedFamily`` registered with
-``@register_reducer("<family>")`` in its own module ``bayesflip/reduce/<family>.py``; every
-module of this package that is not infrastructure (see ``_INFRA``) is imported on first use,
-so adding a reducer is adding one module. Families without a reducer are listed in the
-report as "raw data only".
+``@register_reducer("<family>")`` in its own module ``bayesflip/reduce/<family>.py`` and listed
+as a lazy entry of :data:`REDUCERS` (one :class:`~bayesflip.registry.Registry`, like families and
+backends): adding a reducer is one module + one line there; the module is imported on first use.
+Families without a reducer are listed in the report as "raw data only".
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -18,11 +16,8 @@ from typing import Callable, Union
 import numpy as np
 import pandas as pd
 
+from ..registry import Registry
 from .load import StoreData
-
-# Modules of this package that are not family reducers.
-_INFRA = {"base", "load", "figures", "report", "pipeline", "overview", "published", "published_values",
-          "original_results", "findings"}
 
 
 # ---------------------------------------------------------------------------- report blocks
@@ -140,30 +135,25 @@ def mean_se_by(cells: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.D
     out = out.join((g[metrics].std(ddof=1) / np.sqrt(n_ok.where(n_ok > 0))).add_suffix("_se"))
     out.insert(0, "n_chains", g.size())
     return out.reset_index()
-_REDUCERS: dict[str, Reducer] = {}
+REDUCERS: Registry[Reducer] = Registry("reducer", key="family")
+for _fam in ("icl", "chains", "rules", "acronym", "attention", "cot", "markov", "needle", "paraphrase", "poisson"):
+    REDUCERS.register_lazy(_fam, f"bayesflip.reduce.{_fam}:reduce_{_fam}")
 _ORDER = ["icl", "chains", "rules", "acronym"]  # reduce/report order: these first, then the others alphabetically
 
 
 def register_reducer(family: str) -> Callable[[Reducer], Reducer]:
+    """Decorator: ``fn`` is ``family``'s reducer (resolves its lazy entry; a new name is an eager entry)."""
     def deco(fn: Reducer) -> Reducer:
-        _REDUCERS[family] = fn
+        REDUCERS.register(family, fn)
         return fn
 
     return deco
 
 
-def _load_all() -> None:
-    pkg = importlib.import_module(__package__)
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in _INFRA and not mod.name.startswith("_"):
-            importlib.import_module(f"{__package__}.{mod.name}")
-
-
 def reducer_names() -> list[str]:
-    _load_all()
-    return sorted(_REDUCERS, key=lambda f: (_ORDER.index(f) if f in _ORDER else len(_ORDER), f))
+    return sorted(REDUCERS.names(), key=lambda f: (_ORDER.index(f) if f in _ORDER else len(_ORDER), f))
 
 
 def get_reducer(family: str) -> Reducer | None:
-    _load_all()
-    return _REDUCERS.get(family)
+    """``family``'s reducer, or None when it has none (its data is reported raw)."""
+    return REDUCERS.get_or_none(family)
