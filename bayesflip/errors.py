@@ -14,6 +14,7 @@ class ConfigError(BayesflipError, ValueError):
 
     def __init__(self, key: str, message: str, allowed: Iterable[object] | None = None, source: str | None = None):
         self.key = key
+        self.message = message
         self.allowed = list(allowed) if allowed is not None else None
         parts = []
         if source:

@@ -68,7 +68,7 @@ def world(tmp_path):
 def _tiny_llama_params() -> int:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bayesflip.models.loader import gguf_cache_dir
+    from bayesflip.models.prepare import gguf_cache_dir
     from bayesflip.models.registry import get_model_spec
 
     tok = AutoTokenizer.from_pretrained(gguf_cache_dir(get_model_spec("smollm2-135m-instruct")))

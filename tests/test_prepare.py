@@ -23,7 +23,7 @@ def _hub_cache(root: Path, repo_id: str = "testorg/tiny-llama", sha: str = SHA, 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from bayesflip.models.loader import gguf_cache_dir
+    from bayesflip.models.prepare import gguf_cache_dir
     from bayesflip.models.registry import get_model_spec
 
     repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))

@@ -1,15 +1,24 @@
-"""The :class:`Backend` interface: a loaded model + the one engine, plus optional capabilities."""
+"""The :class:`Backend` interface: a loaded model + the one engine, plus optional capabilities.
+
+A backend owns its placement: :meth:`Backend.validate_spec` checks a registry entry's placement
+options (``tp``, ``device_map``) when the model registry is read, :meth:`Backend.load` loads and
+places the model, :meth:`Backend.wrap` wraps an already loaded one. Importing a backend class is
+light (no torch, no engine): the model registry validates every entry through its backend class,
+and the engine is imported when a backend is constructed.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, TypeVar
 
-import numpy as np
+from ..errors import BayesflipError, ConfigError
+from . import ATTENTION_MASS, BACKENDS
 
-from ..engine import ChoiceRequest, CurveRequest, EngineStats, Scorer
-from ..errors import BayesflipError
-from . import ATTENTION_MASS
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..engine import ChoiceRequest, CurveRequest, EngineStats
 
 T = TypeVar("T")
 
@@ -21,14 +30,19 @@ class CapabilityError(BayesflipError, NotImplementedError):
 class Backend(ABC):
     """One model, loaded once per job, scored through the shared :class:`~bayesflip.engine.Scorer`.
 
-    Subclasses implement :meth:`load` (how weights are read and placed) and may widen
-    ``CAPABILITIES`` / :meth:`capabilities_for`; the scoring methods are the engine's.
+    Subclasses implement :meth:`load` (how weights are read and placed), say which placement
+    options they accept (``TENSOR_PARALLEL``, ``DEVICE_MAP``; or override :meth:`validate_spec`) and
+    may widen ``CAPABILITIES`` / :meth:`capabilities_for`; the scoring methods are the engine's.
     """
 
     name: ClassVar[str]
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
+    TENSOR_PARALLEL: ClassVar[bool] = False    # accepts ``tp > 1`` (one process per rank)
+    DEVICE_MAP: ClassVar[bool] = False         # accepts ``device_map: auto`` (one process over all GPUs)
 
     def __init__(self, lm, **scorer_kwargs):
+        from ..engine import Scorer
+
         self.lm = lm                              # bayesflip.models.loader.LoadedModel
         self.scorer = Scorer(lm, **scorer_kwargs)
 
@@ -37,6 +51,23 @@ class Backend(ABC):
     @abstractmethod
     def load(cls, spec, device: Any = None, dtype: str | None = None, **scorer_kwargs) -> "Backend":
         """Load ``spec`` (a ModelSpec) and return the ready backend."""
+
+    @classmethod
+    def wrap(cls, lm, **scorer_kwargs) -> "Backend":
+        """This backend around an already loaded model (``run_task(lm=...)`` in tests)."""
+        return cls(lm, **scorer_kwargs)
+
+    @classmethod
+    def validate_spec(cls, spec) -> None:
+        """Check a registry entry's placement options for this backend; called when the model registry
+        is read (:func:`bayesflip.models.registry.parse_entry`), before anything runs. Raises a one-line
+        :class:`ConfigError` naming ``models.<name>.backend`` and the backends that would accept the entry."""
+        if spec.tp != 1 and not cls.TENSOR_PARALLEL:
+            raise ConfigError(f"models.{spec.name}.backend",
+                              f"tp > 1 needs backend: {_able('TENSOR_PARALLEL')}")
+        if spec.device_map is not None and not cls.DEVICE_MAP:
+            raise ConfigError(f"models.{spec.name}.backend",
+                              f"device_map needs backend: {_able('DEVICE_MAP')} ({cls.name} places the model itself)")
 
     @classmethod
     def capabilities_for(cls, spec) -> frozenset[str]:
@@ -146,3 +177,8 @@ class Backend(ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.model_name}, device={self.device}, rank={self.rank}/{self.world_size}, "
                 f"revision={self.revision})")
+
+
+def _able(flag: str) -> str:
+    """The registered backends whose ``flag`` is set ("a or b")."""
+    return " or ".join(n for n in BACKENDS.names() if getattr(BACKENDS.get(n), flag, False)) or "none registered"

@@ -8,7 +8,12 @@ chunks and records, broadcasting its decisions). Attention mass: each rank sees 
 the per-rank head means are combined, weighted by head counts, with a sum all-reduce, and the
 per-key maxima over heads (``attention_stats``) with a max all-reduce.
 
-Scored reads (``read_dtype: float32``, the default) use :class:`VocabParallelReadHead`: AutoTP cuts
+Placement: :meth:`DeepSpeedBackend.load` has the loader read the checkpoint on the CPU and
+places it itself (:func:`deepspeed_wrap`); ``tp > 1`` is accepted (``TENSOR_PARALLEL``),
+``device_map`` is not. Importing this module is light (torch and DeepSpeed are imported on load).
+
+Scored reads (``read_dtype: float32``, the default) use
+:class:`~bayesflip.backends.vocab_head.VocabParallelReadHead`: AutoTP cuts
 the output layer along its input (hidden) dimension and all-reduces the full logits in the model's
 dtype; instead, once at load, the ranks all-gather the layer's columns and each keeps the float32
 rows of its slice of the vocabulary, so a forward all-reduces three vectors per read (max, sum of
@@ -20,89 +25,46 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-import torch
 
-from ..engine import ReadHead
 from . import ATTENTION_MASS
 from .base import Backend
-from .distributed import (DeviceError, DistEnv, agree, all_reduce_max, all_reduce_sum, dist_env, init_distributed,
-                          rank_device)
+from .distributed import (DeviceError, DistEnv, agree, all_reduce_max, all_reduce_sum, dist_env, disable_shm_allreduce,
+                          init_distributed, rank_device)
 
 T = TypeVar("T")
 
 
-class VocabParallelReadHead(ReadHead):
-    """Float32 read head over a DeepSpeed AutoTP output layer (``LmHeadLinearAllreduce``), vocabulary-parallel.
+def deepspeed_wrap(model, tp: int, torch_dtype):
+    """``deepspeed.init_inference`` with tensor parallelism ``tp``.
 
-    Rank r holds ``W_r`` = the float32 rows ``v0_r:v1_r`` of the full output layer (even slices of the
-    vocabulary) and computes ``z_r = h·W_rᵀ (+ b_r)`` for the read rows (the hidden states are the same
-    on every rank). Then ``m = max_r max_v z_r`` (MAX all-reduce), ``s = Σ_r Σ_v exp(z_r − m)`` (SUM),
-    ``lse = m + log s``; a wanted token's logit comes from the rank whose slice holds it (zero elsewhere,
-    SUM all-reduce); ``log p = z[t] − lse``. Whatever the model applies after its output layer
-    (element-wise, e.g. soft-capping) is applied to each rank's slice.
+    The model arrives on the CPU; init_inference shards it (AutoTP) and moves each rank's shard
+    to the current accelerator device (``cuda:LOCAL_RANK``, set by the backend). The process group
+    must already be up when ``tp > 1`` (:func:`bayesflip.backends.distributed.init_distributed`).
     """
+    disable_shm_allreduce()
+    import deepspeed
 
-    def __init__(self, module, group=None):
-        import torch.distributed as dist
-
-        super().__init__(module, float32=True)
-        self.group = group
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        shard = module.weight.detach()                       # (V, H_r): this rank's input columns
-        sizes = list(getattr(module, "_partition_sizes", [shard.shape[1]] * world))
-        buf = torch.zeros((shard.shape[0], max(sizes)), dtype=shard.dtype, device=shard.device)
-        buf[:, : shard.shape[1]] = shard
-        bufs = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(bufs, buf, group=group)
-        V = shard.shape[0]
-        per = -(-V // world)
-        self.v0, self.v1 = min(V, rank * per), min(V, (rank + 1) * per)
-        self._w = torch.cat([b[self.v0: self.v1, : n] for b, n in zip(bufs, sizes)], dim=1).float().contiguous()
-        bias = getattr(module, "bias", None)
-        self._b = None if bias is None else bias.detach()[self.v0: self.v1].float()
-        del bufs, buf
-
-    def logits(self, h: torch.Tensor, base) -> torch.Tensor:
-        return torch.nn.functional.linear(h.float(), self._w, self._b)
-
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: list[int]) -> torch.Tensor:
-        import torch.distributed as dist
-
-        from ..engine import row_chunks
-
-        z = z.float()
-        m = z.amax(-1) if z.shape[1] else torch.full(z.shape[:1], float("-inf"), device=z.device)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        s = torch.zeros_like(m)
-        for a, b, _, _ in row_chunks(host_rows, z.shape[0], max(1, z.shape[1])):
-            s[a:b] = (z[a:b] - m[a:b, None]).exp().sum(-1)
-        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=self.group)
-        lse = m + s.log()
-        mine = (toks >= self.v0) & (toks < self.v1)
-        picked = torch.where(mine, z[rows, (toks - self.v0).clamp(0, max(0, z.shape[1] - 1))], torch.zeros((), device=z.device))
-        dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=self.group)
-        return picked - lse[rows]
-
-
-def install_read_head(scorer, world_size: int) -> None:
-    """A vocabulary-parallel float32 read head when the output layer is split over ``world_size > 1`` ranks
-    and the model reads in float32 (``read_dtype: model`` keeps DeepSpeed's layer: bf16 all-reduced logits)."""
-    head = scorer.module.get_output_embeddings()
-    if world_size > 1 and scorer.read_dtype == "float32" and hasattr(head, "_partition_sizes"):
-        scorer.read_head = VocabParallelReadHead(head, getattr(head, "mp_group", None))
-    elif world_size > 1 and hasattr(head, "_partition_sizes"):
-        scorer.read_head = ReadHead(head, float32=False)
+    engine = deepspeed.init_inference(model, dtype=torch_dtype, tensor_parallel={"tp_size": tp},
+                                      replace_with_kernel_inject=False)
+    engine.eval()
+    return engine
 
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
     CAPABILITIES = frozenset({ATTENTION_MASS})
+    TENSOR_PARALLEL = True
 
     def __init__(self, lm, env: DistEnv, **scorer_kwargs):
+        from .vocab_head import install_read_head
+
         super().__init__(lm, **scorer_kwargs)
         self.env = env
         install_read_head(self.scorer, env.world_size)
+
+    @classmethod
+    def wrap(cls, lm, **scorer_kwargs) -> "DeepSpeedBackend":
+        return cls(lm, dist_env(), **scorer_kwargs)
 
     @classmethod
     def load(cls, spec, device: Any = None, dtype: str | None = None, **scorer_kwargs) -> "DeepSpeedBackend":
@@ -115,7 +77,10 @@ class DeepSpeedBackend(Backend):
                               f"(`torchrun --nproc_per_node {spec.tp}` or a job template with {spec.tp} tasks)")
         dev = rank_device(env, device)
         init_distributed(env, dev)
-        return cls(load_model(spec, device=dev, dtype=dtype), env, **scorer_kwargs)
+        def place(model, torch_dtype, device):      # the loader reads on the CPU; AutoTP shards onto dev
+            return deepspeed_wrap(model, spec.tp, torch_dtype), device
+
+        return cls(load_model(spec, device=dev, dtype=dtype, place=place), env, **scorer_kwargs)
 
     @property
     def rank(self) -> int:
@@ -151,6 +116,8 @@ class DeepSpeedBackend(Backend):
         if self.world_size == 1:
             return res
         # per-rank means over local heads -> global mean over all heads: Σ_r n_r·mean_r / Σ_r n_r
+        import torch
+
         keys = list(res)
         flat = torch.tensor(np.concatenate([res[k] * n for k in keys] + [np.array([n])]), dtype=torch.float64)
         all_reduce_sum(flat)
@@ -171,6 +138,8 @@ class DeepSpeedBackend(Backend):
         self.require(ATTENTION_MASS, "attention_stats")
         if self.world_size == 1:
             return self.scorer.attention_stats(ids, query_positions, key_groups, layers)
+        import torch
+
         T, Q = len(ids), len(query_positions)
         per_key = {str(t): [t] for t in range(T)}
         res, n = self._local_heads(lambda: self.scorer.attention_stats(ids, query_positions, per_key, layers))

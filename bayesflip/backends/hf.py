@@ -12,6 +12,7 @@ from .base import Backend
 class HFBackend(Backend):
     name = "hf"
     CAPABILITIES = frozenset({ATTENTION_MASS})
+    DEVICE_MAP = True          # device_map: auto — accelerate spreads the model over the visible GPUs
 
     @classmethod
     def load(cls, spec, device: Any = None, dtype: str | None = None, **scorer_kwargs) -> "HFBackend":

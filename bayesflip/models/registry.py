@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..backends import validate_spec
 from ..errors import ConfigError, UnknownModelError
 from ..paths import CONFIG_DIR
 
@@ -47,7 +48,7 @@ class ModelSpec(BaseModel):
     revision: str = "main"
     kind: Literal["std", "instruct"]
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    backend: str = "hf"                 # a name of bayesflip.backends.BACKENDS
+    backend: str = "hf"                 # a name of bayesflip.backends.BACKENDS (checked in parse_entry)
     tp: int = Field(1, ge=1)
     device_map: Optional[Literal["auto"]] = None  # hf: spread one model over all visible GPUs
     fp32_head: bool = False             # compute the final norm and the output layer in float32
@@ -64,25 +65,12 @@ class ModelSpec(BaseModel):
     active_params_b: Optional[float] = Field(None, gt=0)  # per token, for mixtures of experts (default params_b)
     model_set: str = ""
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, v: str) -> str:
-        from ..backends import BACKENDS
-
-        if v not in BACKENDS:
-            raise ValueError(f"unknown backend {v!r} (allowed: {', '.join(BACKENDS.names())})")
-        return v
-
     @model_validator(mode="after")
     def _check_source(self) -> "ModelSpec":
         if self.source == "gguf_package" and not (self.package and self.gguf_file):
             raise ValueError("source gguf_package needs 'package' and 'gguf_file'")
         if self.source == "tiny_random" and not self.tokenizer_from:
             raise ValueError("source tiny_random needs 'tokenizer_from'")
-        if self.backend == "hf" and self.tp != 1:
-            raise ValueError("tp > 1 needs backend: deepspeed")
-        if self.device_map is not None and self.backend != "hf":
-            raise ValueError("device_map needs backend: hf (deepspeed places the shards itself)")
         return self
 
 
@@ -104,14 +92,21 @@ def parse_model_file(path: Path) -> dict[str, ModelSpec]:
 
 
 def parse_entry(name: str, entry: dict | None, model_set: str, source: str) -> ModelSpec:
-    """One registry entry validated (the one-line :class:`ConfigError` names ``models.<name>.<key>``)."""
+    """One registry entry validated (the one-line :class:`ConfigError` names ``models.<name>.<key>``):
+    its fields here, its placement options (``backend``, ``tp``, ``device_map``) by its backend
+    (:meth:`bayesflip.backends.base.Backend.validate_spec`)."""
     try:
-        return ModelSpec(name=name, model_set=model_set, **(entry or {}))
+        spec = ModelSpec(name=name, model_set=model_set, **(entry or {}))
     except ValidationError as err:
         key, msg, allowed = _format_validation(err)
         raise ConfigError(f"models.{name}.{key}", msg, allowed=allowed, source=source) from None
     except TypeError as err:
         raise ConfigError(f"models.{name}", str(err), source=source) from None
+    try:
+        validate_spec(spec)
+    except ConfigError as err:
+        raise ConfigError(err.key, err.message, allowed=err.allowed, source=source) from None
+    return spec
 
 
 @lru_cache(maxsize=4)
