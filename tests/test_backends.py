@@ -55,7 +55,7 @@ def test_unknown_backend_in_registry_entry_is_a_config_error(tmp_path):
 
 
 def test_hf_backend_delegates_to_the_engine(tiny):
-    be = load_backend("tiny-random", device="cpu")
+    be = load_backend(get_model_spec("tiny-random"), device="cpu")
     assert isinstance(be, Backend) and be.name == "hf" and be.model_name == "tiny-random"
     assert (be.rank, be.world_size, be.is_writer) == (0, 1, True) and ATTENTION_MASS in be.capabilities
     assert be.revision == "seed0" and be.max_length == 512 and str(be.device) == "cpu"
@@ -117,7 +117,7 @@ def test_check_device_gpu_template_without_cuda():
     with pytest.raises(TypeError, match="resolved job template"):
         check_device(spec, "gpu-small")
     with pytest.raises(DeviceError, match="tp=2 ranks, but this process is one of 1"):
-        load_backend("tiny-random-llama-tp2", device="cpu")
+        load_backend(get_model_spec("tiny-random-llama-tp2"), device="cpu")
 
 
 def test_fp32_head_keeps_body_dtype_and_unties(smol):
@@ -149,7 +149,7 @@ def _compare_tp(ref_model: str, tp_model: str, out: Path, tol: float) -> None:
     from bayesflip.backends.tp_check import collect
 
     ranks = _torchrun(tp_model, out)
-    ref = collect(load_backend(ref_model, device="cpu"))
+    ref = collect(load_backend(get_model_spec(ref_model), device="cpu"))
     assert [d["is_writer"] for d in ranks] == [True, False]
     assert [d["rank"] for d in ranks] == [0, 1] and {d["world_size"] for d in ranks} == {2}
     for d in ranks:

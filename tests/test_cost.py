@@ -62,7 +62,7 @@ def test_counts_match_the_engine_and_a_hand_count():
     from bayesflip.backends import load_backend
     from bayesflip.experiments.base import RunContext
 
-    be = load_backend("tiny-random", device="cpu")
+    be = load_backend(get_model_spec("tiny-random"), device="cpu")
     for name, ov in (("needle_coin", NEEDLE), ("icl_coin", ICL)):
         exp = load_experiment(name, ov)
         fam = get_family(exp.family)
