@@ -61,6 +61,7 @@ def _hand_count(name: str, ov: dict, tok) -> int:
 def test_counts_match_the_engine_and_a_hand_count():
     from bayesflip.backends import load_backend
     from bayesflip.experiments.base import RunContext
+    from bayesflip.models.registry import get_model_spec
 
     be = load_backend(get_model_spec("tiny-random"), device="cpu")
     for name, ov in (("needle_coin", NEEDLE), ("icl_coin", ICL)):

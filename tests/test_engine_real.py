@@ -141,13 +141,14 @@ def test_seeded_generation_is_reproducible(smol):
 
 
 def test_deepspeed_backend_identical_on_cpu(smol):
-    from bayesflip.models.loader import load_model
+    from bayesflip.backends import load_backend
+    from bayesflip.models.registry import get_model_spec
 
-    ds = load_model("smollm2-135m-instruct-ds", device="cpu")
-    assert type(ds.model).__name__ == "InferenceEngine"
+    ds = load_backend(get_model_spec("smollm2-135m-instruct-ds"), device="cpu")   # the backend places it (AutoTP)
+    assert ds.name == "deepspeed" and type(ds.model).__name__ == "InferenceEngine"
     prompts = ["I tossed a coin and it landed on", "I rolled a die and it landed on"]
     a = score_prompts(Scorer(smol), prompts, [" heads", " tails", " 6"])
-    b = score_prompts(Scorer(ds), prompts, [" heads", " tails", " 6"])
+    b = score_prompts(Scorer(ds.lm), prompts, [" heads", " tails", " 6"])
     for x, y in zip(a, b):
         assert np.abs(x.logprobs - y.logprobs).max() <= 1e-6
 
