@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..config import check_name
 from ..errors import BayesflipError, ConfigError
 from ..paths import RESULTS_DIR
 from ..store import atomic_write_text
@@ -134,8 +135,6 @@ class Manifest(_Doc):
     def load(cls, sweep: str, results_dir: Path | str | None = None) -> "Manifest":
         """What ``status``/``resubmit`` read: one ``--sweep`` error line when missing (naming the sweeps that
         have one) or unreadable."""
-        from ..config import check_name
-
         check_name(sweep, "--sweep")
         path = cls.path(sweep, results_dir)
         if not path.exists():
