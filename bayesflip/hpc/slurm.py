@@ -8,7 +8,7 @@
 * :func:`live_jobs` — ``{job id: state}`` of every job SLURM still runs or queues, from ``squeue`` (cached
   :data:`LIVE_JOBS_MAX_AGE_S`); None when squeue is unavailable. This is the callable the shard leases of
   :class:`bayesflip.store.Leases` are given to tell a live holder from a dead one.
-* :func:`scancel`, :func:`max_array_size` (``scontrol show config``), :func:`query_partition` /
+* :func:`scancel`, :func:`hostnames` (``scontrol show hostnames``), :func:`max_array_size` (``scontrol show config``), :func:`query_partition` /
   :func:`partition_names` (``scontrol show partition`` + ``sinfo`` per node), with the parsers of SLURM
   durations and Gres strings.
 
@@ -142,6 +142,17 @@ def scancel(job_ids: Iterable[str]) -> None:
     ids = [str(j) for j in job_ids]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """``scontrol show hostnames`` of a SLURM node list (``node[1-3]`` → ``["node1", "node2", "node3"]``);
+    [] when scontrol is unavailable or fails."""
+    try:
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return r.stdout.split() if r.returncode == 0 else []
 
 
 def max_array_size() -> Optional[int]:
