@@ -47,6 +47,7 @@ from typing import Any, Optional
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from ..backends.distributed import RENDEZVOUS_VARS
 from ..config import SweepConfig, load_sweep
 from ..errors import BayesflipError, ConfigError
 from ..models.registry import ModelSpec, get_model_spec
@@ -281,7 +282,11 @@ def make_executor(kind: str, folder: Path, t: JobTemplate, job_name: str):
     if kind == "slurm":
         params.update(slurm_partition=t.partition, slurm_signal_delay_s=t.signal_delay_s,
                       slurm_array_parallelism=t.array_throttle, slurm_account=t.account, slurm_qos=t.qos,
-                      slurm_constraint=t.constraint, slurm_setup=list(t.setup) or None)
+                      slurm_constraint=t.constraint,
+                      # sbatch copies the submitting shell's environment: a RANK / MASTER_PORT left there
+                      # (a torchrun shell, an in-process DeepSpeed run) is not this job's and would send
+                      # two jobs to one rendezvous; the template's setup lines (the site's) come after
+                      slurm_setup=[f"unset {' '.join(RENDEZVOUS_VARS)}", *t.setup])
     ex.update_parameters(**params)
     return ex
 
