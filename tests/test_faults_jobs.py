@@ -71,3 +71,77 @@ def test_nonfinite_rules():
     assert "first: cell 1" in nonfinite("lp", ArraySpec(("c",), (2,), finite="cell"),
                                         np.array([[0.0, -1.0], [-np.inf, -1.0]]))
     assert nonfinite("x", ArraySpec(("c",), (2,)), allnan) is None      # NaN is a value here
+
+
+# ---------------------------------------------------------------------- b. the manifest: lock, pending before sbatch
+_EDIT = """
+import sys
+from bayesflip.hpc.manifest import Manifest, Submission
+root, tag = sys.argv[1], sys.argv[2]
+for i in range(50):
+    with Manifest.edit("race", root) as m:
+        m.submissions.append(Submission(command=f"{tag}-{i}"))
+"""
+
+
+def test_manifest_edits_of_two_processes_are_all_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bayesflip.hpc.manifest import Manifest
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    ps = [subprocess.Popen([sys.executable, "-c", _EDIT, str(tmp_path), tag], env=env) for tag in ("a", "b")]
+    assert [p.wait(timeout=300) for p in ps] == [0, 0]
+    cmds = [s.command for s in Manifest.load("race", tmp_path).submissions]
+    assert len(cmds) == 100 and sorted(cmds) == sorted(f"{t}-{i}" for t in "ab" for i in range(50))
+
+
+class _FakeJob:
+    def __init__(self, array: int, i: int, folder):
+        from types import SimpleNamespace
+
+        self.job_id = f"{array}_{i}"
+        self.paths = SimpleNamespace(stdout=f"{folder}/{self.job_id}.out", stderr=f"{folder}/{self.job_id}.err")
+
+
+def test_manifest_failure_after_sbatch_leaves_a_pending_submission(tmp_path, monkeypatch):
+    """sbatch succeeded, then writing the manifest failed (disk full): the submission recorded before sbatch
+    stays, marked pending; status reports it and a resubmit plans from that manifest."""
+    from bayesflip.errors import StoreWriteError
+    from bayesflip.hpc import launch
+    from bayesflip.hpc.manifest import Manifest
+    from bayesflip.hpc.status import render, sweep_status
+
+    sent = []
+
+    class FakeExecutor:                # what sbatch would do: ids for every task, nothing runs
+        def map_array(self, fn, tasks):
+            sent.append(list(tasks))
+            return [_FakeJob(9000 + len(sent), i, tmp_path) for i in range(len(tasks))]
+
+    monkeypatch.setattr(launch, "make_executor", lambda *a, **k: FakeExecutor())
+    real = Manifest.update_submission
+
+    def disk_full(*a, **k):
+        raise StoreWriteError(f"cannot write {Manifest.path('test_group', tmp_path)}: No space left on device")
+
+    monkeypatch.setattr(Manifest, "update_submission", classmethod(lambda cls, *a, **k: disk_full()))
+    sweep = _small_sweep("test_group", exps=("icl_coin",))
+    with pytest.raises(StoreWriteError, match="No space left"):
+        launch.submit_sweep("test_group", sweep=sweep, results_dir=tmp_path, executor="local", out=lambda s: None)
+    assert len(sent) == 1                                   # sbatch went out
+    m = Manifest.load("test_group", tmp_path)               # and the manifest is there
+    assert [s.state for s in m.submissions] == ["pending"] and m.units and m.units[0].n_shards == 6
+    s = sweep_status(m, use_sacct=False, results_dir=tmp_path)
+    text = render(s)
+    assert "is pending" in text and f"submission {m.submissions[0].uid}" in text, text
+    monkeypatch.setattr(Manifest, "update_submission", real)
+    sub = launch.resubmit_sweep("test_group", MODEL, results_dir=tmp_path, executor="local", out=lambda s: None)
+    assert len(sent) == 2 and sub.arrays                  # the pending shards, from the recovered manifest
+    m2 = Manifest.load("test_group", tmp_path)
+    assert [s.state for s in m2.submissions] == ["pending", "submitted"]
+    assert m2.submissions[1].arrays[0].array_id == "9002"

@@ -65,6 +65,7 @@ class SweepStatus:
     task_errors: dict[str, str]         # failed job id → stderr tail
     n_submissions: int
     sacct_error: Optional[str] = None
+    pending_submissions: list[str] = field(default_factory=list)   # recorded before sbatch, never completed
 
     def totals(self) -> dict[str, int]:
         return {c: sum(u.count(c) for u in self.units) for c in COLUMNS}
@@ -200,7 +201,11 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
         if states.get(job) in FAILED and u is not None and u.shards.get(shard) != "done" and job not in task_errors:
             task_errors[job] = f"{states[job]}: {log_error(stderr)}"
     tasks = dict(states)
-    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error)
+    pending = [f"submission {p.uid} ({p.command or p.mode}, {p.time}) is pending: its submitter stopped between "
+               f"sbatch and recording the arrays; jobs named bf-{manifest.sweep}-* may run untracked (squeue --name); "
+               f"their leases keep any shard from being computed twice, `resubmit` submits only shards neither "
+               f"done nor held" for p in manifest.pending_submissions()]
+    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error, pending)
 
 
 def to_json(s: SweepStatus) -> dict:
@@ -215,7 +220,8 @@ def to_json(s: SweepStatus) -> dict:
                        "queued": sum(1 for v in u.shards.values() if v == "queued"), "problems": problems})
     return {"sweep": s.sweep, "submissions": s.n_submissions,
             "totals": {"total": sum(u.n_shards for u in s.units), **s.totals()},
-            "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error}
+            "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error,
+            **({"pending_submissions": s.pending_submissions} if s.pending_submissions else {})}
 
 
 def active_shards(manifest: Manifest, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
@@ -254,6 +260,7 @@ def render(s: SweepStatus) -> str:
         lines.append("SLURM tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if s.sacct_error:
         lines.append(f"SLURM state unavailable: {s.sacct_error}")
+    lines += [f"warning: {p}" for p in s.pending_submissions]
     errs = [(u, sh, m) for u in s.units for sh, m in sorted(u.errors.items())
             if u.shards.get(sh) in ("failed", "corrupt")]
     if errs or s.task_errors:
