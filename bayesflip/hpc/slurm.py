@@ -5,6 +5,7 @@
   topped up from ``squeue`` (it knows a job the moment ``sbatch`` returns; slurmdbd can lag by seconds).
   sacct's output is read by submitit's own parser (:class:`submitit.slurm.slurm.SlurmInfoWatcher`, which
   expands ``123_[2-5%2]`` through :func:`submitit.slurm.slurm.read_job_id`).
+* :func:`queued_states` — squeue's running/queued tasks of some arrays (the fallback when sacct fails);
 * :func:`live_jobs` — ``{job id: state}`` of every job SLURM still runs or queues, from ``squeue`` (cached
   :data:`LIVE_JOBS_MAX_AGE_S`); None when squeue is unavailable. This is the callable the shard leases of
   :class:`bayesflip.store.Leases` are given to tell a live holder from a dead one.
@@ -118,6 +119,17 @@ def task_states(array_ids: Iterable[str]) -> dict[str, str]:
         if q.task_id.split("_")[0] in wanted and q.state in LIVE:
             out[q.task_id] = q.state
     return out
+
+
+def queued_states(array_ids: Iterable[str]) -> Optional[dict[str, str]]:
+    """squeue's view of the given arrays/jobs: every task still running or queued (``{'123_4': 'PENDING'}``;
+    a finished task is simply absent); None when squeue is unavailable or fails. What ``status`` and
+    ``resubmit`` fall back to when sacct fails: enough to know which shards are still owned by a task."""
+    entries = squeue()
+    if entries is None:
+        return None
+    wanted = {str(a) for a in array_ids if a}
+    return {q.task_id: q.state for q in entries if q.task_id.split("_")[0] in wanted and q.state in LIVE}
 
 
 _live_cache: dict = {"t": 0.0, "jobs": None}

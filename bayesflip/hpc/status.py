@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..errors import ConfigError
+from ..errors import BayesflipError, ConfigError
 from ..store import ResultStore, ShardState, describe_holder, store_path
 from . import slurm
 from .manifest import Manifest, ManifestError, parse_time
@@ -65,6 +65,7 @@ class SweepStatus:
     task_errors: dict[str, str]         # failed job id → stderr tail
     n_submissions: int
     sacct_error: Optional[str] = None
+    slurm_unknown: bool = False         # neither sacct nor squeue answered: queued/running tasks are unknown
     pending_submissions: list[str] = field(default_factory=list)   # recorded before sbatch, never completed
 
     def totals(self) -> dict[str, int]:
@@ -134,11 +135,16 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
     latest = manifest.latest_tasks()
     states: dict[str, str] = {}
     sacct_error = None
+    slurm_unknown = False
     if use_sacct and manifest.slurm_array_ids():
         try:
             states = slurm.task_states(manifest.slurm_array_ids())
-        except RuntimeError as e:
-            sacct_error = str(e)
+        except RuntimeError as e:       # squeue still tells which tasks are queued/running
+            queued = slurm.queued_states(manifest.slurm_array_ids())
+            if queued is None:
+                sacct_error, slurm_unknown = f"{e}; squeue failed too", True
+            else:
+                states, sacct_error = queued, f"{e}; queued/running tasks from squeue"
     task_errors: dict[str, str] = {}
     units = []
     for u in manifest_units(manifest, results_dir):
@@ -205,7 +211,8 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
                f"sbatch and recording the arrays; jobs named bf-{manifest.sweep}-* may run untracked (squeue --name); "
                f"their leases keep any shard from being computed twice, `resubmit` submits only shards neither "
                f"done nor held" for p in manifest.pending_submissions()]
-    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error, pending)
+    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error,
+                       slurm_unknown, pending)
 
 
 def to_json(s: SweepStatus) -> dict:
@@ -227,6 +234,9 @@ def to_json(s: SweepStatus) -> dict:
 def active_shards(manifest: Manifest, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
     """(model, experiment, shard) currently running or queued in SLURM (resubmit leaves them alone)."""
     s = sweep_status(manifest, results_dir=results_dir)
+    if s.slurm_unknown:     # resubmitting now could submit shards a queued task still owns
+        raise BayesflipError(f"cannot tell which tasks of sweep {manifest.sweep} are still queued or running "
+                             f"({s.sacct_error}); nothing submitted — retry when SLURM answers")
     return {(u.model, u.experiment, sh) for u in s.units for sh, st in u.shards.items() if st in ("running", "queued")}
 
 
