@@ -344,8 +344,8 @@ class ShardRunner:
                     out.append((sh.shard, "done", ""))
                 else:
                     log.error("shard %s:%d failed: %s", exp.name, sh.shard, a)
-                    st.check_writable(st.uid, ident, sh.shard)
-                    st.write_record(sh.shard, "failed", error=a, traceback=b, **writer)
+                    with st.fenced(sh.shard, st.uid, ident) as fence:
+                        st.write_record(sh.shard, "failed", error=a, traceback=b, **fence, **writer)
                     out.append((sh.shard, "failed", a))
             except LeaseLost as e:
                 log.warning("%s", e)

@@ -145,3 +145,70 @@ def test_manifest_failure_after_sbatch_leaves_a_pending_submission(tmp_path, mon
     m2 = Manifest.load("test_group", tmp_path)
     assert [s.state for s in m2.submissions] == ["pending", "submitted"]
     assert m2.submissions[1].arrays[0].array_id == "9002"
+
+
+# ---------------------------------------------------------------------- d. fenced leases: a paused writer
+_WRITER = """
+import json, os, socket, sys, time
+root, host, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+socket.gethostname = lambda: host                 # another "host": its pid means nothing to the other one
+from bayesflip import store
+from bayesflip.job import run_task
+from bayesflip.models.loader import load_model
+from bayesflip.plan import TaskPlan
+
+if marker != "-":
+    def pause(where, shard):                      # after its last unlocked lease check, before the record
+        open(marker, "w").write(where)
+        while not os.path.exists(marker + ".go"):
+            time.sleep(0.05)
+    store.FENCE_HOOK = pause
+lm = load_model("tiny-random", device="cpu")
+r = run_task(TaskPlan.resolve("test_group", "tiny-random", [("icl_coin", 0)], root), lm=lm, progress=False,
+             device="cpu")
+print(json.dumps({"done": r.done, "held": [h[:2] for h in r.held], "failed": r.failed}))
+"""
+
+
+def test_paused_writer_never_replaces_the_record_of_the_writer_that_took_over(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from bayesflip.plan import plan_sweep
+
+    ttl = 4
+    plan_sweep(_small_sweep("test_group", exps=("icl_coin",)), results_dir=tmp_path)
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(repo), BAYESFLIP_LEASE_TTL=str(ttl))
+    marker = tmp_path / "paused"
+    a = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), "hostA", str(marker)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + 240
+        while not marker.exists():
+            assert a.poll() is None and time.time() < end, a.communicate()
+            time.sleep(0.1)
+        os.kill(a.pid, signal.SIGSTOP)          # A stops (its heartbeat too) right before writing its record
+        time.sleep(ttl + 1.5)                   # its lease goes stale
+        b = subprocess.run([sys.executable, "-c", _WRITER, str(tmp_path), "hostB", "-"], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert b.returncode == 0, b.stderr
+        assert json.loads(b.stdout.strip().splitlines()[-1])["done"] == [["icl_coin", 0]], b.stdout + b.stderr
+        st = ResultStore(store_path("test_group", "icl_coin", MODEL, tmp_path))
+        rec_b = st.records()[0]
+        assert rec_b["host"] == "hostB" and st.shard_state(0).state == "done"
+    finally:
+        (tmp_path / "paused.go").write_text("")
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["done"] == [] and got["held"] == [["icl_coin", 0]], out + err     # A wrote nothing
+    rec = st.records()[0]
+    assert rec == rec_b and st.shard_state(0).state == "done"                   # B's record kept, verified
+    assert rec["lease_token"] and not list(st.leases.dir.glob("shard-*.lease"))  # and no lease left behind
