@@ -70,6 +70,20 @@ IDENTITY_FIELDS = ("config_hash", "model_id", "model_revision", "dtype", "backen
 DONE_FIELDS = ("shard", "status", "store_uid", "identity_hash", "checksums", "n_cells")
 
 
+def version_problem(attrs: Mapping) -> Optional[str]:
+    """None when this bayesflip understands the store's layout and format, else the one message that
+    ``status``, ``reduce`` and ``migrate`` all give for it."""
+    lay, fmt = attrs.get("store_layout"), attrs.get("store_format")
+    newer = [f"{k}={v!r}" for k, v, mine in (("store_layout", lay, layout.LAYOUT), ("store_format", fmt, STORE_FORMAT))
+             if v is not None and (not isinstance(v, int) or v > mine)]
+    if not newer:
+        return None
+    code = (attrs.get("identity") or {}).get("code_version") if isinstance(attrs.get("identity"), dict) else None
+    return (f"written by a newer bayesflip ({', '.join(newer)}{f', {code}' if code else ''}); this one reads "
+            f"store_layout <= {layout.LAYOUT}, store_format <= {STORE_FORMAT}: not read, use the bayesflip that "
+            f"wrote it")
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -558,6 +572,39 @@ class ResultStore:
                 a.metadata
         except Exception as e:  # any unreadable metadata means the store cannot be trusted
             return f"{type(e).__name__}: {e}"
+        return None
+
+    def integrity(self) -> Optional[str]:
+        """None when what ``status``/``reduce`` are about to trust is self-consistent, else why not: a layout or
+        format this bayesflip does not read (:func:`version_problem`); ``n_shards`` against ``n_cells`` /
+        ``shard_size``, the config's ``shard_size`` and every data array's length; the identity hash recomputed
+        from the identity, and the identity's ``config_hash`` from the stored config (an edited attribute)."""
+        a = self.read_attrs()
+        v = version_problem(a)
+        if v:
+            return v
+        try:
+            n, size, ns = int(a["n_cells"]), int(a["shard_size"]), int(a["n_shards"])
+        except (KeyError, TypeError, ValueError) as e:
+            return f"attribute n_cells/shard_size/n_shards unreadable ({type(e).__name__}: {e})"
+        if size < 1 or ns != -(-n // size):
+            return (f"n_shards={ns} does not match n_cells={n} / shard_size={size} (= {-(-n // max(size, 1))} shards): "
+                    f"attributes edited?")
+        cfg = a.get("config")
+        if isinstance(cfg, dict) and "shard_size" in cfg and cfg["shard_size"] != size:
+            return f"shard_size={size} but its config says shard_size={cfg['shard_size']}: attributes edited?"
+        g = zarr.open_group(self.path, mode="r")
+        for name in a.get("arrays", {}):
+            if g[name].shape[0] != n:
+                return f"array {name!r} holds {g[name].shape[0]} cells, n_cells={n}: attributes edited?"
+        ident = a.get("identity")
+        if isinstance(ident, dict):
+            if identity_hash(ident) != a.get("identity_hash"):
+                return (f"identity_hash {a.get('identity_hash')} is not the hash of its identity "
+                        f"({identity_hash(ident)}): attributes edited?")
+            if isinstance(cfg, dict) and identity_hash(cfg) != ident.get("config_hash"):
+                return (f"its config hashes to {identity_hash(cfg)}, its identity says config_hash="
+                        f"{ident.get('config_hash')}: attributes edited?")
         return None
 
     @property

@@ -212,3 +212,86 @@ def test_paused_writer_never_replaces_the_record_of_the_writer_that_took_over(tm
     rec = st.records()[0]
     assert rec == rec_b and st.shard_state(0).state == "done"                   # B's record kept, verified
     assert rec["lease_token"] and not list(st.leases.dir.glob("shard-*.lease"))  # and no lease left behind
+
+
+# ---------------------------------------------------------------------- e. status/reduce verify what they read
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, tiny):
+    """One small sweep run in-process (6 shards of icl_coin, every one done)."""
+    from bayesflip.job import run_local
+
+    root = tmp_path_factory.mktemp("verify")
+    assert run_local(_small_sweep("test_group", ("icl_coin",)), results_dir=root, lm=tiny, progress=False,
+                     out=lambda s: None).rc == 0
+    return root
+
+
+def _copy(ran, tmp_path):
+    import shutil
+
+    shutil.copytree(ran, tmp_path / "r")
+    root = tmp_path / "r"
+    return root, ResultStore(store_path("test_group", "icl_coin", MODEL, root))
+
+
+def _status(root):
+    from bayesflip.hpc.manifest import Manifest
+    from bayesflip.hpc.status import sweep_status
+
+    (u,) = sweep_status(Manifest.load("test_group", root), use_sacct=False, results_dir=root).units
+    return u
+
+
+def _reduce_rows(st):
+    from bayesflip.reduce.load import load_store
+
+    return load_store("test_group", "icl_coin", MODEL, st.path)
+
+
+def test_untampered_store_is_read(ran, tmp_path):
+    root, st = _copy(ran, tmp_path)
+    assert st.integrity() is None and _status(root).count("done") == 6
+    data, rows = _reduce_rows(st)
+    assert data is not None and {r["status"] for r in rows} == {"done"}
+
+
+def test_edited_n_shards_and_deleted_record_are_reported(ran, tmp_path):
+    root, st = _copy(ran, tmp_path)
+    st.update_attrs(n_shards=3)
+    (st.records_dir / "shard-000005.json").unlink()
+    u = _status(root)
+    assert u.count("done") == 0 and u.count("corrupt") == 6, u.shards
+    assert "n_shards=3 does not match n_cells=12 / shard_size=2" in u.errors[0]
+    data, rows = _reduce_rows(st)
+    assert data is None and rows[0]["status"] == "unreadable-store" and "n_shards=3" in rows[0]["error"]
+
+
+def test_edited_identity_is_reported_by_status_and_reduce(ran, tmp_path):
+    root, st = _copy(ran, tmp_path)
+    ident = dict(st.read_attrs()["identity"], dtype="bfloat16")
+    st.update_attrs(identity=ident)
+    u = _status(root)
+    assert u.count("done") == 0 and "is not the hash of its identity" in u.errors[0], u.errors
+    data, rows = _reduce_rows(st)
+    assert data is None and "is not the hash of its identity" in rows[0]["error"]
+
+
+def test_future_layout_refused_with_one_message_by_status_reduce_and_migrate(ran, tmp_path):
+    from bayesflip.errors import ConfigError
+    from bayesflip.migrate import migrate_store
+
+    import zarr
+
+    from bayesflip import store_layout
+
+    root, st = _copy(ran, tmp_path)
+    g = zarr.open_group(st.path, mode="r+", use_consolidated=False)
+    g.attrs.update({"store_layout": 4, "store_format": 3})
+    store_layout.consolidate(st.path)
+    msg = "written by a newer bayesflip (store_layout=4, store_format=3"
+    u = _status(root)
+    assert u.count("done") == 0 and msg in u.errors[0], u.errors
+    data, rows = _reduce_rows(st)
+    assert data is None and msg in rows[0]["error"]
+    with pytest.raises(ConfigError, match=r"written by a newer bayesflip \(store_layout=4, store_format=3"):
+        migrate_store(st.path)

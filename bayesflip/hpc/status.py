@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..errors import BayesflipError, ConfigError
+from ..errors import BayesflipError, ConfigError, StoreIdentityError
 from ..store import ResultStore, ShardState, describe_holder, store_path
 from . import slurm
 from .manifest import Manifest, ManifestError, parse_time
@@ -152,8 +152,17 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
         st = ResultStore(u.store, slurm.live_jobs)
         if st.exists:
             try:
+                bad = st.integrity()
+                if bad is None and st.n_shards != u.n_shards:
+                    bad = f"n_shards={st.n_shards}, but the manifest's plan has {u.n_shards}: attributes edited?"
+                if bad is not None:
+                    raise StoreIdentityError(bad)
                 shard_states = st.shard_states()
                 holders = st.leases.live_holders()
+            except StoreIdentityError as e:     # not trusted: every planned shard is corrupt, with the reason
+                shard_states = {s: ShardState("corrupt", "unreadable-store", f"store {st.path}: {e}")
+                                for s in range(max(us.n_shards, st.n_shards))}
+                holders = {}
             except Exception as e:   # unreadable metadata: every shard is corrupt, with the reason
                 shard_states = {s: ShardState("corrupt", "unreadable-store", f"store {st.path}: "
                                               f"{type(e).__name__}: {e}") for s in range(us.n_shards)}
