@@ -54,7 +54,7 @@ from .backends.distributed import dist_env, from_writer
 from .config import ExperimentConfig, SweepConfig, load_sweep, sweep_models
 from .errors import LeaseLost, StoreIdentityError
 from .experiments import get_family
-from .experiments.base import RunContext
+from .experiments.base import RunContext, nonfinite
 from .hpc import slurm
 from .hpc.manifest import Submission
 from .plan import TaskPlan, make_tasks, plan_sweep, refuse_busy_overwrite, write_manifest
@@ -301,7 +301,7 @@ class ShardRunner:
             dt = time.time() - ts
             n = sum(sh.stop - sh.start for sh in live)
             for sh, arrays in zip(live, parts):
-                outcomes[sh.shard] = ("ok", arrays, round(dt * (sh.stop - sh.start) / n, 3))
+                outcomes[sh.shard] = self.checked(exp, arrays, round(dt * (sh.stop - sh.start) / n, 3))
         except Exception as e:  # recorded by write() (or retried shard by shard); the task goes on
             if len(live) == 1:
                 outcomes[live[0].shard] = ("failed", f"{type(e).__name__}: {e}", traceback.format_exc())
@@ -313,10 +313,19 @@ class ShardRunner:
                     ts = time.time()
                     try:
                         (arrays,) = be.agree(lambda: self.compute(exp, [sh]), _what(exp.name, [sh]))
-                        outcomes[sh.shard] = ("ok", arrays, round(time.time() - ts, 3))
+                        outcomes[sh.shard] = self.checked(exp, arrays, round(time.time() - ts, 3))
                     except Exception as e1:  # noqa: BLE001 — this shard's failed record
                         outcomes[sh.shard] = ("failed", f"{type(e1).__name__}: {e1}", traceback.format_exc())
         return outcomes
+
+    def checked(self, exp: ExperimentConfig, arrays: dict[str, np.ndarray], seconds: float) -> tuple:
+        """A shard's outcome: ``("ok", arrays, seconds)``, or ``("failed", why, "")`` when an array breaks
+        its ``finite`` requirement (NaN/inf where a number is required: never stored as done)."""
+        specs = self._families[exp.name].arrays(exp.params)
+        bad = [m for k, v in arrays.items() if k in specs and (m := nonfinite(k, specs[k], v))]
+        if bad:
+            return ("failed", f"NonFiniteValues: {'; '.join(bad)}", "")
+        return ("ok", arrays, seconds)
 
     def write(self, exp: ExperimentConfig, live: list[_Shard], outcomes: Outcomes, ident: dict
               ) -> list[tuple[int, str, str]]:
@@ -335,8 +344,8 @@ class ShardRunner:
                     out.append((sh.shard, "done", ""))
                 else:
                     log.error("shard %s:%d failed: %s", exp.name, sh.shard, a)
-                    st.check_writable(st.uid, ident, sh.shard)
-                    st.write_record(sh.shard, "failed", error=a, traceback=b, **writer)
+                    with st.fenced(sh.shard, st.uid, ident) as fence:
+                        st.write_record(sh.shard, "failed", error=a, traceback=b, **fence, **writer)
                     out.append((sh.shard, "failed", a))
             except LeaseLost as e:
                 log.warning("%s", e)

@@ -10,12 +10,14 @@ from pathlib import Path
 from . import store_layout as layout
 from .errors import ConfigError
 from .hpc import slurm
-from .store import ResultStore
+from .store import ResultStore, version_problem
 
 
 def migrate_store(path: Path) -> str:
     """``migrated`` | ``current``; refuses while a live job holds one of its shards."""
     st = ResultStore(path, slurm.live_jobs)
+    if (st.path / "zarr.json").exists() and (newer := version_problem(st.read_attrs())):
+        raise ConfigError("migrate", f"{path}: {newer}")
     damaged = st.damage()
     if damaged:
         raise ConfigError("migrate", f"{path} is damaged ({damaged}); re-run its sweep (it is moved aside and rebuilt)")

@@ -55,7 +55,7 @@ class TaskPlan:
     sweep: str
     model: ModelSpec
     experiments: dict[str, ExperimentConfig]
-    work: tuple[tuple[str, int], ...]
+    work: list[tuple[str, int]]
     results_dir: Optional[Path] = None
 
     @classmethod
@@ -65,7 +65,7 @@ class TaskPlan:
         loaded once here; an experiment the sweep no longer has is refused (nothing written)."""
         sw = load_sweep(sweep, model_type=model)
         exps = {e.name: e for e in sw.experiments}
-        pairs = tuple((str(e), int(s)) for e, s in work)
+        pairs = [(str(e), int(s)) for e, s in work]
         for e, _ in pairs:
             if e not in exps:
                 raise StoreIdentityError(f"experiment {e!r} is no longer in sweep {sweep!r}; nothing written")
@@ -188,7 +188,7 @@ def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, onl
     root = Path(results_dir) if results_dir else None
 
     def task(model: str, work: list[tuple[str, int]]) -> TaskPlan:
-        return TaskPlan(sweep_name, specs[model], {e: exps[e] for e, _ in work}, tuple(work), root)
+        return TaskPlan(sweep_name, specs[model], {e: exps[e] for e, _ in work}, list(work), root)
 
     tasks = []
     for model, work in by_model.items():

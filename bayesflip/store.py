@@ -19,7 +19,13 @@ checksum; anything else is ``corrupt`` (with the file named) and is recomputed.
 One writer per shard: a process computes a shard only while it holds the shard's lease
 ``<model>.leases/shard-000012.lease`` (host, pid, SLURM job id; mtime = heartbeat). A lease
 whose holder is gone (SLURM job no longer active, local pid dead, or heartbeat older than
-``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard. Which jobs
+``BAYESFLIP_LEASE_TTL`` seconds) is broken by the next process that wants the shard. Every change of a shard's lease or
+record happens under the shard's lock (``flock`` on ``<model>.leases/shard-000012.lock``, held for
+microseconds): taking over a stale lease, releasing one, and each write — clearing the record before the
+chunks change, writing the record after — re-checks *inside the lock* that this process still holds the
+lease (the lease token is the fencing token, kept in the record as ``lease_token``). So a writer paused
+after its last check (SIGSTOP, a long GC) whose lease was taken over writes nothing when it resumes, and
+never deletes or replaces the record of the writer that took over. Which jobs
 are active is not asked here: the store is given a ``live_jobs`` callable
 (:func:`bayesflip.hpc.slurm.live_jobs` from the planner, the job and status).
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -42,9 +49,10 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import zarr
@@ -61,6 +69,20 @@ CODE_VERSION = f"bayesflip-{__version__}+store{STORE_FORMAT}"
 IDENTITY_FIELDS = ("config_hash", "model_id", "model_revision", "dtype", "backend", "tp", "attn_implementation",
                    "code_version")
 DONE_FIELDS = ("shard", "status", "store_uid", "identity_hash", "checksums", "n_cells")
+
+
+def version_problem(attrs: Mapping) -> Optional[str]:
+    """None when this bayesflip understands the store's layout and format, else the one message that
+    ``status``, ``reduce`` and ``migrate`` all give for it."""
+    lay, fmt = attrs.get("store_layout"), attrs.get("store_format")
+    newer = [f"{k}={v!r}" for k, v, mine in (("store_layout", lay, layout.LAYOUT), ("store_format", fmt, STORE_FORMAT))
+             if v is not None and (not isinstance(v, int) or v > mine)]
+    if not newer:
+        return None
+    code = (attrs.get("identity") or {}).get("code_version") if isinstance(attrs.get("identity"), dict) else None
+    return (f"written by a newer bayesflip ({', '.join(newer)}{f', {code}' if code else ''}); this one reads "
+            f"store_layout <= {layout.LAYOUT}, store_format <= {STORE_FORMAT}: not read, use the bayesflip that "
+            f"wrote it")
 
 
 def git_commit() -> str:
@@ -160,6 +182,8 @@ class ShardState:
 
 
 # ---------------------------------------------------------------------- leases
+LOCK_WAIT_S = 30.0                 # a shard lock not free after this long: its holder is stopped or hung
+FENCE_HOOK: Optional[Callable[[str, int], None]] = None   # testing: called at "before-record" (see write_shard)
 LEASE_TTL_S = float(os.environ.get("BAYESFLIP_LEASE_TTL", "120"))
 HEARTBEAT_S = max(1.0, LEASE_TTL_S / 6)
 _TOKEN = uuid.uuid4().hex          # this process
@@ -257,6 +281,36 @@ class Leases:
     def path(self, shard: int) -> Path:
         return self.dir / f"shard-{shard:06d}.lease"
 
+    @contextmanager
+    def locked(self, shard: int) -> Iterator[None]:
+        """The shard's lock (``flock``, released when the process dies); :class:`LeaseLost` when it is not
+        free within :data:`LOCK_WAIT_S` (its holder is stopped inside a microsecond section: let it be)."""
+        p = self.dir / f"shard-{shard:06d}.lock"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o664)
+        except OSError as e:
+            raise StoreWriteError(f"cannot lock {p}: {e.strerror or e}") from None
+        try:
+            end = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > end:
+                        raise LeaseLost(f"shard {shard}: lock {p} held for over {LOCK_WAIT_S:.0f} s by another "
+                                        f"process; nothing written") from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
+
+    def token(self, shard: int) -> Optional[str]:
+        """The token of the lease this process holds on the shard (the fencing token), else None."""
+        got = self._read(self.path(shard))
+        return got[0].get("token") if got is not None and self.is_mine(got[0]) else None
+
     @staticmethod
     def _read(p: Path) -> Optional[tuple[dict, float]]:
         try:
@@ -327,7 +381,15 @@ class Leases:
         return out
 
     def acquire(self, shard: int) -> tuple[bool, Optional[dict]]:
-        """(True, None) when this process now holds the shard; (False, holder) when a live job does."""
+        """(True, None) when this process now holds the shard; (False, holder) when a live job does.
+        Under the shard's lock: a takeover never interleaves with the old holder's fenced write."""
+        try:
+            with self.locked(shard):
+                return self._acquire(shard)
+        except LeaseLost as e:
+            return False, {"why": str(e)}
+
+    def _acquire(self, shard: int) -> tuple[bool, Optional[dict]]:
         p = self.path(shard)
         me = _me()
         for _ in range(5):
@@ -366,13 +428,18 @@ class Leases:
         return got is not None and self.is_mine(got[0])
 
     def release(self, shard: int) -> None:
+        """Remove the shard's lease if it is still ours (checked under the lock: never another's lease)."""
         p = self.path(shard)
         _HEARTBEAT.discard(p)
-        if self.holds(shard):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        try:
+            with self.locked(shard):
+                if self.holds(shard):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+        except LeaseLost:       # the lock is taken: whoever has it now owns the shard
+            pass
 
 
 # ---------------------------------------------------------------------- store
@@ -483,6 +550,39 @@ class ResultStore:
                 a.metadata
         except Exception as e:  # any unreadable metadata means the store cannot be trusted
             return f"{type(e).__name__}: {e}"
+        return None
+
+    def integrity(self) -> Optional[str]:
+        """None when what ``status``/``reduce`` are about to trust is self-consistent, else why not: a layout or
+        format this bayesflip does not read (:func:`version_problem`); ``n_shards`` against ``n_cells`` /
+        ``shard_size``, the config's ``shard_size`` and every data array's length; the identity hash recomputed
+        from the identity, and the identity's ``config_hash`` from the stored config (an edited attribute)."""
+        a = self.read_attrs()
+        v = version_problem(a)
+        if v:
+            return v
+        try:
+            n, size, ns = int(a["n_cells"]), int(a["shard_size"]), int(a["n_shards"])
+        except (KeyError, TypeError, ValueError) as e:
+            return f"attribute n_cells/shard_size/n_shards unreadable ({type(e).__name__}: {e})"
+        if size < 1 or ns != -(-n // size):
+            return (f"n_shards={ns} does not match n_cells={n} / shard_size={size} (= {-(-n // max(size, 1))} shards): "
+                    f"attributes edited?")
+        cfg = a.get("config")
+        if isinstance(cfg, dict) and "shard_size" in cfg and cfg["shard_size"] != size:
+            return f"shard_size={size} but its config says shard_size={cfg['shard_size']}: attributes edited?"
+        g = zarr.open_group(self.path, mode="r")
+        for name in a.get("arrays", {}):
+            if g[name].shape[0] != n:
+                return f"array {name!r} holds {g[name].shape[0]} cells, n_cells={n}: attributes edited?"
+        ident = a.get("identity")
+        if isinstance(ident, dict):
+            if identity_hash(ident) != a.get("identity_hash"):
+                return (f"identity_hash {a.get('identity_hash')} is not the hash of its identity "
+                        f"({identity_hash(ident)}): attributes edited?")
+            if isinstance(cfg, dict) and identity_hash(cfg) != ident.get("config_hash"):
+                return (f"its config hashes to {identity_hash(cfg)}, its identity says config_hash="
+                        f"{ident.get('config_hash')}: attributes edited?")
         return None
 
     @property
@@ -696,21 +796,39 @@ class ResultStore:
         for name, a in arrays.items():
             if np.asarray(a).shape[0] != n:
                 raise ValueError(f"shard {shard}: array {name} has {np.asarray(a).shape[0]} cells, expected {n}")
-        self.check_writable(expect_uid, expect_identity, shard if require_lease else None)
+        lease = shard if require_lease else None
         try:
-            try:                                  # not done while its chunks change
-                os.unlink(self._record_path(shard))
-            except FileNotFoundError:
-                pass
-            self.set_verified(shard, False)
+            with self.fenced(shard, expect_uid, expect_identity, require_lease):
+                try:                                  # not done while its chunks change
+                    os.unlink(self._record_path(shard))
+                except FileNotFoundError:
+                    pass
+                self.set_verified(shard, False)
             for name, a in arrays.items():
                 g[name][sl] = np.asarray(a)
             sums = {name: checksum_file(p) for name, p in self.chunk_files(shard).items()}
         except OSError as e:
             raise StoreWriteError(f"cannot write shard {shard} of {self.path}: {e.strerror or e}"
                                   + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
-        self.check_writable(expect_uid, expect_identity, shard if require_lease else None)
-        self.write_record(shard, "done", n_cells=n, checksums=sums, **record)
+        self.check_writable(expect_uid, expect_identity, lease)       # cheap early exit, not the fence
+        if FENCE_HOOK is not None:
+            FENCE_HOOK("before-record", shard)
+        with self.fenced(shard, expect_uid, expect_identity, require_lease) as fence:
+            self.write_record(shard, "done", n_cells=n, checksums=sums, **fence, **record)
+
+    @contextmanager
+    def fenced(self, shard: int, expect_uid: Optional[str] = None, expect_identity: Optional[dict] = None,
+               require_lease: bool = True) -> Iterator[dict]:
+        """Hold the shard's lock and check, inside it, that the store is still ours and (``require_lease``)
+        that we still hold the shard's lease: what is written in the block is written only by the lease's
+        holder at write time. Yields ``{"lease_token": ...}`` for the record (empty without a lease)."""
+        if not require_lease:
+            self.check_writable(expect_uid, expect_identity)
+            yield {}
+            return
+        with self.leases.locked(shard):
+            self.check_writable(expect_uid, expect_identity, shard)
+            yield {"lease_token": self.leases.token(shard)}
 
     def read(self, name: str) -> np.ndarray:
         return zarr.open_group(self.path, mode="r")[name][:]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ..errors import BayesflipError
+from ..hpc import slurm
 
 T = TypeVar("T")
 
@@ -64,13 +65,8 @@ def _slurm_first_host() -> str | None:
         return None
     if "[" not in nodes:
         return nodes.split(",")[0]
-    import subprocess
-
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
-        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    hosts = slurm.hostnames(nodes)
+    return hosts[0] if hosts else None
 
 
 def dist_env() -> DistEnv:

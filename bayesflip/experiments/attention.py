@@ -151,7 +151,7 @@ class AttentionFamily(ICLFamily):
         k, n, r, ls = len(_spec(p)["choices"]), p.n_flips, len(read_indices(p)), len(p.layer_sets)
         out = {"mass": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
                "attn_max": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
-               "logprobs": ArraySpec(("position", "choice"), (r, k)),
+               "logprobs": ArraySpec(("position", "choice"), (r, k), finite="cell"),
                "outcomes": ArraySpec(("flip",), (n,), "int32"),
                "p_true": ArraySpec(("position", "choice"), (r, k)),
                "layer_range": ArraySpec(("layer_set", "bound"), (ls, 2), "int32")}

@@ -77,9 +77,15 @@ class RenderedCell:
 
 @dataclass(frozen=True)
 class ArraySpec:
+    """One stored array. ``finite``: where a number is required (a model read, e.g. log-probs) — ``"all"``:
+    every value of every cell finite; ``"cell"``: no ±inf and at least one finite value per cell (NaN only as
+    the family's padding, e.g. an ICL curve shorter than ``n_flips``); ``""``: NaN is a legitimate value.
+    A shard whose values break it is recorded failed, never done (:func:`nonfinite`)."""
+
     dims: tuple[str, ...]          # per-cell dims (the leading 'cell' dim is implicit)
     shape: tuple[int, ...]
     dtype: str = "float32"         # float32 | float64 | int32 | int64 | bool | str
+    finite: str = ""               # "" | "all" | "cell"
 
     @property
     def fill(self):
@@ -90,6 +96,24 @@ class ArraySpec:
         if self.dtype == "str":
             return ""
         return -1
+
+
+def nonfinite(name: str, spec: ArraySpec, values: np.ndarray) -> str | None:
+    """None when ``values`` (cell, *spec.shape) meets ``spec.finite``, else what is wrong, e.g.
+    ``array 'logprobs': NaN/inf in 4 of 4 cells (first: cell 0)``."""
+    if not spec.finite or not spec.dtype.startswith("float"):
+        return None
+    a = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    if spec.finite == "all":
+        bad = ~np.isfinite(a).all(axis=1)
+        what = "NaN/inf"
+    else:
+        bad = np.isinf(a).any(axis=1) | ~np.isfinite(a).any(axis=1)
+        what = "inf or no finite value"
+    if not bad.any():
+        return None
+    return (f"array {name!r}: {what} in {int(bad.sum())} of {len(a)} cells (first: cell {int(np.argmax(bad))}); "
+            f"a number is required there (the model's output is not finite)")
 
 
 @dataclass

@@ -270,8 +270,8 @@ class CoTFamily(Family):
     # ------------------------------------------------------------------ plug-in
     def arrays(self, p: CoTParams) -> dict[str, ArraySpec]:
         k = len(self.spec(p)["choices"])
-        return {"logprobs": ArraySpec(("choice",), (k,), "float64"),
-                "logprobs_baseline": ArraySpec(("choice",), (k,), "float64"),
+        return {"logprobs": ArraySpec(("choice",), (k,), "float64", finite="all"),
+                "logprobs_baseline": ArraySpec(("choice",), (k,), "float64", finite="all"),
                 "p_stated": ArraySpec(("choice",), (k,), "float64"),
                 "cot": ArraySpec((), (), "str"),
                 "cot_tokens": ArraySpec((), (), "int32"),

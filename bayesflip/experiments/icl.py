@@ -187,11 +187,12 @@ class ICLFamily(Family):
 
     def arrays(self, p: ICLParams) -> dict[str, ArraySpec]:
         k = len(_spec(p)["choices"])
-        out = {"logprobs": ArraySpec(("position", "choice"), (p.n_flips + 1, k)),
+        out = {"logprobs": ArraySpec(("position", "choice"), (p.n_flips + 1, k), finite="cell"),
                "outcomes": ArraySpec(("flip",), (p.n_flips,), "int32"),
                "p_true": ArraySpec(("position", "choice"), (p.n_flips + 1, k))}
         if p.permutations:
-            out["perm_logprobs"] = ArraySpec(("perm", "position", "choice"), (p.permutations, p.n_flips + 1, k))
+            out["perm_logprobs"] = ArraySpec(("perm", "position", "choice"), (p.permutations, p.n_flips + 1, k),
+                                             finite="cell")
             out["perm_outcomes"] = ArraySpec(("perm", "flip"), (p.permutations, p.n_flips), "int32")
         return out
 

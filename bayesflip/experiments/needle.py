@@ -231,7 +231,7 @@ class NeedleFamily(Family):
 
     def arrays(self, p: NeedleParams) -> dict[str, ArraySpec]:
         k = len(PROCESSES[p.process]["choices"])
-        return {"logprobs": ArraySpec(("choice",), (k,)),
+        return {"logprobs": ArraySpec(("choice",), (k,), finite="all"),
                 "p_stated": ArraySpec(("choice",), (k,)),
                 "token_length": ArraySpec((), (), "int32"),
                 "token_depth": ArraySpec((), (), "int32"),

@@ -137,7 +137,7 @@ class ParaphraseFamily(Family):
         return evidence_kind("none", "none")
 
     def arrays(self, p: ParaphraseParams) -> dict[str, ArraySpec]:
-        return {"logprobs": ArraySpec(("choice",), (len(PROCESSES[p.process]["choices"]),))}
+        return {"logprobs": ArraySpec(("choice",), (len(PROCESSES[p.process]["choices"]),), finite="all")}
 
     def coords(self, p: ParaphraseParams) -> dict[str, list]:
         return {"choice": PROCESSES[p.process]["choices"]}

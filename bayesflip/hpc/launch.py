@@ -54,7 +54,7 @@ from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
 from ..plan import TaskPlan, Unit, make_tasks, plan_sweep, write_manifest
 from . import slurm
-from .manifest import ArrayRecord, Manifest, Submission as SubmissionRecord, TaskRecord, now_iso
+from .manifest import ArrayRecord, Manifest, Submission as SubmissionRecord, TaskRecord, new_uid, now_iso
 from .status import ACTIVE, QUEUED, active_jobs, active_shards, manifest_units
 from .templates import JobTemplate, check_against_partition, load_template, template_for, templates_for, with_overrides
 
@@ -396,6 +396,12 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
             out("nothing to submit: every shard is done" + (" or queued/running" if exclude or n_held else ""))
         return sub
     folder = root / sweep.name / "slurm" / "%j"
+    # the submission is recorded before sbatch (state pending) and completed after, so a submitter that dies or
+    # cannot write the manifest in between leaves one that status and resubmit understand
+    record = SubmissionRecord(command=command, executor=executor, time=now_iso(), pinned_revisions=pinned,
+                              uid=new_uid(), state="pending")
+    sub.manifest = write_manifest(sweep, units, record, results_dir=root)
+    error: Optional[BaseException] = None
     try:
         for a in arrays:
             ex = make_executor(executor, folder, a.template, f"bf-{sweep.name}-{a.model.name}"[:100])
@@ -410,11 +416,16 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
             out(f"submitted {'array' if executor == 'slurm' else 'local job'} {array_id} ({executor}): "
                 f"{a.model.name}, {len(jobs)} task(s), "
                 f"{a.n_shards} shard(s), logs {folder.parent}/{array_id}_*")
+            if len(arrays) > 1:      # each array recorded as soon as sbatch answered
+                Manifest.update_submission(sweep.name, record.uid, root, arrays=[s.record() for s in sub.submitted])
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        if sub.submitted:   # record whatever went out, even if a later array failed to submit
-            record = SubmissionRecord(command=command, executor=executor, time=now_iso(),
-                                      arrays=[s.record() for s in sub.submitted], pinned_revisions=pinned)
-            sub.manifest = write_manifest(sweep, units, record, results_dir=root)
+        state = "submitted" if error is None else ("partial" if sub.submitted else "failed")
+        Manifest.update_submission(sweep.name, record.uid, root, state=state,
+                                   arrays=[s.record() for s in sub.submitted],
+                                   error=None if error is None else f"{type(error).__name__}: {error}")
     return sub
 
 

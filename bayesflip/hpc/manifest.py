@@ -10,7 +10,11 @@ One typed document per sweep (:class:`Manifest`)::
         tasks    one per array task: its job id, its (experiment, shard) work list, its stdout/stderr
 
 Contracts: :meth:`Manifest.path` is the only place that builds the file's path; :meth:`Manifest.edit`
-is the only read-modify-write (read or start, change, save atomically via a temp file + rename);
+is the only read-modify-write (under an exclusive ``fcntl`` lock on ``.manifest.json.lock`` beside it, so
+concurrent submits never lose each other's updates: read or start, change, save atomically via a temp file +
+rename). A submission is recorded **before** ``sbatch`` with ``state: pending`` and completed after
+(:meth:`Manifest.update_submission`: ``submitted``, or ``failed``/``partial`` with the error), so a
+submitter that dies or cannot write in between leaves a manifest whose pending submission ``status`` reports;
 :meth:`Manifest.load` is what the commands read, refusing a missing or unreadable manifest with one line
 naming ``--sweep``. Readers are lenient about fields an older bayesflip did not write (defaults) and
 keep fields they do not know (``extra="allow"``), so a manifest survives a round trip through any version.
@@ -21,14 +25,18 @@ Store paths are never taken from the manifest: a store is always ``<results dir>
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
+import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import BayesflipError, ConfigError
+from ..config import check_name
+from ..errors import BayesflipError, ConfigError, StoreWriteError
 from ..paths import RESULTS_DIR
 from ..store import atomic_write_text
 
@@ -85,10 +93,18 @@ class Submission(_Doc):
     time: Optional[str] = None
     arrays: list[ArrayRecord] = []
     pinned_revisions: Optional[dict[str, str]] = None
+    uid: Optional[str] = None            # set when recorded before sbatch (absent in old manifests)
+    state: Optional[str] = None          # pending (sbatch not yet answered) | submitted | partial | failed
+    error: Optional[str] = None
 
     @property
     def on_slurm(self) -> bool:
         return (self.executor or "slurm") == "slurm"
+
+    @property
+    def pending(self) -> bool:
+        """Recorded before sbatch and never completed: its arrays may run without being recorded here."""
+        return self.state == "pending"
 
 
 class PlannedUnit(_Doc):
@@ -99,6 +115,27 @@ class PlannedUnit(_Doc):
     store: str = ""
     n_shards: int
     template: Optional[str] = None
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<dir>/.manifest.json.lock`` for the duration (released when the process
+    dies, so a killed submitter never blocks the next one)."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError as e:
+        raise StoreWriteError(f"cannot lock {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                      # closing releases the lock
 
 
 class Manifest(_Doc):
@@ -134,8 +171,6 @@ class Manifest(_Doc):
     def load(cls, sweep: str, results_dir: Path | str | None = None) -> "Manifest":
         """What ``status``/``resubmit`` read: one ``--sweep`` error line when missing (naming the sweeps that
         have one) or unreadable."""
-        from ..config import check_name
-
         check_name(sweep, "--sweep")
         path = cls.path(sweep, results_dir)
         if not path.exists():
@@ -159,10 +194,25 @@ class Manifest(_Doc):
         """Read the sweep's manifest (or start an empty one), let the caller change it, save it.
 
         An unreadable manifest is never overwritten: :class:`ManifestError`, nothing written."""
-        m = cls.read_if_exists(sweep, results_dir) or cls(sweep=sweep)
-        yield m
-        m.updated = now_iso()
-        m.save(results_dir)
+        with _locked(cls.path(sweep, results_dir)):
+            m = cls.read_if_exists(sweep, results_dir) or cls(sweep=sweep)
+            yield m
+            m.updated = now_iso()
+            m.save(results_dir)
+
+    @classmethod
+    def update_submission(cls, sweep: str, uid: str, results_dir: Path | str | None = None, **fields) -> None:
+        """Set ``fields`` (state, arrays, error) of the submission ``uid`` (under the lock)."""
+        with cls.edit(sweep, results_dir) as m:
+            for sub in m.submissions:
+                if sub.uid == uid:
+                    for k, v in fields.items():
+                        setattr(sub, k, v)
+                    return
+            raise ManifestError(f"{cls.path(sweep, results_dir)}: no submission {uid} (edited by hand?)")
+
+    def pending_submissions(self) -> list[Submission]:
+        return [s for s in self.submissions if s.pending]
 
     # ------------------------------------------------------------------ what the cluster side asks
     def slurm_array_ids(self) -> list[str]:

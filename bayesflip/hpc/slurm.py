@@ -5,10 +5,11 @@
   topped up from ``squeue`` (it knows a job the moment ``sbatch`` returns; slurmdbd can lag by seconds).
   sacct's output is read by submitit's own parser (:class:`submitit.slurm.slurm.SlurmInfoWatcher`, which
   expands ``123_[2-5%2]`` through :func:`submitit.slurm.slurm.read_job_id`).
+* :func:`queued_states` — squeue's running/queued tasks of some arrays (the fallback when sacct fails);
 * :func:`live_jobs` — ``{job id: state}`` of every job SLURM still runs or queues, from ``squeue`` (cached
   :data:`LIVE_JOBS_MAX_AGE_S`); None when squeue is unavailable. This is the callable the shard leases of
   :class:`bayesflip.store.Leases` are given to tell a live holder from a dead one.
-* :func:`scancel`, :func:`max_array_size` (``scontrol show config``), :func:`query_partition` /
+* :func:`scancel`, :func:`hostnames` (``scontrol show hostnames``), :func:`max_array_size` (``scontrol show config``), :func:`query_partition` /
   :func:`partition_names` (``scontrol show partition`` + ``sinfo`` per node), with the parsers of SLURM
   durations and Gres strings.
 
@@ -120,6 +121,17 @@ def task_states(array_ids: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def queued_states(array_ids: Iterable[str]) -> Optional[dict[str, str]]:
+    """squeue's view of the given arrays/jobs: every task still running or queued (``{'123_4': 'PENDING'}``;
+    a finished task is simply absent); None when squeue is unavailable or fails. What ``status`` and
+    ``resubmit`` fall back to when sacct fails: enough to know which shards are still owned by a task."""
+    entries = squeue()
+    if entries is None:
+        return None
+    wanted = {str(a) for a in array_ids if a}
+    return {q.task_id: q.state for q in entries if q.task_id.split("_")[0] in wanted and q.state in LIVE}
+
+
 _live_cache: dict = {"t": 0.0, "jobs": None}
 
 
@@ -142,6 +154,17 @@ def scancel(job_ids: Iterable[str]) -> None:
     ids = [str(j) for j in job_ids]
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """``scontrol show hostnames`` of a SLURM node list (``node[1-3]`` → ``["node1", "node2", "node3"]``);
+    [] when scontrol is unavailable or fails."""
+    try:
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return r.stdout.split() if r.returncode == 0 else []
 
 
 def max_array_size() -> Optional[int]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..errors import ConfigError
+from ..errors import BayesflipError, ConfigError, StoreIdentityError
 from ..store import ResultStore, ShardState, describe_holder, store_path
 from . import slurm
 from .manifest import Manifest, ManifestError, parse_time
@@ -65,6 +65,8 @@ class SweepStatus:
     task_errors: dict[str, str]         # failed job id → stderr tail
     n_submissions: int
     sacct_error: Optional[str] = None
+    slurm_unknown: bool = False         # neither sacct nor squeue answered: queued/running tasks are unknown
+    pending_submissions: list[str] = field(default_factory=list)   # recorded before sbatch, never completed
 
     def totals(self) -> dict[str, int]:
         return {c: sum(u.count(c) for u in self.units) for c in COLUMNS}
@@ -133,11 +135,16 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
     latest = manifest.latest_tasks()
     states: dict[str, str] = {}
     sacct_error = None
+    slurm_unknown = False
     if use_sacct and manifest.slurm_array_ids():
         try:
             states = slurm.task_states(manifest.slurm_array_ids())
-        except RuntimeError as e:
-            sacct_error = str(e)
+        except RuntimeError as e:       # squeue still tells which tasks are queued/running
+            queued = slurm.queued_states(manifest.slurm_array_ids())
+            if queued is None:
+                sacct_error, slurm_unknown = f"{e}; squeue failed too", True
+            else:
+                states, sacct_error = queued, f"{e}; queued/running tasks from squeue"
     task_errors: dict[str, str] = {}
     units = []
     for u in manifest_units(manifest, results_dir):
@@ -145,8 +152,17 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
         st = ResultStore(u.store, slurm.live_jobs)
         if st.exists:
             try:
+                bad = st.integrity()
+                if bad is None and st.n_shards != u.n_shards:
+                    bad = f"n_shards={st.n_shards}, but the manifest's plan has {u.n_shards}: attributes edited?"
+                if bad is not None:
+                    raise StoreIdentityError(bad)
                 shard_states = st.shard_states()
                 holders = st.leases.live_holders()
+            except StoreIdentityError as e:     # not trusted: every planned shard is corrupt, with the reason
+                shard_states = {s: ShardState("corrupt", "unreadable-store", f"store {st.path}: {e}")
+                                for s in range(max(us.n_shards, st.n_shards))}
+                holders = {}
             except Exception as e:   # unreadable metadata: every shard is corrupt, with the reason
                 shard_states = {s: ShardState("corrupt", "unreadable-store", f"store {st.path}: "
                                               f"{type(e).__name__}: {e}") for s in range(us.n_shards)}
@@ -200,7 +216,12 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
         if states.get(job) in FAILED and u is not None and u.shards.get(shard) != "done" and job not in task_errors:
             task_errors[job] = f"{states[job]}: {log_error(stderr)}"
     tasks = dict(states)
-    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error)
+    pending = [f"submission {p.uid} ({p.command or p.mode}, {p.time}) is pending: its submitter stopped between "
+               f"sbatch and recording the arrays; jobs named bf-{manifest.sweep}-* may run untracked (squeue --name); "
+               f"their leases keep any shard from being computed twice, `resubmit` submits only shards neither "
+               f"done nor held" for p in manifest.pending_submissions()]
+    return SweepStatus(manifest.sweep, units, tasks, task_errors, len(manifest.submissions), sacct_error,
+                       slurm_unknown, pending)
 
 
 def to_json(s: SweepStatus) -> dict:
@@ -215,12 +236,16 @@ def to_json(s: SweepStatus) -> dict:
                        "queued": sum(1 for v in u.shards.values() if v == "queued"), "problems": problems})
     return {"sweep": s.sweep, "submissions": s.n_submissions,
             "totals": {"total": sum(u.n_shards for u in s.units), **s.totals()},
-            "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error}
+            "stores": stores, "slurm_tasks": s.tasks, "task_errors": s.task_errors, "sacct_error": s.sacct_error,
+            **({"pending_submissions": s.pending_submissions} if s.pending_submissions else {})}
 
 
 def active_shards(manifest: Manifest, results_dir: Optional[Path] = None) -> set[tuple[str, str, int]]:
     """(model, experiment, shard) currently running or queued in SLURM (resubmit leaves them alone)."""
     s = sweep_status(manifest, results_dir=results_dir)
+    if s.slurm_unknown:     # resubmitting now could submit shards a queued task still owns
+        raise BayesflipError(f"cannot tell which tasks of sweep {manifest.sweep} are still queued or running "
+                             f"({s.sacct_error}); nothing submitted — retry when SLURM answers")
     return {(u.model, u.experiment, sh) for u in s.units for sh, st in u.shards.items() if st in ("running", "queued")}
 
 
@@ -254,6 +279,7 @@ def render(s: SweepStatus) -> str:
         lines.append("SLURM tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     if s.sacct_error:
         lines.append(f"SLURM state unavailable: {s.sacct_error}")
+    lines += [f"warning: {p}" for p in s.pending_submissions]
     errs = [(u, sh, m) for u in s.units for sh, m in sorted(u.errors.items())
             if u.shards.get(sh) in ("failed", "corrupt")]
     if errs or s.task_errors:

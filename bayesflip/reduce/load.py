@@ -250,10 +250,13 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
         return None, [_cov(experiment, model, family_hint, -1, 0, 0, "missing-store", "store not on disk", path)]
     st = ResultStore(path)
     try:
+        untrusted = st.integrity()
         g = zarr.open_group(path, mode="r")
         attrs = dict(g.attrs)
         n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
         family = str(attrs.get("family", family_hint))
+        if untrusted is not None:     # a newer layout/format, or edited attributes: nothing of it is trusted
+            return None, [_cov(experiment, model, family_hint, -1, 0, 0, "unreadable-store", untrusted, path)]
         dims = array_dims(attrs)
         coords, labels = read_coords(g, attrs)
         records = st.records()
