@@ -290,3 +290,21 @@ def test_example_backend_runs_shards_with_the_hf_backends_values(example_backend
             x, y = a.read(name), b.read(name)
             assert x.shape == y.shape and np.isfinite(x).any(), name
             np.testing.assert_array_equal(x, y)
+
+
+def test_backends_get_slurm_host_expansion_from_the_cluster_layer(monkeypatch):
+    """A compressed multi-node list is expanded by the function the cluster layer passes
+    (``SweepTask``: ``export_rendezvous(slurm.hostnames)``); without one it is a one-line error, not scontrol."""
+    from bayesflip.backends.distributed import DeviceError, dist_env
+
+    for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[3-4]")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    asked: list[str] = []
+    assert dist_env(lambda nodes: asked.append(nodes) or ["node3", "node4"]).master_addr == "node3"
+    assert asked == ["node[3-4]"]
+    with pytest.raises(DeviceError, match=r"multi-node SLURM job \(node\[3-4\]\) without MASTER_ADDR.*export_rendezvous"):
+        dist_env()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    assert dist_env().master_addr == "10.0.0.1"

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ..errors import BayesflipError
-from ..hpc import slurm
 
 T = TypeVar("T")
 
@@ -58,23 +57,33 @@ def _first(*names: str) -> str | None:
     return None
 
 
-def _slurm_first_host() -> str | None:
-    """The first node of a multi-node SLURM job (rank 0's host), for MASTER_ADDR."""
+Hostnames = Callable[[str], list]    # a SLURM node list → its hosts (bayesflip.hpc.slurm.hostnames)
+
+
+def _slurm_first_host(hostnames: Hostnames | None = None) -> str | None:
+    """The first node of a multi-node SLURM job (rank 0's host), for MASTER_ADDR. A compressed node list
+    (``node[1-3]``) is expanded by ``hostnames``, which the cluster layer passes in (the backends never
+    call SLURM themselves: :func:`bayesflip.hpc.launch.SweepTask` calls ``export_rendezvous(slurm.hostnames)``
+    first, so later calls find MASTER_ADDR set)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes or int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) <= 1:
         return None
     if "[" not in nodes:
         return nodes.split(",")[0]
-    hosts = slurm.hostnames(nodes)
+    if hostnames is None:
+        raise DeviceError(f"multi-node SLURM job ({nodes}) without MASTER_ADDR: set it, or call "
+                          f"export_rendezvous(bayesflip.hpc.slurm.hostnames) before starting the ranks")
+    hosts = hostnames(nodes)
     return hosts[0] if hosts else None
 
 
-def dist_env() -> DistEnv:
-    """This process's place in the job: torchrun variables first, then SLURM's, else a single process."""
+def dist_env(hostnames: Hostnames | None = None) -> DistEnv:
+    """This process's place in the job: torchrun variables first, then SLURM's, else a single process.
+    ``hostnames``: expands a compressed SLURM node list, needed only while MASTER_ADDR is unset."""
     rank = _first("RANK", "SLURM_PROCID")
     world = _first("WORLD_SIZE", "SLURM_NTASKS")
     local = _first("LOCAL_RANK", "SLURM_LOCALID")
-    addr = _first("MASTER_ADDR") or _slurm_first_host() or "127.0.0.1"
+    addr = _first("MASTER_ADDR") or _slurm_first_host(hostnames) or "127.0.0.1"
     port = _first("MASTER_PORT")
     if port is None:  # SLURM without a launcher: a port every task of the job derives the same way
         job = int(_first("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID") or 0)
@@ -87,15 +96,16 @@ def dist_env() -> DistEnv:
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def export_rendezvous() -> dict[str, str]:
+def export_rendezvous(hostnames: Hostnames | None = None) -> dict[str, str]:
     """Set the env:// rendezvous variables of this task for torch.distributed / DeepSpeed, keeping every one
     that is already set (by SLURM's launcher, submitit, torchrun or the site); returns the values in force.
 
     Missing ones come from :func:`dist_env` (RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK =
     SLURM_LOCALID, MASTER_ADDR = the job's first node, MASTER_PORT derived from the job id, the same on
     every task) and LOCAL_WORLD_SIZE = SLURM_NTASKS_PER_NODE (else WORLD_SIZE / SLURM_JOB_NUM_NODES).
-    (submitit's ``TorchDistributedEnvironment.export()`` raises when one of them is already set.)"""
-    env = dist_env()
+    (submitit's ``TorchDistributedEnvironment.export()`` raises when one of them is already set.)
+    ``hostnames``: see :func:`dist_env` (the cluster layer passes ``bayesflip.hpc.slurm.hostnames``)."""
+    env = dist_env(hostnames)
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
     per_node = (os.environ.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0]
     values = {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),

@@ -97,7 +97,7 @@ class SweepTask(Checkpointable):
             # is left as SLURM set it: rank_device picks cuda:LOCAL_RANK (or cuda:0 with one GPU per task).
             from ..backends.distributed import export_rendezvous
 
-            export_rendezvous()             # keeps MASTER_ADDR / MASTER_PORT / RANK ... that are already set
+            export_rendezvous(slurm.hostnames)  # keeps MASTER_ADDR / MASTER_PORT / RANK ... that are already set
         from ..backends.distributed import check_device
         from ..job import run_task
 
