@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .environment import check_environment
 from .errors import BayesflipError
 
 
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # reads prepared snapshots (an unprepared Hub model is the one-line `models prepare` error, not retries)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        check_environment()    # a bad BAYESFLIP_* value: one line before anything is imported or written
         if args.cmd == "reference":
             return _cmd_reference(args, rest)
         if rest:
