@@ -9,7 +9,7 @@ import os
 import sys
 
 from .environment import check_environment
-from .errors import BayesflipError
+from .errors import BayesflipError, Interrupted
 
 
 def _cmd_score(args) -> int:
@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.func(args) or 0)
+    except Interrupted as e:          # Ctrl-C inside a command that can say how far it got
+        print(f"bayesflip: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:         # Ctrl-C anywhere else: one line, the shell's 128 + SIGINT
+        print("bayesflip: interrupted", file=sys.stderr)
+        return 130
     except BayesflipError as e:
         msg = str(e)
         print(f"bayesflip: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import BayesflipError, Interrupted
+
 
 def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:
     p.add_argument(sweep_flag, dest="sweep", required=True, help="a sweep (configs/sweeps) or an experiment name")
@@ -75,6 +77,39 @@ def cmd_debug(args) -> int:
     _refuse_busy_overwrite(sweep, args)
     units = plan_sweep(sweep, overwrite=args.overwrite, results_dir=args.results_dir)
     write_manifest(sweep, units, {"mode": "debug"}, results_dir=args.results_dir)
+    try:
+        return _run_debug(args, sweep, units, run_task, make_tasks)
+    except KeyboardInterrupt:
+        line = f"interrupted; {_done_line(units)}, resume with `{_resume_command(args)}`"
+    raise Interrupted(line)   # outside the except block: the run's frames (its progress bar) are let go first
+
+
+def _resume_command(args) -> str:
+    """The command that resumes an interrupted debug / demo run (done shards are kept and skipped)."""
+    if getattr(args, "resume", None):
+        return args.resume
+    cmd = f"bayesflip debug --exp {args.sweep}"
+    if args.model_type:
+        cmd += f" --model-type {args.model_type}"
+    if args.results_dir:
+        cmd += f" --results-dir {args.results_dir}"
+    return cmd
+
+
+def _done_line(units) -> str:
+    """"N/M shards done" over the units' stores, read back after an interrupt (records only, no checksums)."""
+    from .store import ResultStore
+
+    total = sum(u.n_shards for u in units)
+    try:
+        done = sum(sum(1 for ss in ResultStore(u.store).shard_states(verify=False).values() if ss.state == "done")
+                   for u in units)
+    except (BayesflipError, OSError) as e:   # the count is a courtesy: say why it is missing
+        return f"? of {total} shards done ({e})"
+    return f"{done}/{total} shards done"
+
+
+def _run_debug(args, sweep, units, run_task, make_tasks) -> int:
     failed = 0
     tasks = make_tasks(sweep.name, units, shards_per_task=10**9)
     total = sum(u.n_shards for u in units)
@@ -122,7 +157,12 @@ def cmd_status(args) -> int:
 def cmd_reduce(args) -> int:
     from .reduce import reduce_cli
 
-    return reduce_cli(args)
+    try:
+        return reduce_cli(args)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the report is incomplete (the stores are untouched), re-run "
+                          f"`bayesflip reduce --sweep {args.sweep}"
+                          + (f" --out {args.out}" if getattr(args, "out", None) else "") + "`") from None
 
 
 def cmd_demo(args) -> int:

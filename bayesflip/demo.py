@@ -18,16 +18,22 @@ DEMO_MODEL = "smollm2-135m-instruct"
 
 
 def demo_cli(args) -> int:
+    from .errors import Interrupted
     from .commands import cmd_debug
     from .reduce import reduce_sweep
 
     sweep = getattr(args, "sweep", None) or DEMO_SWEEP
     t0 = time.time()
+    results_dir = getattr(args, "results_dir", None)
+    resume = f"bayesflip demo --sweep {sweep}" + (f" --results-dir {results_dir}" if results_dir else "")
     run_args = argparse.Namespace(sweep=sweep, model_type=DEMO_MODEL, overwrite=getattr(args, "overwrite", False),
-                                  results_dir=getattr(args, "results_dir", None), device=getattr(args, "device", None))
-    rc = cmd_debug(run_args)
+                                  results_dir=results_dir, device=getattr(args, "device", None), resume=resume)
+    rc = cmd_debug(run_args)          # Ctrl-C: Interrupted("interrupted; N/M shards done, resume with `...demo...`")
     t1 = time.time()
-    report = reduce_sweep(sweep, results_dir=run_args.results_dir)
+    try:
+        report = reduce_sweep(sweep, results_dir=run_args.results_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while reducing (every shard is kept); resume with `{resume}`") from None
     t2 = time.time()
     print(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
           + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))

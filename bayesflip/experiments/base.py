@@ -193,6 +193,23 @@ class Family:
         generation. Tokenizer only, no model load."""
         raise NotImplementedError(f"family {self.name!r} cannot list its prompts yet")
 
+    def longest_input(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
+        """Tokens of the longest sequence the run feeds the model for these cells, as the engine
+        counts it: a rendered prompt plus its longest choice less one (the last choice token is
+        read, not forwarded), or plus ``max_new_tokens`` for a generation item
+        (:meth:`render`). The planner checks it against the model's context on probe cells
+        (:func:`bayesflip.plan.probe_cells`), so an over-long prompt fails at plan, not in a job.
+        Override where the run forwards more than :meth:`render` lists (ICL curves)."""
+        from ..prompts import encode_piece, encode_text
+
+        longest = 0
+        for r in self.render(p, cells, tokenizer, model_kind, seed):
+            extra = int((r.generation or {}).get("max_new_tokens") or 0)
+            if r.choices:
+                extra = max(extra, max(len(encode_piece(tokenizer, c)) for c in r.choices) - 1)
+            longest = max(longest, len(encode_text(tokenizer, r.text)) + extra)
+        return longest
+
     def count_tokens(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """Estimated tokens the engine forwards (``prompt``) and samples (``generated``) for these cells
         (one shard), without a model: :func:`bayesflip.cost.count_rendered` over :meth:`render`.

@@ -236,6 +236,13 @@ class ICLFamily(Family):
                                         choices=list(choices)))
         return out
 
+    def longest_input(self, p: ICLParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
+        """The full curve of each cell (head + every outcome and separator), as :meth:`run` forwards it."""
+        choices = _spec(p)["choices"]
+        reqs = [build_curve(tokenizer, self.cell_head(p, c, model_kind), choices, self.sample_outcomes(p, c, seed),
+                            p.separator) for c in cells]
+        return max(len(r.ids) + max(len(c) for c in r.choices) - 1 for r in reqs)
+
     def head(self, p: ICLParams, model_kind: str) -> Prompt:
         if p.protocol == "paper":
             raise ConfigError("params.protocol", f"family {self.name!r} has no paper rendering", allowed=["clean"])
