@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..paths import CACHE_DIR
+from .integrity import clean_stale_tmp, snapshot_problems, tmp_name
 from .registry import ModelSpec, get_model_spec
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,28 @@ def _package_dir(spec: ModelSpec) -> tuple[Path, str]:
 
 
 def gguf_cache_dir(spec: ModelSpec) -> Path:
-    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use)."""
+    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use).
+
+    A copy whose files are damaged (a truncated ``model.safetensors``: :func:`.integrity.snapshot_problems`)
+    is removed and converted again; scratch dirs of killed conversions are removed first
+    (:func:`.integrity.clean_stale_tmp`)."""
     pkg_dir, version = _package_dir(spec)
     target = CACHE_DIR / "models" / f"{spec.package}-{version}-{Path(spec.gguf_file).stem}"  # type: ignore[arg-type]
+    if target.parent.is_dir():
+        for d in clean_stale_tmp(target):
+            log.warning("removed %s (left by a killed conversion)", d)
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
+        bad = snapshot_problems(target)
+        if not bad:
+            return target
+        log.warning("%s is damaged (%s); converting %s again", target, "; ".join(bad), spec.gguf_file)
+        shutil.rmtree(target)
+    _convert_gguf(spec, pkg_dir, target)
+    return target
+
+
+def _convert_gguf(spec: ModelSpec, pkg_dir: Path, target: Path) -> None:
+    """Dequantize the package's GGUF into ``target`` (safetensors + tokenizer), atomically (rename)."""
     gguf = pkg_dir / spec.gguf_file  # type: ignore[operator]
     if not gguf.exists():
         raise ConfigError(f"models.{spec.name}.gguf_file", f"{gguf} does not exist",
@@ -85,14 +103,13 @@ def gguf_cache_dir(spec: ModelSpec) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {spec.name}: missing={missing[:5]} unexpected={unexpected[:5]}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_name(target), dir=target.parent))
     dst.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another task finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import tempfile
@@ -32,8 +33,10 @@ from typing import Callable
 
 from ..errors import BayesflipError
 from ..paths import CACHE_DIR
+from .integrity import remove_damaged, snapshot_problems
 from .registry import ModelSpec, get_model_spec, load_registry, models_of_type
 
+log = logging.getLogger(__name__)
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # weights in other frameworks / formats that transformers never reads for a safetensors repo
 IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ot", "*.gguf", "*.pth", "*.tflite", "original/*",
@@ -61,8 +64,13 @@ def record_path(spec: ModelSpec) -> Path:
     return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "prepared" / f"{spec.name}.json"
 
 
-def _complete(snap: Path) -> bool:
+def _has_config(snap: Path) -> bool:
     return (snap / "config.json").exists()
+
+
+def _complete(snap: Path) -> bool:
+    """A usable snapshot: its config and every file whole by size (:func:`.integrity.snapshot_problems`)."""
+    return _has_config(snap) and not snapshot_problems(snap)
 
 
 def _record(spec: ModelSpec) -> dict | None:
@@ -82,20 +90,35 @@ def prepared_revision(spec: ModelSpec) -> str | None:
     Order: the ``prepare`` record (the sha resolved when it was prepared), then a registry
     ``revision`` that is itself a sha, then the cache's ``refs/<revision>``.
     """
+    return _find_sha(spec, _complete)
+
+
+def _find_sha(spec: ModelSpec, usable: Callable[[Path], bool]) -> str | None:
+    """The first sha of :func:`prepared_revision`'s order whose snapshot passes ``usable``."""
     if spec.source != "hub":
         return None
     snaps = repo_cache_dir(spec) / "snapshots"
     rec = _record(spec)
-    if rec and _complete(snaps / rec["sha"]):
+    if rec and usable(snaps / rec["sha"]):
         return rec["sha"]
-    if SHA_RE.match(spec.revision) and _complete(snaps / spec.revision):
+    if SHA_RE.match(spec.revision) and usable(snaps / spec.revision):
         return spec.revision
     ref = repo_cache_dir(spec) / "refs" / spec.revision
     if ref.is_file():
         sha = ref.read_text().strip()
-        if SHA_RE.match(sha) and _complete(snaps / sha):
+        if SHA_RE.match(sha) and usable(snaps / sha):
             return sha
     return None
+
+
+def damaged_snapshot(spec: ModelSpec) -> tuple[Path, list[str]] | None:
+    """(snapshot, problems) when the model's snapshot is there but a file is damaged (sizes only); else None."""
+    sha = _find_sha(spec, _has_config)
+    if sha is None:
+        return None
+    snap = repo_cache_dir(spec) / "snapshots" / sha
+    problems = snapshot_problems(snap)
+    return (snap, problems) if problems else None
 
 
 def store_revision(spec: ModelSpec) -> str:
@@ -127,6 +150,11 @@ def require_prepared(spec: ModelSpec) -> str | None:
     if spec.source != "hub":
         return None
     sha = prepared_revision(spec)
+    if sha is None and (bad := damaged_snapshot(spec)):
+        raise ModelNotPreparedError(
+            f"model {spec.name!r} ({spec.id}@{spec.revision}): the snapshot {bad[0]} is damaged ({bad[1][0]}"
+            f"{f' and {len(bad[1]) - 1} more' if len(bad[1]) > 1 else ''}); run `bayesflip models prepare "
+            f"{spec.name}` to repair it")
     if sha is None:
         raise ModelNotPreparedError(
             f"model {spec.name!r} ({spec.id}@{spec.revision}) is not prepared: no snapshot in the Hub cache "
@@ -142,7 +170,10 @@ def require_prepared_models(names: list[str]) -> dict[str, str]:
     prepares them. Commands never download; ``bayesflip models prepare`` does."""
     specs = [get_model_spec(n) for n in names]
     missing = [s for s in specs if not is_prepared(s)]
-    if len(missing) == 1:
+    if len(missing) == 1 or any(damaged_snapshot(s) for s in missing):
+        for s in missing:      # a damaged snapshot: its own line (what is damaged, how to repair)
+            if damaged_snapshot(s) or len(missing) == 1:
+                require_prepared(s)
         require_prepared(missing[0])
     if missing:
         raise ModelNotPreparedError(
@@ -189,8 +220,20 @@ def check_hub_reachable(error: type = BayesflipError, hint: str = "") -> None:
 
 
 def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
-    """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
+    """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha.
+
+    A cached snapshot is verified first (sizes and blob hashes, :func:`.integrity.snapshot_problems`):
+    damaged files are deleted so the download fetches them again; the result is verified again and a
+    snapshot that is still damaged is one error line, never recorded as prepared."""
     ignore = IGNORE
+    found = _find_sha(spec, _has_config)
+    removed: list[str] = []
+    if found is not None:
+        snap = repo_cache_dir(spec) / "snapshots" / found
+        if bad := snapshot_problems(snap, hashes=True):
+            log.warning("%s: damaged files in %s (%s); fetching them again", spec.name, snap, "; ".join(bad))
+            remove_damaged(snap, bad)
+            removed = [b.split(": ", 1)[0] for b in bad]
     if download is None:   # the real Hub: ask it once whether *.bin can be skipped
         from huggingface_hub import snapshot_download as download
         if prepared_revision(spec) is None:      # already in the cache: snapshot_download finds it offline
@@ -207,8 +250,15 @@ def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
         raise ModelNotPreparedError(f"cannot fetch {spec.id}@{spec.revision} for model {spec.name!r}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
     sha = path.name
-    if not SHA_RE.match(sha) or not _complete(path):
+    if not SHA_RE.match(sha) or not _has_config(path):
         raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: snapshot {path} has no config.json")
+    if lost := [r for r in removed if not (path / r).is_file()]:
+        raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: the damaged {', '.join(lost)} of snapshot {path} "
+                                    f"could not be fetched again (removed; the model cannot load until `bayesflip "
+                                    f"models prepare {spec.name}` succeeds on a node with internet access)")
+    if bad := snapshot_problems(path, hashes=True):
+        raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: snapshot {path} is damaged after the download "
+                                    f"({'; '.join(bad)}); run `bayesflip models prepare {spec.name}` again")
     rec = {"name": spec.name, "id": spec.id, "revision": spec.revision, "sha": sha, "snapshot": str(path),
            "hub_cache": str(hub_cache_dir()),
            "prepared": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
