@@ -162,6 +162,7 @@ def cmd_reduce(args) -> int:
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; the report is incomplete (the stores are untouched), re-run "
                           f"`bayesflip reduce --sweep {args.sweep}"
+                          + (f" --results-dir {args.results_dir}" if getattr(args, "results_dir", None) else "")
                           + (f" --out {args.out}" if getattr(args, "out", None) else "") + "`") from None
 
 

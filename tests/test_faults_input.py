@@ -185,4 +185,4 @@ def test_ctrl_c_in_reduce_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main(["reduce", "--sweep", "anything", "--results-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["bayesflip: interrupted; the report is incomplete (the stores are untouched), re-run "
-                   "`bayesflip reduce --sweep anything`"]
+                   f"`bayesflip reduce --sweep anything --results-dir {tmp_path}`"]
