@@ -170,10 +170,11 @@ def require_prepared_models(names: list[str]) -> dict[str, str]:
     prepares them. Commands never download; ``bayesflip models prepare`` does."""
     specs = [get_model_spec(n) for n in names]
     missing = [s for s in specs if not is_prepared(s)]
-    if len(missing) == 1 or any(damaged_snapshot(s) for s in missing):
-        for s in missing:      # a damaged snapshot: its own line (what is damaged, how to repair)
-            if damaged_snapshot(s) or len(missing) == 1:
-                require_prepared(s)
+    if len(missing) == 1:
+        require_prepared(missing[0])
+    for s in missing:          # a damaged snapshot: its own line (what is damaged, how to repair)
+        if damaged_snapshot(s):
+            require_prepared(s)
         require_prepared(missing[0])
     if missing:
         raise ModelNotPreparedError(
