@@ -175,7 +175,6 @@ def require_prepared_models(names: list[str]) -> dict[str, str]:
     for s in missing:          # a damaged snapshot: its own line (what is damaged, how to repair)
         if damaged_snapshot(s):
             require_prepared(s)
-        require_prepared(missing[0])
     if missing:
         raise ModelNotPreparedError(
             f"models {', '.join(repr(s.name) for s in missing)} are not prepared: no snapshot in the Hub cache "
