@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from .errors import BayesflipError
+from .environment import check_environment
+from .errors import BayesflipError, Interrupted
 
 
 def _cmd_score(args) -> int:
@@ -124,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         # reads prepared snapshots (an unprepared Hub model is the one-line `models prepare` error, not retries)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        check_environment()    # a bad BAYESFLIP_* value: one line before anything is imported or written
         if args.cmd == "reference":
             return _cmd_reference(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.func(args) or 0)
+    except Interrupted as e:          # Ctrl-C inside a command that can say how far it got
+        print(f"bayesflip: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:         # Ctrl-C anywhere else: one line, the shell's 128 + SIGINT
+        print("bayesflip: interrupted", file=sys.stderr)
+        return 130
     except BayesflipError as e:
         msg = str(e)
         print(f"bayesflip: error: {' '.join(msg.split()) if chr(10) in msg else msg}", file=sys.stderr)

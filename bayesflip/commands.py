@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import BayesflipError, Interrupted
+
 
 def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:
     p.add_argument(sweep_flag, dest="sweep", required=True, help="a sweep (configs/sweeps) or an experiment name")
@@ -113,7 +115,13 @@ def cmd_status(args) -> int:
 def cmd_reduce(args) -> int:
     from .reduce import reduce_cli
 
-    return reduce_cli(args)
+    try:
+        return reduce_cli(args)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the report is incomplete (the stores are untouched), re-run "
+                          f"`bayesflip reduce --sweep {args.sweep}"
+                          + (f" --results-dir {args.results_dir}" if getattr(args, "results_dir", None) else "")
+                          + (f" --out {args.out}" if getattr(args, "out", None) else "") + "`") from None
 
 
 def cmd_demo(args) -> int:

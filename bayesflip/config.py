@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,31 @@ def _int_key(raw: dict, key: str, default: int, lo: int, prefix: str, src: str) 
     return v
 
 
+MAX_CELLS = 10_000_000           # cells of one experiment (the planner holds every cell dict: ~0.5 kB each)
+MAX_SHARD_BYTES = 2 * 1024 ** 3  # one shard's arrays, uncompressed (a job holds a shard; set_verified reads it)
+_DTYPE_BYTES = {"float64": 8, "int64": 8, "str": 64, "bool": 1}
+
+
+def check_grid_size(fam, params, shard_size: int, prefix: str = "", src: str | None = None) -> int:
+    """Refuse a grid or a shard too large to hold, before any cell is built; return the cell estimate.
+
+    Cells: :meth:`Family.cell_estimate` (an upper bound) ≤ :data:`MAX_CELLS`. Shard:
+    ``shard_size × Σ_arrays ∏shape·bytes(dtype)`` ≤ :data:`MAX_SHARD_BYTES` (a ``str`` cell counted as 64 B)."""
+    est = fam.cell_estimate(params)
+    if est > MAX_CELLS:
+        reps = ", ".join(f"{k}={getattr(params, k)}" for k in fam.repeat_params if getattr(params, k, None))
+        raise ConfigError(prefix + "params", f"grid of ~{est:,} cells is over the limit of {MAX_CELLS:,} cells per "
+                          f"experiment ({reps or 'the lists of the grid'}); use a coarser grid or split the "
+                          "experiment", source=src)
+    per_cell = sum(math.prod(a.shape or (1,)) * _DTYPE_BYTES.get(a.dtype, 4) for a in fam.arrays(params).values())
+    if shard_size > MAX_CELLS or shard_size * per_cell > MAX_SHARD_BYTES:
+        most = max(1, min(MAX_CELLS, MAX_SHARD_BYTES // max(per_cell, 1)))
+        raise ConfigError(prefix + "shard_size", f"{shard_size:,} cells per shard is too large (a shard's arrays "
+                          f"take {shard_size * per_cell / 1024 ** 3:,.1f} GiB uncompressed)",
+                          allowed=[f"[1, {most:,}]"], source=src)
+    return est
+
+
 def experiment_names(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in (Path(config_dir) / "experiments").glob("*.yaml"))
 
@@ -301,6 +327,7 @@ def load_experiment(name: str, overrides: dict | None = None, config_dir: Path =
     shard = _int_key(raw, "shard_size", 16, 1, prefix, src)
     fam = get_family(fam_name)
     params = validate_params(fam.Params, raw.get("params") or {}, prefix + "params", src)
+    check_grid_size(fam, params, shard, prefix, src)
     resolved = {"family": fam_name, "seed": seed, "shard_size": shard, "params": params.model_dump(mode="json")}
     return ExperimentConfig(name=name, family=fam_name, seed=seed, shard_size=shard, params=params, raw=resolved)
 

@@ -22,14 +22,21 @@ def run_demo(sweep: Optional[str] = None, *, overwrite: bool = False, results_di
              device: Optional[str] = None, out: Callable[[str], Any] = print) -> int:
     """Run ``sweep`` (default ``demo``) on the demo model, reduce it, print where the report is.
     Returns 1 when some shard failed (the report's Coverage section names it), else 0."""
+    from .errors import Interrupted
     from .job import run_local
     from .reduce import reduce_sweep
 
     sweep = sweep or DEMO_SWEEP
     t0 = time.time()
-    rc = run_local(sweep, DEMO_MODEL, overwrite=overwrite, results_dir=results_dir, device=device, out=out).rc
+    resume = f"bayesflip demo --sweep {sweep}" + (f" --results-dir {results_dir}" if results_dir else "")
+    # Ctrl-C while running: Interrupted("interrupted; N/M shards done, resume with `bayesflip demo ...`")
+    rc = run_local(sweep, DEMO_MODEL, overwrite=overwrite, results_dir=results_dir, device=device, out=out,
+                   resume=resume).rc
     t1 = time.time()
-    report = reduce_sweep(sweep, results_dir=results_dir)
+    try:
+        report = reduce_sweep(sweep, results_dir=results_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while reducing (every shard is kept); resume with `{resume}`") from None
     t2 = time.time()
     out(f"{sweep}: run {t1 - t0:.1f} s, reduce {t2 - t1:.1f} s, total {t2 - t0:.1f} s"
         + ("" if rc == 0 else " (some shards failed: see the report's Coverage section)"))

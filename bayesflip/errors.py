@@ -52,3 +52,7 @@ class LeaseLost(BayesflipError):
 
 class StoreReadError(BayesflipError):
     """A store cannot be opened (missing, damaged metadata); the message names it and why."""
+
+
+class Interrupted(BayesflipError):
+    """Ctrl-C (SIGINT) stopped a command; the message says what is kept and how to resume (exit 130)."""

@@ -52,7 +52,7 @@ import numpy as np
 
 from .backends.distributed import dist_env, from_writer
 from .config import ExperimentConfig, SweepConfig, load_sweep, sweep_models
-from .errors import LeaseLost, StoreIdentityError
+from .errors import BayesflipError, Interrupted, LeaseLost, StoreIdentityError
 from .experiments import get_family
 from .experiments.base import RunContext, nonfinite
 from .hpc import slurm
@@ -408,13 +408,16 @@ class LocalRun:
 
 def run_local(sweep: str | SweepConfig, model_type: Optional[str] = None, *, overwrite: bool = False,
               results_dir: Path | str | None = None, device: Optional[str] = None, list_shards: bool = False,
-              lm: Any = None, progress: bool = True, out: Callable[[str], Any] = print) -> LocalRun:
+              lm: Any = None, progress: bool = True, out: Callable[[str], Any] = print,
+              resume: Optional[str] = None) -> LocalRun:
     """Plan, then run every pending shard in this process (local GPU or CPU): ``bayesflip debug``, ``demo``
     and ``paper-smol``, the cluster jobs' code path without SLURM.
 
     ``sweep``: a name (configs/sweeps, with ``model_type``) or a :class:`SweepConfig` built in memory. Hub
     models must be prepared (checked first); ``overwrite`` deletes the stores first, refused while a job or
-    process of the sweep still works on them. One line per model is printed through ``out``."""
+    process of the sweep still works on them. One line per model is printed through ``out``.
+    Ctrl-C raises :class:`~bayesflip.errors.Interrupted` ("interrupted; N/M shards done, resume with
+    `<resume>`", exit 130 in the CLI): the shards done so far are kept and a re-run skips them."""
     from .models.prepare import require_prepared_models
 
     if isinstance(sweep, str):
@@ -433,6 +436,30 @@ def run_local(sweep: str | SweepConfig, model_type: Optional[str] = None, *, ove
     if not tasks:
         out(f"{sweep.name}: nothing to do, all {total} shards of {len(units)} stores are done"
             + (f" or held by another live run ({n_held})" if n_held else "") + " (--overwrite recomputes)")
+    if resume is None:
+        resume = f"bayesflip debug --exp {sweep.name}" + (f" --model-type {model_type}" if model_type else "") \
+            + (f" --results-dir {results_dir}" if results_dir else "")
+    try:
+        _run_tasks(run, tasks, units, device=device, lm=lm, progress=progress, out=out, list_shards=list_shards)
+    except KeyboardInterrupt:
+        line = f"interrupted; {_done_line(units)}, resume with `{resume}`"
+    else:
+        return run
+    raise Interrupted(line)   # outside the except block: the run's frames (its progress bar) are let go first
+
+
+def _done_line(units: list) -> str:
+    """"N/M shards done" over the units' stores, read back after an interrupt (records only, no checksums)."""
+    total = sum(u.n_shards for u in units)
+    try:
+        done = sum(sum(1 for ss in ResultStore(u.store).shard_states(verify=False).values() if ss.state == "done")
+                   for u in units)
+    except (BayesflipError, OSError) as e:   # the count is a courtesy: say why it is missing
+        return f"? of {total} shards done ({e})"
+    return f"{done}/{total} shards done"
+
+
+def _run_tasks(run: LocalRun, tasks: list, units: list, *, device, lm, progress, out, list_shards) -> None:
     for task in tasks:
         r = run_task(task, device=device, lm=lm, progress=progress)
         run.tasks.append((task, r))
@@ -448,4 +475,3 @@ def run_local(sweep: str | SweepConfig, model_type: Optional[str] = None, *, ove
                 out(f"  computed {exp}:{shard}")
         for exp, shard, err in r.failed:
             out(f"  FAILED {exp}:{shard}: {err}")
-    return run

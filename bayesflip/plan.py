@@ -94,6 +94,37 @@ def _estimate(cells: list[dict], arrays: dict) -> tuple[float, float]:
     return n * per_cell / 1e9, n * per_arr / 1e9
 
 
+def probe_cells(cells: list[dict]) -> list[dict]:
+    """The cells whose inputs are likely the longest: the first, the last, and for every numeric
+    coordinate the first cell holding its largest value (a few cells, whatever the grid's size)."""
+    out = {0: cells[0], len(cells) - 1: cells[-1]}
+    for key, v in cells[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "sample":
+            i = max(range(len(cells)), key=lambda j: (cells[j].get(key) if isinstance(cells[j].get(key), (int, float))
+                                                      else float("-inf")))
+            out.setdefault(i, cells[i])
+    return [out[i] for i in sorted(out)]
+
+
+def check_context(fam, exp: ExperimentConfig, spec: ModelSpec, cells: list[dict], tokenizer,
+                  contexts: dict[str, int]) -> None:
+    """Refuse an experiment whose longest input (:meth:`Family.longest_input` on :func:`probe_cells`)
+    exceeds the model's context (:func:`bayesflip.models.loader.context_length`, cached in ``contexts``):
+    the engine never truncates, so the job would fail on every such shard."""
+    from .models.loader import context_length
+
+    try:
+        n = fam.longest_input(exp.params, probe_cells(cells), tokenizer, spec.kind, exp.seed)
+    except NotImplementedError:   # a family that cannot render its inputs: checked by the engine at run time
+        return
+    if spec.name not in contexts:
+        contexts[spec.name] = context_length(spec)
+    if n > contexts[spec.name]:
+        raise ConfigError(f"experiments.{exp.name}.params", f"the longest input is {n} tokens, longer than "
+                          f"{spec.name}'s context of {contexts[spec.name]} tokens (nothing is truncated); shorten "
+                          f"the prompts (n_flips, lengths, ...) or use a model with a longer context")
+
+
 def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = True,
                results_dir: Path | None = None, create: bool = True, warn=None,
                cells_cache: dict | None = None, tokenizers: dict | None = None) -> list[Unit]:
@@ -104,6 +135,7 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
     mapped to None is not validated (a dry run costing an unprepared Hub model with a proxy tokenizer)."""
     cells_cache = {} if cells_cache is None else cells_cache
     tokenizers = dict(tokenizers or {})
+    contexts: dict[str, int] = {}
     if warn is None:
         def warn(msg):
             print(f"bayesflip: warning: {msg}", file=sys.stderr)
@@ -132,6 +164,7 @@ def plan_sweep(sweep: SweepConfig, overwrite: bool = False, validate: bool = Tru
                     from .models.loader import load_tokenizer
                     tokenizers[spec.name] = load_tokenizer(spec)
                 fam.validate(exp.params, tokenizers[spec.name], spec.kind)
+                check_context(fam, exp, spec, cells, tokenizers[spec.name], contexts)
             path = store_path(sweep.name, exp.name, spec.name, results_dir)
             n_shards = (len(cells) + exp.shard_size - 1) // exp.shard_size
             if create:

@@ -24,6 +24,8 @@ evidence (reduce: :meth:`bayesflip.reduce.load.StoreData.cell_evidence`).
 from __future__ import annotations
 
 import hashlib
+import re
+import string
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -131,6 +133,30 @@ class RunContext:
         return self.scorer.tokenizer
 
 
+def template_problem(tpl: str, sample: dict[str, Any], required: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with a ``str.format`` template whose placeholders must be keys of ``sample``
+    (and include every key of ``required``), or None. Checked at config load / plan so a template
+    never fails half-way through a run: malformed braces (``"{b"``), unknown or positional
+    placeholders, missing required ones, and a format spec the sample values cannot take."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(tpl) if f is not None]
+    except ValueError as e:
+        return f"template {tpl!r} is malformed ({e}; write {{{{ and }}}} for literal braces)"
+    names = {re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields}
+    unknown = sorted(n for n in names if n not in sample)
+    if unknown:
+        return (f"template {tpl!r} uses unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}"
+                if all(unknown) else f"template {tpl!r} has a positional placeholder {{}}")
+    missing = [k for k in required if k not in names]
+    if missing:
+        return f"template {tpl!r} lacks {', '.join('{' + k + '}' for k in missing)}"
+    try:
+        tpl.format(**sample)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        return f"template {tpl!r} cannot be filled ({type(e).__name__}: {e})"
+    return None
+
+
 def cell_seed(seed: int, *parts: Any) -> int:
     """A stable 63-bit seed from the experiment seed and a cell's identity (order-independent of shards)."""
     h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
@@ -154,6 +180,21 @@ class Family:
     def arrays(self, p: Any) -> dict[str, ArraySpec]:
         raise NotImplementedError
 
+    # integer params that repeat the whole grid (cells grow linearly in each)
+    repeat_params: ClassVar[tuple[str, ...]] = ("samples", "chains", "random_matrices")
+
+    def cell_estimate(self, p: Any) -> int:
+        """An upper bound on ``len(self.cells(p))`` without materialising the full grid:
+        ``len(cells(p'))·∏ p.r`` where ``p'`` sets every repeat param ``r`` (:attr:`repeat_params`) to 1.
+        The config loader refuses a grid above its limit before any cell is built; override where
+        a family's cells grow faster than linearly in a repeat param."""
+        reps = {k: v for k in self.repeat_params
+                if isinstance(v := getattr(p, k, None), int) and not isinstance(v, bool) and v > 1}
+        n = len(self.cells(p.model_copy(update={k: 1 for k in reps})))
+        for v in reps.values():
+            n *= v
+        return n
+
     def coords(self, p: Any) -> dict[str, list]:
         """Labels for per-cell dims (e.g. ``{"choice": [" heads", " tails"]}``)."""
         return {}
@@ -175,6 +216,23 @@ class Family:
         family lists its read points); generation-by-generation families render their first
         generation. Tokenizer only, no model load."""
         raise NotImplementedError(f"family {self.name!r} cannot list its prompts yet")
+
+    def longest_input(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
+        """Tokens of the longest sequence the run feeds the model for these cells, as the engine
+        counts it: a rendered prompt plus its longest choice less one (the last choice token is
+        read, not forwarded), or plus ``max_new_tokens`` for a generation item
+        (:meth:`render`). The planner checks it against the model's context on probe cells
+        (:func:`bayesflip.plan.probe_cells`), so an over-long prompt fails at plan, not in a job.
+        Override where the run forwards more than :meth:`render` lists (ICL curves)."""
+        from ..prompts import encode_piece, encode_text
+
+        longest = 0
+        for r in self.render(p, cells, tokenizer, model_kind, seed):
+            extra = int((r.generation or {}).get("max_new_tokens") or 0)
+            if r.choices:
+                extra = max(extra, max(len(encode_piece(tokenizer, c)) for c in r.choices) - 1)
+            longest = max(longest, len(encode_text(tokenizer, r.text)) + extra)
+        return longest
 
     def count_tokens(self, p: Any, cells: list[dict], tokenizer, model_kind: str, seed: int):
         """Estimated tokens the engine forwards (``prompt``) and samples (``generated``) for these cells

@@ -76,7 +76,8 @@ from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, encode_choices, encode_piece, normalize_ws, render
 from ..stimuli import StimulusList, load_list
 from . import register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, template_problem,
+                   use_chat)
 from .gentext import sample_with
 
 SPECS = {
@@ -297,10 +298,8 @@ class CoTFamily(Family):
                                   allowed=["one text per entry of params.biases, in order",
                                            "11 texts for b = 0, 10, ..., 100 (biases among them)"])
         if p.needle is not None:
-            try:
-                p.needle.format(b=50, face=1)
-            except (KeyError, IndexError) as e:
-                raise ConfigError("params.needle", f"unknown placeholder {e}", allowed=["{b}", "{face}"]) from None
+            if problem := template_problem(p.needle, {"b": 50, "face": 1}):
+                raise ConfigError("params.needle", problem, allowed=["{b}", "{face}"])
         choices = self.spec(p)["choices"]
         cell = self.cells(p)[-1]
         encode_choices(tokenizer, choices, context_text=render(self.cot_prompt(p, cell, model_kind, " x."), tokenizer))

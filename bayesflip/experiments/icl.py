@@ -43,14 +43,14 @@ import itertools
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..domain import COIN_CHOICES, DIE_CHOICES, inverse_cdf, process_probs
 from ..errors import ConfigError
 from ..prompts import Prompt
 from ..stimuli import StimulusList, StimulusText
 from . import paper, paper_flips, register
-from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, evidence_kind,
+from .base import (ArraySpec, template_problem, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, evidence_kind,
                    use_chat)
 from .seq import build_curve, sequence_text, validate_sequence_pieces
 
@@ -85,6 +85,14 @@ class ICLParams(Params):
     flips: Literal["seeded", "numpy_legacy", "random_choices", "random_chain"] = "seeded"
     read_ns: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(paper.READ_NS), min_length=1)
     permutations: int = Field(0, ge=0)
+
+    @field_validator("statement_template", "instruct_statement_template")
+    @classmethod
+    def _statement_fills(cls, v):
+        """The statement is filled with ``{b}`` (the percent) and ``{face}``: anything else fails here, not in a job."""
+        if v is not None and (problem := template_problem(v, {"b": paper.percent(0.5), "face": 1})):
+            raise ValueError(f"{problem} (allowed placeholders: {{b}}, {{face}})")
+        return v
 
     @model_validator(mode="after")
     def _protocol_keys(self) -> "ICLParams":
@@ -228,6 +236,13 @@ class ICLFamily(Family):
                 out.append(RenderedCell(cell={**c, "n": n}, text=sequence_text(tokenizer, head, choices, o[:n], p.separator),
                                         choices=list(choices)))
         return out
+
+    def longest_input(self, p: ICLParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
+        """The full curve of each cell (head + every outcome and separator), as :meth:`run` forwards it."""
+        choices = _spec(p)["choices"]
+        reqs = [build_curve(tokenizer, self.cell_head(p, c, model_kind), choices, self.sample_outcomes(p, c, seed),
+                            p.separator) for c in cells]
+        return max(len(r.ids) + max(len(c) for c in r.choices) - 1 for r in reqs)
 
     def head(self, p: ICLParams, model_kind: str) -> Prompt:
         if p.protocol == "paper":

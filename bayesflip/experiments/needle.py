@@ -60,7 +60,8 @@ from ..filler import Filler, build_filler, check_source, load_sentences
 from ..prompts import Prompt, encode_choices, encode_prompt, render
 from ..stimuli import StimulusList, StimulusText
 from . import paper, register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind, use_chat
+from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind, template_problem,
+                   use_chat)
 
 
 
@@ -246,15 +247,8 @@ class NeedleFamily(Family):
         chat = is_chat(p, model_kind)
         key = "params.instruct_needle" if (p.protocol == "paper" and chat) else "params.needle"
         tpl = needle_template(p, chat)
-        try:
-            tpl.format(b=50, face=1, parity="even")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(key, f"needle template {tpl!r} cannot be filled ({e})",
-                              allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)]) from None
-        missing = [k for k in keys if "{" + k + "}" not in tpl]
-        if missing:
-            raise ConfigError(key, f"needle template {tpl!r} lacks {missing}",
-                              allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)])
+        if problem := template_problem(tpl, {"b": 50, "face": 1, "parity": "even"}, tuple(sorted(keys))):
+            raise ConfigError(key, f"needle {problem}", allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)])
         load_sentences(p.filler)  # source readable and non-empty (ConfigError naming params.filler)
         cells = self.cells(p)
         if not cells:

@@ -91,7 +91,8 @@ from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, render
 from ..stimuli import StimulusText, load_text
 from . import register
-from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, template_problem,
+                   use_chat)
 from .gentext import sample_with
 
 MARKERS = ("*", "^", "#", "@", "$", "%", "&", "!", "~")
@@ -338,11 +339,8 @@ class PoissonFamily(Family):
                 raise ConfigError("params.story_words", f"{max(p.story_words)} words requested, the story has {n}",
                                   allowed=[f"[1, {n}]"])
         elif p.mode == "explicit":
-            try:
-                p.instruction.format(marker="#", lam="0.5")
-            except (KeyError, IndexError) as e:
-                raise ConfigError("params.instruction", f"unknown placeholder {e}", allowed=["{marker}", "{lam}"]) \
-                    from None
+            if problem := template_problem(p.instruction, {"marker": "#", "lam": "0.5"}):
+                raise ConfigError("params.instruction", problem, allowed=["{marker}", "{lam}"])
         else:
             self.prefix(p, self.cells(p)[0], 0)  # the prose source can supply prefix_words words
 

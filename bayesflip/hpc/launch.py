@@ -505,16 +505,17 @@ def dry_run(sweep_name: str, model_type: Optional[str] = None, *, results_dir=No
     """``bayesflip plan --dry-run``: plan without writing (no stores, manifest or records), cost every
     model (:mod:`bayesflip.hpc.cost`), pack its pending shards into tasks, print the table (or JSON). No SLURM needed.
     ``overwrite``: cost every shard (as ``--overwrite`` would recompute them), not only pending ones."""
-    from .cost import cost_rows, estimate_models, format_cost
+    from .cost import cost_rows, estimate_models, format_cost, tokenizer_for
 
     sweep = load_sweep(sweep_name, model_type)
     templates = resolve_templates(sweep, template, shards_per_task=shards_per_task, target_task_min=target_task_min,
                                   time_min=time_min)
     cells: dict = {}
-    toks: dict = {}
-    costs = estimate_models(sweep, [], templates, cells, toks)
+    toks: dict = {m: tokenizer_for(get_model_spec(m)) for m in sweep.models}
+    # validate first (templates, lengths, choices: one error line), then render every cell for the counts
     units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir, create=False, cells_cache=cells,
                        tokenizers={m: (None if p else t) for m, (t, p, _) in toks.items()})
+    costs = estimate_models(sweep, [], templates, cells, toks)
     arrays = plan_arrays(sweep, units, templates, costs=None if shards_per_task else costs)
     rows = cost_rows(costs, units, arrays, packing=not shards_per_task)
     if as_json:

@@ -151,8 +151,7 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
             trust_remote_code=spec.trust_remote_code, **kw)
         revision = _resolved_revision(spec, model)
     model.eval()
-    max_length = spec.max_length or getattr(model.config, "max_position_embeddings", None) \
-        or getattr(model.config, "n_positions", None) or 2048
+    max_length = spec.max_length or config_context(model.config)
     if place is not None:
         model, device = place(model, torch_dtype, device)
     elif spec.device_map is not None:
@@ -163,6 +162,26 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
         apply_fp32_head(model, spec)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device,
                        max_length=int(max_length), revision=str(revision))
+
+
+def config_context(cfg) -> int:
+    """A model config's context window: ``max_position_embeddings``, else ``n_positions``, else 2048."""
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
+
+
+def context_length(spec: ModelSpec) -> int:
+    """The context window :func:`load_model` gives the engine, read without the weights (config only):
+    the registry's ``max_length``, else the model config's (tiny-random: 512)."""
+    if spec.max_length:
+        return int(spec.max_length)
+    if spec.source == "tiny_random":
+        return 512
+    from transformers import AutoConfig
+
+    if spec.source == "gguf_package":
+        return config_context(AutoConfig.from_pretrained(gguf_cache_dir(spec)))
+    where, rev = _weights_location(spec)
+    return config_context(AutoConfig.from_pretrained(where, revision=rev, trust_remote_code=spec.trust_remote_code))
 
 
 def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:

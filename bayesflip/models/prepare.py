@@ -36,6 +36,7 @@ from typing import Callable
 
 from ..errors import BayesflipError, ConfigError
 from ..paths import CACHE_DIR
+from .integrity import clean_stale_tmp, remove_damaged, snapshot_problems, tmp_name
 from .registry import ModelSpec, get_model_spec, load_registry, models_of_type
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,13 @@ def record_path(spec: ModelSpec) -> Path:
     return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "prepared" / f"{spec.name}.json"
 
 
-def _complete(snap: Path) -> bool:
+def _has_config(snap: Path) -> bool:
     return (snap / "config.json").exists()
+
+
+def _complete(snap: Path) -> bool:
+    """A usable snapshot: its config and every file whole by size (:func:`.integrity.snapshot_problems`)."""
+    return _has_config(snap) and not snapshot_problems(snap)
 
 
 def _record(spec: ModelSpec) -> dict | None:
@@ -88,20 +94,35 @@ def prepared_revision(spec: ModelSpec) -> str | None:
     Order: the ``prepare`` record (the sha resolved when it was prepared), then a registry
     ``revision`` that is itself a sha, then the cache's ``refs/<revision>``.
     """
+    return _find_sha(spec, _complete)
+
+
+def _find_sha(spec: ModelSpec, usable: Callable[[Path], bool]) -> str | None:
+    """The first sha of :func:`prepared_revision`'s order whose snapshot passes ``usable``."""
     if spec.source != "hub":
         return None
     snaps = repo_cache_dir(spec) / "snapshots"
     rec = _record(spec)
-    if rec and _complete(snaps / rec["sha"]):
+    if rec and usable(snaps / rec["sha"]):
         return rec["sha"]
-    if SHA_RE.match(spec.revision) and _complete(snaps / spec.revision):
+    if SHA_RE.match(spec.revision) and usable(snaps / spec.revision):
         return spec.revision
     ref = repo_cache_dir(spec) / "refs" / spec.revision
     if ref.is_file():
         sha = ref.read_text().strip()
-        if SHA_RE.match(sha) and _complete(snaps / sha):
+        if SHA_RE.match(sha) and usable(snaps / sha):
             return sha
     return None
+
+
+def damaged_snapshot(spec: ModelSpec) -> tuple[Path, list[str]] | None:
+    """(snapshot, problems) when the model's snapshot is there but a file is damaged (sizes only); else None."""
+    sha = _find_sha(spec, _has_config)
+    if sha is None:
+        return None
+    snap = repo_cache_dir(spec) / "snapshots" / sha
+    problems = snapshot_problems(snap)
+    return (snap, problems) if problems else None
 
 
 def store_revision(spec: ModelSpec) -> str:
@@ -133,6 +154,11 @@ def require_prepared(spec: ModelSpec) -> str | None:
     if spec.source != "hub":
         return None
     sha = prepared_revision(spec)
+    if sha is None and (bad := damaged_snapshot(spec)):
+        raise ModelNotPreparedError(
+            f"model {spec.name!r} ({spec.id}@{spec.revision}): the snapshot {bad[0]} is damaged ({bad[1][0]}"
+            f"{f' and {len(bad[1]) - 1} more' if len(bad[1]) > 1 else ''}); run `bayesflip models prepare "
+            f"{spec.name}` to repair it")
     if sha is None:
         raise ModelNotPreparedError(
             f"model {spec.name!r} ({spec.id}@{spec.revision}) is not prepared: no snapshot in the Hub cache "
@@ -150,6 +176,9 @@ def require_prepared_models(names: list[str]) -> dict[str, str]:
     missing = [s for s in specs if not is_prepared(s)]
     if len(missing) == 1:
         require_prepared(missing[0])
+    for s in missing:          # a damaged snapshot: its own line (what is damaged, how to repair)
+        if damaged_snapshot(s):
+            require_prepared(s)
     if missing:
         raise ModelNotPreparedError(
             f"models {', '.join(repr(s.name) for s in missing)} are not prepared: no snapshot in the Hub cache "
@@ -195,8 +224,20 @@ def check_hub_reachable(error: type = BayesflipError, hint: str = "") -> None:
 
 
 def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
-    """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha."""
+    """Download (or find) the snapshot of ``spec.id@spec.revision``; record and return its sha.
+
+    A cached snapshot is verified first (sizes and blob hashes, :func:`.integrity.snapshot_problems`):
+    damaged files are deleted so the download fetches them again; the result is verified again and a
+    snapshot that is still damaged is one error line, never recorded as prepared."""
     ignore = IGNORE
+    found = _find_sha(spec, _has_config)
+    removed: list[str] = []
+    if found is not None:
+        snap = repo_cache_dir(spec) / "snapshots" / found
+        if bad := snapshot_problems(snap, hashes=True):
+            log.warning("%s: damaged files in %s (%s); fetching them again", spec.name, snap, "; ".join(bad))
+            remove_damaged(snap, bad)
+            removed = [b.split(": ", 1)[0] for b in bad]
     if download is None:   # the real Hub: ask it once whether *.bin can be skipped
         from huggingface_hub import snapshot_download as download
         if prepared_revision(spec) is None:      # already in the cache: snapshot_download finds it offline
@@ -213,8 +254,15 @@ def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
         raise ModelNotPreparedError(f"cannot fetch {spec.id}@{spec.revision} for model {spec.name!r}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from None
     sha = path.name
-    if not SHA_RE.match(sha) or not _complete(path):
+    if not SHA_RE.match(sha) or not _has_config(path):
         raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: snapshot {path} has no config.json")
+    if lost := [r for r in removed if not (path / r).is_file()]:
+        raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: the damaged {', '.join(lost)} of snapshot {path} "
+                                    f"could not be fetched again (removed; the model cannot load until `bayesflip "
+                                    f"models prepare {spec.name}` succeeds on a node with internet access)")
+    if bad := snapshot_problems(path, hashes=True):
+        raise ModelNotPreparedError(f"{spec.id}@{spec.revision}: snapshot {path} is damaged after the download "
+                                    f"({'; '.join(bad)}); run `bayesflip models prepare {spec.name}` again")
     rec = {"name": spec.name, "id": spec.id, "revision": spec.revision, "sha": sha, "snapshot": str(path),
            "hub_cache": str(hub_cache_dir()),
            "prepared": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -289,11 +337,22 @@ def package_dir(spec: ModelSpec) -> tuple[Path, str]:
 
 
 def gguf_cache_dir(spec: ModelSpec) -> Path:
-    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use)."""
+    """Directory of the dequantized safetensors copy of a packaged GGUF (created on first use).
+
+    A copy whose files are damaged (a truncated ``model.safetensors``: :func:`.integrity.snapshot_problems`)
+    is removed and converted again; scratch dirs of killed conversions are removed first
+    (:func:`.integrity.clean_stale_tmp`)."""
     pkg_dir, version = package_dir(spec)
     target = CACHE_DIR / "models" / f"{spec.package}-{version}-{Path(spec.gguf_file).stem}"  # type: ignore[arg-type]
+    if target.parent.is_dir():
+        for d in clean_stale_tmp(target):
+            log.warning("removed %s (left by a killed conversion)", d)
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
+        bad = snapshot_problems(target)
+        if not bad:
+            return target
+        log.warning("%s is damaged (%s); converting %s again", target, "; ".join(bad), spec.gguf_file)
+        shutil.rmtree(target)
     gguf = pkg_dir / spec.gguf_file  # type: ignore[operator]
     if not gguf.exists():
         raise ConfigError(f"models.{spec.name}.gguf_file", f"{gguf} does not exist",
@@ -313,7 +372,7 @@ def gguf_cache_dir(spec: ModelSpec) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {spec.name}: missing={missing[:5]} unexpected={unexpected[:5]}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_name(target), dir=target.parent))
     dst.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:

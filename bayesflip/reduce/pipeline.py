@@ -8,6 +8,14 @@ Output (``results/<sweep>/reduce`` unless ``out``)::
                                                family, against_papers (ours next to the published values)
     report.md, report.html                     Findings on your models, Against the papers, Coverage, the
                                                reducers' sections, Raw-data-only, Appendix: provenance
+    reduce_outputs.json                        the files this reduce wrote (paths relative to the output dir)
+
+Ownership: reduce deletes only what it wrote. A re-run removes the files listed in the previous
+run's ``reduce_outputs.json`` (stale tables/figures of a family that no longer reduces), then
+records what this run wrote: every file under ``tables/`` and ``figures/`` that is new or changed
+after the run, plus report.md/.html and summary.json. Any other file in the output dir (a user's
+notes, their own tables next to ours) is never deleted; a file of the user's that has the name of
+one of reduce's outputs is overwritten, like any output.
 
 The findings (:mod:`.findings`) and "Against the papers" (:mod:`.published`) are built from the
 reducers' results of this run; a failure in either is recorded like a failing reducer.
@@ -25,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import BayesflipError
 from ..store import git_commit
 from .base import FamilyInput, ReducedFamily, Section, Text, get_reducer, reducer_names
 from .load import SweepData, load_sweep_data
@@ -61,15 +70,66 @@ def _write_table(df: pd.DataFrame, tables_dir: Path, name: str) -> Path:
     return tables_dir / f"{name}.csv"
 
 
+OUTPUTS = "reduce_outputs.json"
+
+
+def _own_file(out: Path, rel: str) -> Path | None:
+    """``out / rel`` when ``rel`` names a file inside ``out`` (no absolute path, no ``..``), else None."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return None
+    return out / p
+
+
 def _clean(out: Path) -> tuple[Path, Path]:
-    """Create ``tables/`` and ``figures/`` and remove the files an earlier reduce wrote there."""
+    """Create ``tables/`` and ``figures/``; remove the files the previous reduce listed in ``reduce_outputs.json``.
+
+    Nothing else is deleted: a dir without that file (a user's dir, or one written before reduce
+    kept it) keeps all its files."""
     tables, figs = out / "tables", out / "figures"
-    for d, pats in ((tables, ("*.csv", "*.parquet")), (figs, ("*.png", "*.pdf"))):
-        d.mkdir(parents=True, exist_ok=True)
-        for pat in pats:
-            for f in d.glob(pat):
+    listed = out / OUTPUTS
+    if listed.is_file():
+        try:
+            files = json.loads(listed.read_text()).get("files", [])
+        except (ValueError, AttributeError) as e:
+            raise BayesflipError(f"{listed}: not a reduce output list ({e}); move it away and re-run") from e
+        for rel in files:
+            f = _own_file(out, str(rel))
+            if f is not None and f.is_file():
                 f.unlink()
+    for d in (tables, figs):
+        d.mkdir(parents=True, exist_ok=True)
     return tables, figs
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (mtime_ns, size) of every file under ``tables/`` and ``figures/``."""
+    snap: dict[str, tuple[int, int]] = {}
+    for d in ("tables", "figures"):
+        for f in (out / d).rglob("*"):
+            if f.is_file():
+                st = f.stat()
+                snap[f.relative_to(out).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return snap
+
+
+def _record_outputs(out: Path, before: dict[str, tuple[int, int]], known: list[Path]) -> list[str]:
+    """Write ``reduce_outputs.json``: files new or changed since ``before``, the ``known`` paths, the report."""
+    after = _snapshot(out)
+    files = {rel for rel, sig in after.items() if before.get(rel) != sig}
+    for p in known:
+        p = Path(p)
+        if p.is_file():
+            try:
+                files.add(p.resolve().relative_to(out.resolve()).as_posix())
+            except ValueError:  # written outside the output dir: not ours to delete later
+                pass
+    files |= {n for n in ("report.md", "report.html", "summary.json") if (out / n).is_file()}
+    rows = sorted(files)
+    tmp = out / f".{OUTPUTS}.tmp"
+    tmp.write_text(json.dumps({"files": rows}, indent=1))
+    tmp.replace(out / OUTPUTS)
+    return rows
 
 
 def _model_coverage(data: SweepData) -> dict[str, dict]:
@@ -112,6 +172,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
     data = load_sweep_data(sweep, results_dir)
     out = Path(out) if out else data.root / "reduce"
     tables_dir, figs_dir = _clean(out)
+    before = _snapshot(out)
     generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     commit = git_commit()
 
@@ -214,6 +275,8 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
         "tables": sorted(p.stem for p in written), "figures": [p.name for p in figures],
     }
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
+    _record_outputs(out, before, [*written, *[p.with_suffix(".parquet") for p in written], *figures,
+                          *[Path(p).with_suffix(".pdf") for p in figures]])
     return report
 
 
