@@ -93,12 +93,24 @@ def launched(cluster, tmp_path_factory):
     import os
 
     base = tmp_path_factory.mktemp("tp")
-    subs = {"ok": submit_sweep(SWEEP, TP_MODEL, results_dir=base / "ok", out=lambda s: None)}
-    os.environ[FAIL_ENV] = "icl_coin:1@rank1"          # sbatch copies the submitting environment
+    # a submitting shell that ran torchrun / DeepSpeed before: its rendezvous variables must not reach the
+    # jobs (both jobs would meet at port 29500 as rank 0 of 1 — CI once hung here)
+    stale = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in stale}
+    os.environ.update(stale)
     try:
-        subs["fail"] = submit_sweep(SWEEP, TP_MODEL, results_dir=base / "fail", out=lambda s: None)
+        subs = {"ok": submit_sweep(SWEEP, TP_MODEL, results_dir=base / "ok", out=lambda s: None)}
+        os.environ[FAIL_ENV] = "icl_coin:1@rank1"          # sbatch copies the submitting environment
+        try:
+            subs["fail"] = submit_sweep(SWEEP, TP_MODEL, results_dir=base / "fail", out=lambda s: None)
+        finally:
+            del os.environ[FAIL_ENV]
     finally:
-        del os.environ[FAIL_ENV]
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield subs
     for s in subs.values():
         _cancel(s)
@@ -132,6 +144,7 @@ def test_tp2_job_on_slurm_equals_single_process(launched, reference):
     assert arr.plan.template.name == "cpu-tp2" and [t.work for t in arr.plan.tasks] == [ALL_WORK]
     script = (sub.results_dir / SWEEP / "slurm" / arr.array_id / f"{arr.array_id}_submission.sh").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --partition=debug" in script
+    assert "unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE" in script
     t0 = time.time()
     _wait(sub, 150)
     wall = time.time() - t0

@@ -49,6 +49,7 @@ from ..errors import BayesflipError, ConfigError, StoreWriteError
 from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
 from ..plan import Task, Unit, make_tasks, plan_sweep, write_manifest
+from ..backends.distributed import RENDEZVOUS_VARS
 from .templates import (JobTemplate, check_against_partition, load_template, query_partition, slurm_available,
                         templates_for, with_overrides)
 
@@ -322,7 +323,11 @@ def make_executor(kind: str, folder: Path, t: JobTemplate, job_name: str):
     if kind == "slurm":
         params.update(slurm_partition=t.partition, slurm_signal_delay_s=t.signal_delay_s,
                       slurm_array_parallelism=t.array_throttle, slurm_account=t.account, slurm_qos=t.qos,
-                      slurm_constraint=t.constraint, slurm_setup=list(t.setup) or None)
+                      slurm_constraint=t.constraint,
+                      # sbatch copies the submitting shell's environment: a RANK / MASTER_PORT left there
+                      # (a torchrun shell, an in-process DeepSpeed run) is not this job's and would send
+                      # two jobs to one rendezvous; the template's setup lines (the site's) come after
+                      slurm_setup=[f"unset {' '.join(RENDEZVOUS_VARS)}", *t.setup])
     ex.update_parameters(**params)
     return ex
 
