@@ -47,7 +47,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -319,7 +319,20 @@ def paper_insertion_index(counts: Sequence[int], depth: float) -> int:
     return n
 
 
-PLACEMENTS = ("clean", "paper")
+@dataclass(frozen=True)
+class Placement:
+    """How a needle goes into the filler: whether the last sentence is cut to ≈ L tokens, and the
+    boundary rule ``index(counts, depth, length) -> b``."""
+
+    cut: bool
+    index: Callable[[Sequence[int], float, int], int]
+
+
+PLACEMENT_RULES: dict[str, Placement] = {
+    "clean": Placement(cut=True, index=insertion_index),
+    "paper": Placement(cut=False, index=lambda counts, depth, length: paper_insertion_index(counts, depth)),
+}
+PLACEMENTS = tuple(PLACEMENT_RULES)
 
 
 def build_filler(tokenizer, length: int, depth: float, needle: str, seed: int, sample: int,
@@ -328,9 +341,9 @@ def build_filler(tokenizer, length: int, depth: float, needle: str, seed: int, s
 
     ``placement="paper"``: whole sentences up to ≥ ``length`` tokens, needle after the sentence at
     which the running count first reaches ⌊depth·L_doc⌋ (module docstring)."""
-    if placement not in PLACEMENTS:
+    if placement not in PLACEMENT_RULES:
         raise ConfigError("params.placement", f"unknown placement {placement!r}", allowed=PLACEMENTS)
-    paper = placement == "paper"
-    sents, counts = haystack(tokenizer, length, seed, sample, source, cut=not paper)
-    b = paper_insertion_index(counts, depth) if paper else insertion_index(counts, depth, length)
+    rule = PLACEMENT_RULES[placement]
+    sents, counts = haystack(tokenizer, length, seed, sample, source, cut=rule.cut)
+    b = rule.index(counts, depth, length)
     return Filler(sentences=sents, needle=needle, insert_at=b, token_length=counts[-1], token_depth=counts[b])

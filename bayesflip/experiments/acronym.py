@@ -42,9 +42,7 @@ words; ``n_parsed``, ``n_invalid``, ``n_spelled``, ``redraws``, ``agent``, ``tem
 from __future__ import annotations
 
 import itertools
-import re
-from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import Field
@@ -56,7 +54,11 @@ from ..stimuli import StimulusList
 from . import acronym_paper as AP
 from . import register
 from .base import ArraySpec, Params, Protocol, RenderedCell, cell_seed, use_chat
+from .acronym_run import clean_init, clean_step, paper_init, paper_step
+from .acronym_words import (_halves, _seed_pairs, format_pair, paper_d0, parse_pair, pool_filter, rank,  # noqa: F401
+                            word_stats, zipf)
 from .generational import GenerationalFamily, GenState
+from .protocol import ProtocolStrategy
 
 INIT_PAIRS = [
     "FREEDOM: friends run east every day on mountains",
@@ -68,67 +70,6 @@ INIT_PAIRS = [
 ]
 INSTRUCTION = ("Each line gives a seven-letter word, a colon, and seven words whose first letters spell that word. "
                "Write one more line in exactly the same format.")
-_LINE = re.compile(r"^\s*([A-Za-z]+)\s*[:=]\s*(.+?)\s*$")
-_WORD = re.compile(r"[A-Za-z']+")
-
-
-def parse_pair(line: str, length: int) -> tuple[str, list[str]] | None:
-    """``(WORD, [words])`` if the first line is a valid pair of this length, else None."""
-    first = line.strip().split("\n", 1)[0] if line.strip() else ""
-    m = _LINE.match(first)
-    if not m:
-        return None
-    word, words = m.group(1), _WORD.findall(m.group(2))
-    if len(word) != length or len(words) != length:
-        return None
-    if "".join(w[0] for w in words).lower() != word.lower():
-        return None
-    return word.upper(), [w.lower() for w in words]
-
-
-def format_pair(word: str, words: list[str]) -> str:
-    return f"{word.upper()}: {' '.join(words)}"
-
-
-def zipf(word: str) -> float:
-    """Zipf frequency of an English word (``wordfreq``; 0 for unknown words)."""
-    from wordfreq import zipf_frequency
-
-    return float(zipf_frequency(word, "en"))
-
-
-@lru_cache(maxsize=4)
-def _ranks(top: int) -> dict[str, int]:
-    from wordfreq import top_n_list
-
-    return {w: i + 1 for i, w in enumerate(top_n_list("en", top))}
-
-
-def rank(word: str, top: int) -> int:
-    """1-based rank in ``top_n_list("en", top)``; ``top + 1`` when outside it."""
-    return _ranks(top).get(word.lower(), top + 1)
-
-
-def word_stats(pairs: list[tuple[str, list[str]]], common_zipf: float, top: int) -> tuple[float, float, float]:
-    """(share_common, mean_rank, mean_zipf) over all input words of the pairs (NaN if none)."""
-    words = [w for _, ws in pairs for w in ws]
-    if not words:
-        return float("nan"), float("nan"), float("nan")
-    z = np.array([zipf(w) for w in words])
-    r = np.array([rank(w, top) for w in words], dtype=float)
-    return float(np.mean(z >= common_zipf)), float(r.mean()), float(z.mean())
-
-
-def pool_filter(kind: str, valid: list, keep: int, rng: np.random.Generator) -> list:
-    """Pool-and-filter: top / bottom ``keep`` by mean Zipf of the input words, or a random ``keep``."""
-    if kind == "none":
-        idx = sorted(rng.choice(len(valid), size=min(keep, len(valid)), replace=False).tolist())
-        return [valid[j] for j in idx]
-    score = [float(np.mean([zipf(w) for w in ws])) for _, ws in valid]
-    order = sorted(range(len(valid)), key=lambda j: (-score[j] if kind == "most" else score[j], j))
-    return [valid[j] for j in order[:keep]]
-
-
 class AcronymParams(Params, SamplingFields):
     protocol: Protocol = "clean"
     filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],
@@ -159,65 +100,51 @@ class AcronymParams(Params, SamplingFields):
     reply_tokens: int = Field(1200, ge=16)
     max_redraws: int = Field(2, ge=0)
 
-    def model_post_init(self, _ctx) -> None:
-        if self.protocol == "paper" and "rank_top" not in self.model_fields_set:
-            self.rank_top = 60000
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {}   # CleanAcronym / PaperAcronym, set below
 
 
-def _seed_pairs(p: AcronymParams, key: str) -> list[tuple[str, str]]:
-    try:
-        return [AP.seed_pair(x) for x in getattr(p, key)]
-    except ValueError as e:
-        raise ConfigError(f"params.{key}", str(e), allowed=["'ACRONYM: word1, word2, ...'",
-                                                             "'ACRONYM<TAB>word1 word2 ...'"]) from None
-
-
-def _halves(p: AcronymParams) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The easy set's pairs ranked within ``rank_top`` and the hard set's ranked beyond it."""
-    easy = [x for x in _seed_pairs(p, "easy_set") if rank(x[0], p.rank_top) <= p.rank_top]
-    hard = [x for x in _seed_pairs(p, "hard_set") if rank(x[0], p.rank_top) > p.rank_top]
-    return easy, hard
-
-
-def paper_d0(p: AcronymParams, cell: dict, seed: int) -> list[tuple[str, str]]:
-    """``generate_d0``: m_easy easy + (M − m_easy) hard pairs, shuffled, by (seed, m_easy, d0 seed)."""
-    easy, hard = _halves(p)
-    rng = np.random.default_rng(cell_seed(seed, "acronym-d0", cell["m_easy"], cell["d0_seed"]))
-    pick_e = rng.choice(len(easy), size=cell["m_easy"], replace=False)
-    pick_h = rng.choice(len(hard), size=p.pairs - cell["m_easy"], replace=False)
-    d0 = [easy[j] for j in pick_e] + [hard[j] for j in pick_h]
-    return [d0[j] for j in rng.permutation(len(d0))]
-
-
-@register
-class AcronymFamily(GenerationalFamily):
-    name = "acronym"
-    Params = AcronymParams
-    first_step = 1
+class AcronymProtocol(ProtocolStrategy):
+    """What the clean pool-and-filter chain and the original notebook (``paper``) differ in: grid,
+    arrays, checks, generation 1's request, the token count and the run (:mod:`.acronym_run`)."""
 
     def cells(self, p: AcronymParams) -> list[dict]:
-        if p.protocol == "paper":
-            return [{"bias_type": b, "m_easy": me, "temperature": float(t), "d0_seed": d, "sample": s}
-                    for b, me, t, d, s in itertools.product(p.bias_types, p.m_easy, p.temperatures, p.d0_seeds,
-                                                            range(p.chains))]
+        raise NotImplementedError
+
+    def arrays(self, p: AcronymParams) -> dict[str, ArraySpec]:
+        raise NotImplementedError
+
+    def coords(self, p: AcronymParams) -> dict[str, list]:
+        raise NotImplementedError
+
+    def validate(self, p: AcronymParams) -> None:
+        raise NotImplementedError
+
+    def first_request(self, fam: "AcronymFamily", p: AcronymParams, cell: dict, model_kind: str, seed: int
+                      ) -> tuple[Prompt, dict]:
+        """Generation 1's (first) prompt of a cell and its generation settings."""
+        raise NotImplementedError
+
+    def count_tokens(self, fam: "AcronymFamily", p: AcronymParams, cells: list[dict], tokenizer, model_kind: str,
+                     seed: int):
+        raise NotImplementedError
+
+    def init(self, fam: "AcronymFamily", s: GenState) -> None:
+        raise NotImplementedError
+
+    def step(self, fam: "AcronymFamily", s: GenState, g: int) -> None:
+        raise NotImplementedError
+
+
+class CleanAcronym(AcronymProtocol):
+    """bayesflip's chain: ``pool`` one-line samples after ``shots`` shown pairs, pool-and-filter."""
+
+    name = "clean"
+
+    def cells(self, p: AcronymParams) -> list[dict]:
         return [{"filter": f, "sample": s} for f, s in itertools.product(p.filters, range(p.chains))]
 
     def arrays(self, p: AcronymParams) -> dict[str, ArraySpec]:
-        g = p.generations + 1
-        if p.protocol == "paper":
-            M, P = p.pairs, 2 * p.pairs
-            out = {f"data_{k}": ArraySpec(("generation", "pair"), (g, M), t)
-                   for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("generation", "int32"))}
-            out.update({f"produced_{k}": ArraySpec(("generation", "produced"), (g, P), t)
-                        for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("spelled", "bool"))})
-            for k in ("mean_rank", "prod_mean_rank", "share_top", "mean_len", "temperature_used"):
-                out[k] = ArraySpec(("generation",), (g,), "float64")
-            for k in ("n_parsed", "n_invalid", "n_spelled", "redraws", "agent"):
-                out[k] = ArraySpec(("generation",), (g,), "int32")
-            out["carried"] = ArraySpec(("generation",), (g,), "bool")
-            out["reply"] = ArraySpec(("generation",), (g,), "str")
-            return out
-        k = max(p.keep, len(p.init_pairs))
+        g, k = p.generations + 1, max(p.keep, len(p.init_pairs))
         out = {"n_valid": ArraySpec(("generation",), (g,), "int32"),
                "carried": ArraySpec(("generation",), (g,), "bool"),
                "replies": ArraySpec(("generation", "reply"), (g, p.pool), "str"),
@@ -228,21 +155,10 @@ class AcronymFamily(GenerationalFamily):
         return out
 
     def coords(self, p: AcronymParams) -> dict[str, list]:
-        if p.protocol == "paper":
-            return {"generation": list(range(p.generations + 1)), "pair": list(range(p.pairs)),
-                    "produced": list(range(2 * p.pairs))}
         return {"generation": list(range(p.generations + 1)), "reply": list(range(p.pool)),
                 "kept_pair": list(range(max(p.keep, len(p.init_pairs))))}
 
-    def validate(self, p: AcronymParams, tokenizer, model_kind: str) -> None:
-        try:
-            zipf("the")
-        except ModuleNotFoundError as e:
-            raise ConfigError("family", "the acronym family needs the 'wordfreq' package (pip install wordfreq)") \
-                from e
-        if p.protocol == "paper":
-            self._validate_paper(p)
-            return
+    def validate(self, p: AcronymParams) -> None:
         for i, s in enumerate(p.init_pairs):
             if parse_pair(s, p.length) is None:
                 raise ConfigError(f"params.init_pairs[{i}]", f"{s!r} is not a valid pair",
@@ -252,7 +168,73 @@ class AcronymFamily(GenerationalFamily):
                               f"min(keep, len(init_pairs)) = {min(p.keep, len(p.init_pairs))} pairs",
                               allowed=[f"[1, {min(p.keep, len(p.init_pairs))}]"])
 
-    def _validate_paper(self, p: AcronymParams) -> None:
+    def first_request(self, fam: "AcronymFamily", p: AcronymParams, cell: dict, model_kind: str, seed: int
+                      ) -> tuple[Prompt, dict]:
+        rng = np.random.default_rng(cell_seed(seed, *fam.rng_key(p, cell)))
+        prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
+        shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
+        gen = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "stop_strings": ["\n"],
+               "seed": int(rng.integers(0, 2**62))}
+        return fam.prompt(p, shown, model_kind), gen
+
+    def count_tokens(self, fam: "AcronymFamily", p: AcronymParams, cells: list[dict], tokenizer, model_kind: str,
+                     seed: int):
+        from .tokens import TokenCount
+        from ..prompts import encode_prompt
+
+        out = TokenCount()
+        lens: dict[tuple, int] = {}
+        for c in cells:
+            rng = np.random.default_rng(cell_seed(seed, *fam.rng_key(p, c)))
+            prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
+            for _ in range(p.pool):
+                shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
+                rng.integers(0, 2**62)
+                if tuple(shown) not in lens:
+                    lens[tuple(shown)] = len(encode_prompt(tokenizer, fam.prompt(p, shown, model_kind)))
+                out = out + TokenCount(lens[tuple(shown)], p.max_new_tokens, 1).scaled(p.generations)
+        return out
+
+    def init(self, fam: "AcronymFamily", s: GenState) -> None:
+        clean_init(fam, s)
+
+    def step(self, fam: "AcronymFamily", s: GenState, g: int) -> None:
+        clean_step(fam, s, g)
+
+
+class PaperAcronym(AcronymProtocol):
+    """The original notebook (:mod:`.acronym_paper`): persona + request of M pairs, the bias type's
+    selection from the pool; ``rank_top`` 60000 unless set (the original's COCA 60k list)."""
+
+    name = "paper"
+
+    def defaults(self, data: dict) -> dict:
+        return {"rank_top": 60000}
+
+    def cells(self, p: AcronymParams) -> list[dict]:
+        return [{"bias_type": b, "m_easy": me, "temperature": float(t), "d0_seed": d, "sample": s}
+                for b, me, t, d, s in itertools.product(p.bias_types, p.m_easy, p.temperatures, p.d0_seeds,
+                                                        range(p.chains))]
+
+    def arrays(self, p: AcronymParams) -> dict[str, ArraySpec]:
+        g, M, P = p.generations + 1, p.pairs, 2 * p.pairs
+        out = {f"data_{k}": ArraySpec(("generation", "pair"), (g, M), t)
+               for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("generation", "int32"))}
+        out.update({f"produced_{k}": ArraySpec(("generation", "produced"), (g, P), t)
+                    for k, t in (("output", "str"), ("input", "str"), ("rank", "int32"), ("spelled", "bool"))})
+        for k in ("mean_rank", "prod_mean_rank", "share_top", "mean_len", "temperature_used"):
+            out[k] = ArraySpec(("generation",), (g,), "float64")
+        for k in ("n_parsed", "n_invalid", "n_spelled", "redraws", "agent"):
+            out[k] = ArraySpec(("generation",), (g,), "int32")
+        out["carried"] = ArraySpec(("generation",), (g,), "bool")
+        out["reply"] = ArraySpec(("generation",), (g,), "str")
+        return out
+
+    def coords(self, p: AcronymParams) -> dict[str, list]:
+        return {"generation": list(range(p.generations + 1)), "pair": list(range(p.pairs)),
+                "produced": list(range(2 * p.pairs))}
+
+    def validate(self, p: AcronymParams) -> None:
         missing = [b for b in p.bias_types if b not in p.personas]
         if missing:
             raise ConfigError("params.personas", f"no persona for bias types {missing}", allowed=sorted(AP.PERSONAS))
@@ -265,6 +247,56 @@ class AcronymFamily(GenerationalFamily):
                                   f"d0 needs {m} easy and {p.pairs - m} hard pairs; the sets hold {len(easy)} easy "
                                   f"(acronym ranked <= {p.rank_top}) and {len(hard)} hard (ranked beyond)",
                                   allowed=[f"m_easy in [{max(0, p.pairs - len(hard))}, {min(p.pairs, len(easy))}]"])
+
+    def first_request(self, fam: "AcronymFamily", p: AcronymParams, cell: dict, model_kind: str, seed: int
+                      ) -> tuple[Prompt, dict]:
+        gen = {"max_new_tokens": p.reply_tokens, "temperature": cell["temperature"], "agent": 1}
+        return fam.paper_prompt(p, cell, paper_d0(p, cell, seed), model_kind), gen
+
+    def count_tokens(self, fam: "AcronymFamily", p: AcronymParams, cells: list[dict], tokenizer, model_kind: str,
+                     seed: int):
+        from .tokens import TokenCount
+        from ..prompts import encode_prompt
+
+        out = TokenCount()
+        for c in cells:
+            n = len(encode_prompt(tokenizer, fam.paper_prompt(p, c, paper_d0(p, c, seed), model_kind)))
+            out = out + TokenCount(n, p.reply_tokens, 1).scaled(p.generations * (1 + p.max_redraws))
+        return out
+
+    def init(self, fam: "AcronymFamily", s: GenState) -> None:
+        paper_init(fam, s)
+
+    def step(self, fam: "AcronymFamily", s: GenState, g: int) -> None:
+        paper_step(fam, s, g)
+
+
+PROTOCOLS: dict[str, AcronymProtocol] = {"clean": CleanAcronym(), "paper": PaperAcronym()}
+AcronymParams.PROTOCOLS = PROTOCOLS
+
+
+@register
+class AcronymFamily(GenerationalFamily):
+    name = "acronym"
+    Params = AcronymParams
+    first_step = 1
+
+    def cells(self, p: AcronymParams) -> list[dict]:
+        return p.strategy.cells(p)
+
+    def arrays(self, p: AcronymParams) -> dict[str, ArraySpec]:
+        return p.strategy.arrays(p)
+
+    def coords(self, p: AcronymParams) -> dict[str, list]:
+        return p.strategy.coords(p)
+
+    def validate(self, p: AcronymParams, tokenizer, model_kind: str) -> None:
+        try:
+            zipf("the")
+        except ModuleNotFoundError as e:
+            raise ConfigError("family", "the acronym family needs the 'wordfreq' package (pip install wordfreq)") \
+                from e
+        p.strategy.validate(p)
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, p: AcronymParams, shown: list[str], model_kind: str) -> Prompt:
@@ -286,16 +318,7 @@ class AcronymFamily(GenerationalFamily):
         """Generation 1's request (clean: the first of the chain's ``pool`` prompts)."""
         out = []
         for c in cells:
-            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
-            if p.protocol == "paper":
-                pr = self.paper_prompt(p, c, paper_d0(p, c, seed), model_kind)
-                gen = {"max_new_tokens": p.reply_tokens, "temperature": c["temperature"], "agent": 1}
-            else:
-                prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
-                shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
-                pr = self.prompt(p, shown, model_kind)
-                gen = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature, "stop_strings": ["\n"],
-                       "seed": int(rng.integers(0, 2**62))}
+            pr, gen = p.strategy.first_request(self, p, c, model_kind, seed)
             out.append(RenderedCell(cell={**c, "generation": 1}, text=render(pr, tokenizer), generation=gen))
         return out
 
@@ -311,26 +334,7 @@ class AcronymFamily(GenerationalFamily):
         kept / selected model-written pairs) are as long as generation 1's (clean: the init pairs
         the chain's generator shows; paper: d⁰), so generation 1's prompts are rendered (as the run
         renders them, ``encode_prompt``) and counted for every generation."""
-        from .tokens import TokenCount
-        from ..prompts import encode_prompt
-
-        G = p.generations
-        out = TokenCount()
-        lens: dict[tuple, int] = {}
-        for c in cells:
-            if p.protocol == "paper":
-                n = len(encode_prompt(tokenizer, self.paper_prompt(p, c, paper_d0(p, c, seed), model_kind)))
-                out = out + TokenCount(n, p.reply_tokens, 1).scaled(G * (1 + p.max_redraws))
-                continue
-            rng = np.random.default_rng(cell_seed(seed, *self.rng_key(p, c)))
-            prev = [format_pair(*parse_pair(x, p.length)) for x in p.init_pairs]  # type: ignore[misc]
-            for _ in range(p.pool):
-                shown = [prev[j] for j in rng.choice(len(prev), size=min(p.shots, len(prev)), replace=False)]
-                rng.integers(0, 2**62)
-                if tuple(shown) not in lens:
-                    lens[tuple(shown)] = len(encode_prompt(tokenizer, self.prompt(p, shown, model_kind)))
-                out = out + TokenCount(lens[tuple(shown)], p.max_new_tokens, 1).scaled(G)
-        return out
+        return p.strategy.count_tokens(self, p, cells, tokenizer, model_kind, seed)
 
     # ------------------------------------------------------------------ run (GenerationalFamily)
     def rng_key(self, p: AcronymParams, cell: dict) -> tuple:
@@ -342,11 +346,7 @@ class AcronymFamily(GenerationalFamily):
     _filter = staticmethod(pool_filter)
 
     def init(self, s: GenState) -> None:
-        from .acronym_run import clean_init, paper_init
-
-        (paper_init if s.p.protocol == "paper" else clean_init)(self, s)
+        s.p.strategy.init(self, s)
 
     def step(self, s: GenState, g: int) -> None:
-        from .acronym_run import clean_step, paper_step
-
-        (paper_step if s.p.protocol == "paper" else clean_step)(self, s, g)
+        s.p.strategy.step(self, s, g)

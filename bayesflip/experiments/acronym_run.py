@@ -10,7 +10,7 @@ import numpy as np
 
 from ..prompts import encode_prompt
 from . import acronym_paper as AP
-from .acronym import format_pair, paper_d0, parse_pair, pool_filter, rank, word_stats
+from .acronym_words import format_pair, paper_d0, parse_pair, pool_filter, rank, word_stats
 from .generational import GenState
 
 

@@ -61,7 +61,7 @@ renders the chat template explicitly; the instruct prompts are then unused) — 
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import Field
@@ -71,11 +71,19 @@ from ..errors import ChoiceError, ConfigError
 from ..prompts import check_boundary, encode_piece, encode_prompt, render
 from . import register
 from .base import ArraySpec, RenderedCell, RunContext
-from .icl import ICLFamily, ICLParams, _spec, per_flip_probs
+from .icl import CleanICL, ICLFamily, ICLParams, PaperICL, _spec, per_flip_probs
+from .protocol import ProtocolStrategy
 from .seq import build_curve, sequence_text
 
 Frac = Annotated[float, Field(ge=0.0, le=1.0)]
 GROUPS = ("outcomes", "by_choice", "recent", "prompt", "separators", "all")
+
+
+class PaperAttention(PaperICL):
+    """The ICL paper protocol with the attention script's defaults: raw text for every model, the read suffix."""
+
+    def defaults(self, data: dict) -> dict:
+        return {"variant": "base", "read_suffix": "  "}
 
 
 class AttentionParams(ICLParams):
@@ -87,7 +95,7 @@ class AttentionParams(ICLParams):
     per_outcome: bool = True
     read_suffix: str = ""               # appended to each prefix before its read (a pass per read when set)
 
-    PAPER_DEFAULTS: ClassVar[dict] = {**ICLParams.PAPER_DEFAULTS, "variant": "base", "read_suffix": "  "}
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {"clean": CleanICL(), "paper": PaperAttention()}
 
 
 def read_indices(p: AttentionParams) -> list[int]:

@@ -27,25 +27,41 @@ import hashlib
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from .protocol import ProtocolStrategy, with_defaults
+
 
 class Params(BaseModel):
-    """Base for family params: unknown keys are errors. ``PAPER_DEFAULTS`` (per family) are the
-    values ``protocol: paper`` takes for every key the config leaves out."""
+    """Base for family params: unknown keys are errors. A family with a ``protocol`` key lists its
+    protocol strategies in ``PROTOCOLS`` (name → object, :mod:`.protocol`): the chosen one fills the
+    keys the config leaves out (its ``defaults``) and checks the validated params (its ``check``)."""
 
     model_config = ConfigDict(extra="forbid")
-    PAPER_DEFAULTS: ClassVar[dict] = {}
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {}
 
     @model_validator(mode="before")
     @classmethod
-    def _apply_paper_defaults(cls, data):
-        if cls.PAPER_DEFAULTS and isinstance(data, dict) and data.get("protocol") == "paper":
-            data = {**{k: v for k, v in cls.PAPER_DEFAULTS.items() if k not in data}, **data}
+    def _protocol_defaults(cls, data):
+        if cls.PROTOCOLS and isinstance(data, dict):
+            chosen = cls.PROTOCOLS.get(data.get("protocol", cls.model_fields["protocol"].default))
+            if chosen is not None:   # an unknown protocol is left to the field's own error
+                data = with_defaults(chosen, data)
         return data
+
+    @model_validator(mode="after")
+    def _protocol_check(self):
+        if self.PROTOCOLS:
+            self.strategy.check(self)
+        return self
+
+    @property
+    def strategy(self) -> Any:
+        """The strategy object of ``self.protocol`` (``PROTOCOLS[self.protocol]``)."""
+        return self.PROTOCOLS[self.protocol]  # type: ignore[attr-defined]
 
 
 STATEMENTS = ("none", "theta", "theta2")

@@ -63,43 +63,30 @@ greedy ``generation: explicit`` (10 otherwise).
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
 from pydantic import Field
 
-from pydantic import model_validator
-
+from ..domain import PROCESS_TEXTS, coin_probs, die_probs
 from ..engine import score_prompts
 from ..errors import ConfigError
 from ..generation import GenerationFields, provenance_array
 from ..prompts import Prompt, encode_choices, encode_piece, normalize_ws, render
 from ..stimuli import StimulusList, load_list
-from . import register
+from . import paper, register
 from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, template_problem,
                    use_chat)
 from .gentext import sample_with
+from .protocol import ProtocolStrategy
 
-SPECS = {
-    "coin": {"choices": [" heads", " tails"],
-             "needle": "When I flip coins they land on heads {b}% of the time.",
-             "query": "I tossed a coin and it landed on",
-             "task_instruct": "Please toss a coin and tell me whether it landed on heads or tails.",
-             "task_base": "Question: I am going to toss a coin. Will it land on heads or tails?\nAnswer:"},
-    "die": {"choices": [f" {i}" for i in range(1, 7)],
-            "needle": "When I roll dice they land on {face} {b}% of the time.",
-            "query": "I rolled a die and it landed on",
-            "task_instruct": "Please roll a die and tell me which number it landed on.",
-            "task_base": "Question: I am going to roll a die. Which number will it land on?\nAnswer:"},
-}
+SPECS = {name: {"choices": list(t.choices), "needle": t.statement, "query": t.query,
+                "task_instruct": t.instruction, "task_base": t.question}
+         for name, t in PROCESS_TEXTS.items() if name in ("coin", "die")}
 NO_NEEDLE = -1
 
 PAPER_CUE = "Let\u2019s think about what this means for my distribution of coin flips, "
 PAPER_CUE_INSTRUCT = "Let\u2019s think about what this means for your distribution of coin flips, "
-PAPER_NEEDLE = "When I flip coins they land on heads {b}% of the time."
-PAPER_NEEDLE_INSTRUCT = "When you flip coins, they land on heads {b}% of the time."
-PAPER_QUERY = "I tossed a coin and it landed on "
-PAPER_INSTRUCT = "Please toss a coin and tell me whether it landed on head or tails."
 PAPER_FEW_SHOT = ("Premise: I have a weighted coin that lands on head 30% of the time and lands on tail 70% of the "
                   "time.\nReasoning: When I toss this coin, I should expect to see tail more often and head less "
                   "often.\n\nPremise: I have a weighted coin that lands on head 80% of the time and lands on tail 20% "
@@ -108,6 +95,158 @@ PAPER_FEW_SHOT = ("Premise: I have a weighted coin that lands on head 30% of the
 # hard_coded variant: the text after the cue, for b = 0, 10, ..., 100 (bayesflip's own set; the study's
 # texts from coin_flip_cot_sample_hard_coded.yaml are not shipped: point `hard_coded: file:<path>` at them)
 DEFAULT_HARD_CODED = "set:cot_hard_coded"
+CLEAN_CUE = "Let's think step by step."
+
+
+def _join(*parts: str) -> str:
+    return " ".join(x for x in parts if x)
+
+
+class CoTProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` CoT differ in: the texts (N, T, C, Q), the three prompts, the
+    reasoning clean-up and whether anything is generated. ``chat``: the model gets the chat template."""
+
+    def generates(self, p: "CoTParams") -> bool:
+        raise NotImplementedError
+
+    def cue(self, p: "CoTParams", chat: bool) -> str:
+        raise NotImplementedError
+
+    def needle_template(self, p: "CoTParams", chat: bool) -> str:
+        raise NotImplementedError
+
+    def task_text(self, p: "CoTParams", chat: bool) -> str:
+        raise NotImplementedError
+
+    def query(self, p: "CoTParams") -> str:
+        raise NotImplementedError
+
+    def gen_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        raise NotImplementedError
+
+    def cot_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool, reasoning: str) -> Prompt:
+        raise NotImplementedError
+
+    def baseline_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        raise NotImplementedError
+
+    def clean_reasoning(self, text: str, chat: bool) -> str:
+        raise NotImplementedError
+
+    def validate(self, p: "CoTParams") -> None:
+        """Protocol-specific checks of ``validate`` (raise ``ConfigError``)."""
+
+
+class CleanCoT(CoTProtocol):
+    """bayesflip's layout: ``N T C`` (base: T the question, instruct: the instruction), Q after R + newline."""
+
+    name = "clean"
+
+    def generates(self, p: "CoTParams") -> bool:
+        return True
+
+    def cue(self, p: "CoTParams", chat: bool) -> str:
+        return CLEAN_CUE
+
+    def needle_template(self, p: "CoTParams", chat: bool) -> str:
+        return SPECS[p.process]["needle"]
+
+    def task_text(self, p: "CoTParams", chat: bool) -> str:
+        return SPECS[p.process]["task_instruct" if chat else "task_base"]
+
+    def query(self, p: "CoTParams") -> str:
+        return SPECS[p.process]["query"]
+
+    def gen_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        head = _join(fam.needle_text(p, cell), fam.task_text(p, chat), fam.cue(p))
+        return Prompt(text="", messages=(("user", head),)) if chat else Prompt(text=head)
+
+    def cot_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool, reasoning: str) -> Prompt:
+        g = self.gen_prompt(fam, p, cell, chat)
+        return Prompt(text=g.text + reasoning + "\n" + fam.query_text(p), messages=g.messages)
+
+    def baseline_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        q = fam.query_text(p)
+        head = _join(fam.needle_text(p, cell), fam.task_text(p, chat))
+        return Prompt(text=q, messages=(("user", head),)) if chat else Prompt(text=head + "\n" + q)
+
+    def clean_reasoning(self, text: str, chat: bool) -> str:
+        return text.strip() if chat else text.rstrip()
+
+
+class PaperCoT(CoTProtocol):
+    """The coin-flip study's CoT scripts (module docstring): its needle / cue / query / instruct prompt
+    (:data:`.paper.NEEDLE`), whitespace-normalised prompts, ``reasoning`` sampled / hard_coded / few_shot."""
+
+    name = "paper"
+
+    def defaults(self, data: dict) -> dict:
+        fixed = data.get("reasoning", "sampled") != "sampled"
+        greedy = not data.get("temperature") and data.get("generation", "explicit") == "explicit"
+        return {"max_new_tokens": 20, "temperature": 0.0, "stop": [], "no_needle": not fixed,
+                "samples": 1 if fixed or greedy else 10}
+
+    def generates(self, p: "CoTParams") -> bool:
+        return p.reasoning == "sampled"
+
+    def cue(self, p: "CoTParams", chat: bool) -> str:
+        """The study's "my" form, its "your" form with the chat template."""
+        return PAPER_CUE_INSTRUCT if chat else PAPER_CUE
+
+    def needle_template(self, p: "CoTParams", chat: bool) -> str:
+        return paper.NEEDLE["coin"]["instruct_statement" if chat else "statement"]
+
+    def task_text(self, p: "CoTParams", chat: bool) -> str:
+        return paper.NEEDLE["coin"]["instruct_prompt"] if chat else ""
+
+    def query(self, p: "CoTParams") -> str:
+        return paper.NEEDLE["coin"]["query"]
+
+    def gen_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        n = normalize_ws(fam.needle_text(p, cell, chat))
+        if chat:
+            return Prompt(text=fam.cue(p, chat), messages=(("user", normalize_ws(f"{n} {fam.task_text(p, chat)}")),))
+        return Prompt(text=f"{n} {fam.cue(p)}" if n else fam.cue(p))
+
+    def cot_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool, reasoning: str) -> Prompt:
+        n, q, task, cue = fam.needle_text(p, cell, chat), fam.query_text(p), fam.task_text(p, chat), fam.cue(p, chat)
+        if p.reasoning == "few_shot":
+            ctx = f"{PAPER_FEW_SHOT}Premise: {n}\n"
+            return (Prompt(text=normalize_ws(q), messages=(("user", ctx + task),)) if chat
+                    else Prompt(text=ctx + q.rstrip(" ")))
+        if p.reasoning == "hard_coded":
+            ctx = f"{n} {cue}{fam.hard_coded_text(p, cell)}"
+            return (Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{ctx} {task}")),)) if chat
+                    else Prompt(text=normalize_ws(f"{ctx} {q}")))
+        if chat:
+            g = self.gen_prompt(fam, p, cell, chat)
+            return Prompt(text=normalize_ws(f"{cue}{reasoning} {q}"), messages=g.messages)
+        return Prompt(text=normalize_ws(f"{n} {cue}{reasoning} {q}"))
+
+    def baseline_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
+        q = fam.query_text(p)
+        n = fam.needle_text(p, cell, chat)
+        if chat:
+            return Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{n} {fam.task_text(p, chat)}")),))
+        return Prompt(text=normalize_ws(f"{n} {q}"))
+
+    def clean_reasoning(self, text: str, chat: bool) -> str:
+        return text  # the decoded continuation as is; the scored prompt is whitespace-normalised
+
+    def validate(self, p: "CoTParams") -> None:
+        if p.process != "coin":
+            raise ConfigError("params.process", "the paper's chain-of-thought runs were coin only", allowed=["coin"])
+        if p.reasoning != "sampled" and p.no_needle:
+            raise ConfigError("params.no_needle", f"reasoning {p.reasoning!r} needs a bias statement",
+                              allowed=[False])
+        if p.reasoning == "hard_coded" and len(p.hard_coded) != len(p.biases) and not (
+                len(p.hard_coded) == 11 and all(b % 10 == 0 for b in p.biases)):
+            raise ConfigError("params.hard_coded", f"{len(p.hard_coded)} texts for {len(p.biases)} biases",
+                              allowed=["one text per entry of params.biases, in order",
+                                       "11 texts for b = 0, 10, ..., 100 (biases among them)"])
+
+
+PROTOCOLS: dict[str, CoTProtocol] = {"clean": CleanCoT(), "paper": PaperCoT()}
 
 
 class CoTParams(Params, GenerationFields):
@@ -128,23 +267,7 @@ class CoTParams(Params, GenerationFields):
     task: Optional[str] = None
     query: Optional[str] = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _paper_defaults(cls, data):
-        if isinstance(data, dict) and data.get("protocol") == "paper":
-            fixed = data.get("reasoning", "sampled") != "sampled"
-            greedy = not data.get("temperature") and data.get("generation", "explicit") == "explicit"
-            defaults = {"max_new_tokens": 20, "temperature": 0.0, "stop": [], "no_needle": not fixed,
-                        "samples": 1 if fixed or greedy else 10}
-            data = {**{k: v for k, v in defaults.items() if k not in data}, **data}
-        return data
-
-
-def _join(*parts: str) -> str:
-    return " ".join(x for x in parts if x)
-
-
-CLEAN_CUE = "Let's think step by step."
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = PROTOCOLS
 
 
 @register
@@ -163,16 +286,12 @@ class CoTFamily(Family):
 
     @staticmethod
     def cue(p: CoTParams, chat: bool = False) -> str:
-        """The CoT cue; paper: the study's "my" form, its "your" form with the chat template."""
-        if p.cue is not None:
-            return p.cue
-        if p.protocol == "paper":
-            return PAPER_CUE_INSTRUCT if chat else PAPER_CUE
-        return CLEAN_CUE
+        """The CoT cue (``p.cue``, else the protocol's; paper: the study's "my" / chat "your" form)."""
+        return p.cue if p.cue is not None else p.strategy.cue(p, chat)
 
     @staticmethod
     def generates(p: CoTParams) -> bool:
-        return p.protocol == "clean" or p.reasoning == "sampled"
+        return p.strategy.generates(p)
 
     def cells(self, p: CoTParams) -> list[dict]:
         biases = ([NO_NEEDLE] if p.no_needle else []) + list(p.biases)
@@ -188,23 +307,14 @@ class CoTFamily(Family):
     def needle_text(self, p: CoTParams, cell: dict, chat: bool = False) -> str:
         if cell["bias"] == NO_NEEDLE:
             return ""
-        if p.needle is not None:
-            tpl = p.needle
-        elif p.protocol == "paper":
-            tpl = PAPER_NEEDLE_INSTRUCT if chat else PAPER_NEEDLE
-        else:
-            tpl = self.spec(p)["needle"]
+        tpl = p.needle if p.needle is not None else p.strategy.needle_template(p, chat)
         return tpl.format(b=cell["bias"], face=cell.get("face", ""))
 
     def task_text(self, p: CoTParams, chat: bool) -> str:
-        if p.task:
-            return p.task
-        if p.protocol == "paper":
-            return PAPER_INSTRUCT if chat else ""
-        return self.spec(p)["task_instruct" if chat else "task_base"]
+        return p.task or p.strategy.task_text(p, chat)
 
     def query_text(self, p: CoTParams) -> str:
-        return p.query or (PAPER_QUERY if p.protocol == "paper" else self.spec(p)["query"])
+        return p.query or p.strategy.query(p)
 
     def hard_coded_text(self, p: CoTParams, cell: dict) -> str:
         if len(p.hard_coded) == len(p.biases):  # one text per listed bias, in order
@@ -212,61 +322,25 @@ class CoTFamily(Family):
         return p.hard_coded[cell["bias"] // 10]  # the 0, 10, ..., 100 set
 
     def gen_prompt(self, p: CoTParams, cell: dict, model_kind: str) -> Prompt:
-        chat = self.chat(p, model_kind)
-        if p.protocol == "paper":
-            n = normalize_ws(self.needle_text(p, cell, chat))
-            if chat:
-                return Prompt(text=self.cue(p, chat), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
-            return Prompt(text=f"{n} {self.cue(p)}" if n else self.cue(p))
-        head = _join(self.needle_text(p, cell), self.task_text(p, chat), self.cue(p))
-        return Prompt(text="", messages=(("user", head),)) if chat else Prompt(text=head)
+        return p.strategy.gen_prompt(self, p, cell, self.chat(p, model_kind))
 
     def cot_prompt(self, p: CoTParams, cell: dict, model_kind: str, reasoning: str) -> Prompt:
         """The scored prompt after the reasoning (paper: per ``p.reasoning``; ``reasoning`` is R when sampled)."""
-        if p.protocol == "paper":
-            chat = self.chat(p, model_kind)
-            n, q, task, cue = self.needle_text(p, cell, chat), self.query_text(p), self.task_text(p, chat), self.cue(p, chat)
-            if p.reasoning == "few_shot":
-                ctx = f"{PAPER_FEW_SHOT}Premise: {n}\n"
-                return (Prompt(text=normalize_ws(q), messages=(("user", ctx + task),)) if chat
-                        else Prompt(text=ctx + q.rstrip(" ")))
-            if p.reasoning == "hard_coded":
-                ctx = f"{n} {cue}{self.hard_coded_text(p, cell)}"
-                return (Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{ctx} {task}")),)) if chat
-                        else Prompt(text=normalize_ws(f"{ctx} {q}")))
-            if chat:
-                g = self.gen_prompt(p, cell, model_kind)
-                return Prompt(text=normalize_ws(f"{cue}{reasoning} {q}"), messages=g.messages)
-            return Prompt(text=normalize_ws(f"{n} {cue}{reasoning} {q}"))
-        g = self.gen_prompt(p, cell, model_kind)
-        return Prompt(text=g.text + reasoning + "\n" + self.query_text(p), messages=g.messages)
+        return p.strategy.cot_prompt(self, p, cell, self.chat(p, model_kind), reasoning)
 
     def baseline_prompt(self, p: CoTParams, cell: dict, model_kind: str) -> Prompt:
-        chat = self.chat(p, model_kind)
-        q = self.query_text(p)
-        if p.protocol == "paper":
-            n = self.needle_text(p, cell, chat)
-            if chat:
-                return Prompt(text=normalize_ws(q), messages=(("user", normalize_ws(f"{n} {self.task_text(p, chat)}")),))
-            return Prompt(text=normalize_ws(f"{n} {q}"))
-        head = _join(self.needle_text(p, cell), self.task_text(p, chat))
-        return Prompt(text=q, messages=(("user", head),)) if chat else Prompt(text=head + "\n" + q)
+        return p.strategy.baseline_prompt(self, p, cell, self.chat(p, model_kind))
 
     def clean_reasoning(self, p: CoTParams, text: str, chat: bool) -> str:
-        if p.protocol == "paper":
-            return text  # the decoded continuation as is; the scored prompt is whitespace-normalised
-        return text.strip() if chat else text.rstrip()
+        return p.strategy.clean_reasoning(text, chat)
 
     def p_stated(self, p: CoTParams, cell: dict) -> np.ndarray:
+        """The stated distribution: coin (b, 1 − b); die b on ``face``, (1 − b)/5 elsewhere; NaN without needle."""
         k = len(self.spec(p)["choices"])
         if cell["bias"] == NO_NEEDLE:
             return np.full(k, np.nan)
         b = cell["bias"] / 100.0
-        if p.process == "coin":
-            return np.array([b, 1.0 - b])
-        q = np.full(6, (1.0 - b) / 5.0)
-        q[cell["face"] - 1] = b
-        return q
+        return coin_probs(b) if p.process == "coin" else die_probs(cell["face"], b)
 
     # ------------------------------------------------------------------ plug-in
     def arrays(self, p: CoTParams) -> dict[str, ArraySpec]:
@@ -286,17 +360,7 @@ class CoTFamily(Family):
         if self.chat(p, model_kind) and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("params.variant", "instruct variant needs a tokenizer with a chat template",
                               allowed=["auto", "base"])
-        if p.protocol == "paper":
-            if p.process != "coin":
-                raise ConfigError("params.process", "the paper's chain-of-thought runs were coin only", allowed=["coin"])
-            if p.reasoning != "sampled" and p.no_needle:
-                raise ConfigError("params.no_needle", f"reasoning {p.reasoning!r} needs a bias statement",
-                                  allowed=[False])
-            if p.reasoning == "hard_coded" and len(p.hard_coded) != len(p.biases) and not (
-                    len(p.hard_coded) == 11 and all(b % 10 == 0 for b in p.biases)):
-                raise ConfigError("params.hard_coded", f"{len(p.hard_coded)} texts for {len(p.biases)} biases",
-                                  allowed=["one text per entry of params.biases, in order",
-                                           "11 texts for b = 0, 10, ..., 100 (biases among them)"])
+        p.strategy.validate(p)
         if p.needle is not None:
             if problem := template_problem(p.needle, {"b": 50, "face": 1}):
                 raise ConfigError("params.needle", problem, allowed=["{b}", "{face}"])

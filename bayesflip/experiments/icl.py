@@ -40,26 +40,140 @@ evidence with the same head: arrays ``perm_logprobs`` (perm, position, choice) a
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from ..domain import COIN_CHOICES, DIE_CHOICES, inverse_cdf, process_probs
+from ..domain import PROCESS_TEXTS, inverse_cdf, process_probs
 from ..errors import ConfigError
 from ..prompts import Prompt
 from ..stimuli import StimulusList, StimulusText
 from . import paper, paper_flips, register
 from .base import (ArraySpec, template_problem, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, evidence_kind,
                    use_chat)
+from .protocol import ProtocolStrategy
 from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 
-COIN = {"choices": list(COIN_CHOICES), "head": "I tossed a coin and it landed on",
-        "user": "Please toss a coin several times and tell me what it landed on each time."}
-DIE = {"choices": list(DIE_CHOICES), "head": "I rolled a die and it landed on",
-       "user": "Please roll a die several times and tell me what it landed on each time."}
+COIN, DIE = ({"choices": list(t.choices), "head": t.query, "user": t.sequence_instruction}
+             for t in (PROCESS_TEXTS["coin"], PROCESS_TEXTS["die"]))
+
+
+class ICLProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` ICL differ in: the grid, the head before the flips, the sequences."""
+
+    def cells(self, p: "ICLParams", cells: list[dict]) -> list[dict]:
+        """The protocol's cells from the (θ[, θ2][, face], sample) grid."""
+        return cells
+
+    def cell_head(self, fam: "ICLFamily", p: "ICLParams", cell: dict, model_kind: str) -> Prompt:
+        """The prompt before the first outcome of this cell."""
+        raise NotImplementedError
+
+    def head(self, fam: "ICLFamily", p: "ICLParams", model_kind: str) -> Prompt:
+        """The one head every cell shares (clean only)."""
+        raise ConfigError("params.protocol", f"family {fam.name!r} has no paper rendering", allowed=["clean"])
+
+    def sample_outcomes(self, p: "ICLParams", cell: dict, seed: int, probs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def validate_heads(self, fam: "ICLFamily", p: "ICLParams", tokenizer, model_kind: str) -> None:
+        """The first outcome and the separator join every head cleanly."""
+        raise NotImplementedError
+
+
+class CleanICL(ICLProtocol):
+    """bayesflip's head (``head`` / ``user``, the process's query and sequence instruction), one
+    sequence per cell seeded by the cell."""
+
+    name = "clean"
+
+    def check(self, p: "ICLParams") -> None:
+        paper.refuse_paper_keys(p, ("statement_template", "instruct_statement_template"))
+        if p.statement not in (None, "none"):
+            raise ValueError("key 'statement' needs protocol: paper (allowed protocols: clean, paper)")
+        if p.flips != "seeded":
+            raise ValueError(f"flips {p.flips!r} needs protocol: paper (allowed: seeded)")
+
+    def cell_head(self, fam: "ICLFamily", p: "ICLParams", cell: dict, model_kind: str) -> Prompt:
+        return self.head(fam, p, model_kind)
+
+    def head(self, fam: "ICLFamily", p: "ICLParams", model_kind: str) -> Prompt:
+        spec = _spec(p)
+        text = p.head or spec["head"]
+        chat = use_chat(p.variant, model_kind)
+        return Prompt(text=text, messages=(("user", p.user or spec["user"]),) if chat else None)
+
+    def sample_outcomes(self, p: "ICLParams", cell: dict, seed: int, probs: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(cell_seed(seed, "icl", p.process, p.shift, sorted(cell.items())))
+        return inverse_cdf(probs, rng.random(p.n_flips))
+
+    def validate_heads(self, fam: "ICLFamily", p: "ICLParams", tokenizer, model_kind: str) -> None:
+        validate_sequence_pieces(tokenizer, self.head(fam, p, model_kind), _spec(p)["choices"], p.separator)
+
+
+class PaperICL(ICLProtocol):
+    """The coin-flip study's head (bias statement + query paraphrase, :mod:`.paper`), every (instruct
+    prompt, query) pair, the sequences of ``flips`` (:mod:`.paper_flips`)."""
+
+    name = "paper"
+
+    def check(self, p: "ICLParams") -> None:
+        paper.resolve_stimuli(p, ("head", "user"), paper.QUERY_SET[p.process], paper.INSTRUCT_SET[p.process])
+        if p.statement is None:
+            p.statement = "theta" if p.shift == "none" else "none"
+        if p.statement == "theta2" and p.shift == "none":
+            raise ValueError("statement 'theta2' needs a shift (allowed without shift: theta, none)")
+        if p.flips == "numpy_legacy":
+            if p.process != "coin" or p.shift != "none" or p.samples != 1:
+                raise ValueError("flips 'numpy_legacy' reproduces the coin script: process coin, shift none, "
+                                 "samples 1 (allowed otherwise: seeded)")
+            paper_flips.check_legacy(p.thetas)
+        if p.flips == "random_choices":
+            if p.shift != "none" or p.samples != 1 or p.permutations:
+                raise ValueError("flips 'random_choices' reproduces the v2 ICL configs: shift none, samples 1, "
+                                 "permutations 0 (allowed otherwise: seeded)")
+            paper_flips.check_v2(p.process, p.thetas, p.faces, p.read_ns, len(p.queries), p.n_flips)
+        if p.flips == "random_chain" and (p.process != "coin" or p.samples != 1):
+            raise ValueError("flips 'random_chain' reproduces the posterior-chain script: process coin, "
+                             "samples 1 (allowed otherwise: seeded)")
+
+    def cells(self, p: "ICLParams", cells: list[dict]) -> list[dict]:
+        if p.flips == "random_choices":  # one sequence per (N, θ[, face], query)
+            cells = [{"n": n, **c} for n in sorted(set(p.read_ns)) for c in cells]
+        # every (instruct prompt, query) pair; instruct prompts share the query's sequence
+        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+
+    def cell_head(self, fam: "ICLFamily", p: "ICLParams", cell: dict, model_kind: str) -> Prompt:
+        chat = use_chat(p.variant, model_kind)
+        return paper.render_prompt(statement_text(p, cell, chat), p.queries[cell["query"]],
+                                   p.instruct_prompts[cell["instruct"]], chat)
+
+    def sample_outcomes(self, p: "ICLParams", cell: dict, seed: int, probs: np.ndarray) -> np.ndarray:
+        # numpy_legacy / random_chain / seeded: one sequence per bias (and sample)
+        if p.flips == "numpy_legacy":
+            return paper_flips.legacy_sequence(seed, p.n_flips, cell["theta"])
+        if p.flips == "random_choices":
+            return paper_flips.v2_sequence(p.process, seed, cell["n"], cell["theta"], cell.get("face"), cell["query"])
+        if p.flips == "random_chain":
+            return paper_flips.chain_flips(seed, probs)
+        key = sorted((k, v) for k, v in cell.items() if k not in ("instruct", "query"))
+        rng = np.random.default_rng(cell_seed(seed, "icl-paper", p.process, p.shift, key))
+        return inverse_cdf(probs, rng.random(p.n_flips))
+
+    def validate_heads(self, fam: "ICLFamily", p: "ICLParams", tokenizer, model_kind: str) -> None:
+        c0 = fam.cells(p)[-1]
+        for q in range(len(p.queries)):  # the first choice joins every query ending
+            try:
+                validate_sequence_pieces(tokenizer, self.cell_head(fam, p, {**c0, "query": q, "instruct": 0}, model_kind),
+                                         _spec(p)["choices"], p.separator)
+            except ValueError as e:
+                raise ConfigError(f"params.queries.{q}", str(e)) from None
+
+
+PROTOCOLS: dict[str, ICLProtocol] = {"clean": CleanICL(), "paper": PaperICL()}
 
 
 class ICLParams(Params):
@@ -94,35 +208,8 @@ class ICLParams(Params):
             raise ValueError(f"{problem} (allowed placeholders: {{b}}, {{face}})")
         return v
 
-    @model_validator(mode="after")
-    def _protocol_keys(self) -> "ICLParams":
-        paper.resolve_stimuli(self, ("head", "user"), paper.QUERY_SET[self.process], paper.INSTRUCT_SET[self.process],
-                              extra_paper_keys=("statement_template", "instruct_statement_template"))
-        if self.protocol == "paper":
-            if self.statement is None:
-                self.statement = "theta" if self.shift == "none" else "none"
-            if self.statement == "theta2" and self.shift == "none":
-                raise ValueError("statement 'theta2' needs a shift (allowed without shift: theta, none)")
-            if self.flips == "numpy_legacy":
-                if self.process != "coin" or self.shift != "none" or self.samples != 1:
-                    raise ValueError("flips 'numpy_legacy' reproduces the coin script: process coin, shift none, "
-                                     "samples 1 (allowed otherwise: seeded)")
-                paper_flips.check_legacy(self.thetas)
-            if self.flips == "random_choices":
-                if self.shift != "none" or self.samples != 1 or self.permutations:
-                    raise ValueError("flips 'random_choices' reproduces the v2 ICL configs: shift none, samples 1, "
-                                     "permutations 0 (allowed otherwise: seeded)")
-                paper_flips.check_v2(self.process, self.thetas, self.faces, self.read_ns, len(self.queries),
-                                     self.n_flips)
-            if self.flips == "random_chain" and (self.process != "coin" or self.samples != 1):
-                raise ValueError("flips 'random_chain' reproduces the posterior-chain script: process coin, "
-                                 "samples 1 (allowed otherwise: seeded)")
-        else:
-            if self.statement not in (None, "none"):
-                raise ValueError("key 'statement' needs protocol: paper (allowed protocols: clean, paper)")
-            if self.flips != "seeded":
-                raise ValueError(f"flips {self.flips!r} needs protocol: paper (allowed: seeded)")
-        return self
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = PROTOCOLS
+
 
 
 def _spec(p: ICLParams) -> dict:
@@ -183,11 +270,7 @@ class ICLFamily(Family):
             if face is not None:
                 c["face"] = face
             out.append(c)
-        if p.protocol == "paper" and p.flips == "random_choices":  # one sequence per (N, θ[, face], query)
-            out = [{"n": n, **c} for n in sorted(set(p.read_ns)) for c in out]
-        if p.protocol == "paper":  # every (instruct prompt, query) pair; instruct prompts share the query's sequence
-            out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
-        return out
+        return p.strategy.cells(p, out)
 
     def evidence(self, p: ICLParams) -> dict:
         """Every cell: the flips as context, after the bias statement ``p.statement`` (clean: none)."""
@@ -212,11 +295,7 @@ class ICLFamily(Family):
 
     def cell_head(self, p: ICLParams, cell: dict, model_kind: str) -> Prompt:
         """The prompt before the first outcome of this cell (clean: the same for every cell)."""
-        if p.protocol != "paper":
-            return self.head(p, model_kind)
-        chat = use_chat(p.variant, model_kind)
-        return paper.render_prompt(statement_text(p, cell, chat), p.queries[cell["query"]],
-                                   p.instruct_prompts[cell["instruct"]], chat)
+        return p.strategy.cell_head(self, p, cell, model_kind)
 
     def read_ns(self, p: ICLParams) -> list[int]:
         """The N listed by ``bayesflip prompts`` (paper grid capped at n_flips)."""
@@ -245,12 +324,8 @@ class ICLFamily(Family):
         return max(len(r.ids) + max(len(c) for c in r.choices) - 1 for r in reqs)
 
     def head(self, p: ICLParams, model_kind: str) -> Prompt:
-        if p.protocol == "paper":
-            raise ConfigError("params.protocol", f"family {self.name!r} has no paper rendering", allowed=["clean"])
-        spec = _spec(p)
-        text = p.head or spec["head"]
-        chat = use_chat(p.variant, model_kind)
-        return Prompt(text=text, messages=(("user", p.user or spec["user"]),) if chat else None)
+        """The head every clean cell shares (paper: a ConfigError; its heads are per cell)."""
+        return p.strategy.head(self, p, model_kind)
 
     def validate(self, p: ICLParams, tokenizer, model_kind: str) -> None:
         if type(self).run is not ICLFamily.run:  # a subclass with its own run (attention)
@@ -263,33 +338,11 @@ class ICLFamily(Family):
             raise ConfigError("params.theta2s", f"shift {p.shift!r} needs at least one theta2", allowed=["[0, 1]"])
         if p.shift == "block" and not (0 <= p.block[0] <= p.block[1] <= p.n_flips):
             raise ConfigError("params.block", f"block {p.block} must satisfy 0 <= start <= end <= n_flips={p.n_flips}")
-        if p.protocol != "paper":
-            validate_sequence_pieces(tokenizer, self.head(p, model_kind), _spec(p)["choices"], p.separator)
-            return
-        c0 = self.cells(p)[-1]
-        for q in range(len(p.queries)):  # the first choice joins every query ending
-            try:
-                validate_sequence_pieces(tokenizer, self.cell_head(p, {**c0, "query": q, "instruct": 0}, model_kind),
-                                         _spec(p)["choices"], p.separator)
-            except ValueError as e:
-                raise ConfigError(f"params.queries.{q}", str(e)) from None
+        p.strategy.validate_heads(self, p, tokenizer, model_kind)
 
     def sample_outcomes(self, p: ICLParams, cell: dict, seed: int) -> np.ndarray:
         """The cell's outcome indices: ``n_flips`` of them, or ``cell["n"]`` under ``random_choices``."""
-        probs = per_flip_probs(p, cell)
-        if p.protocol == "paper":  # numpy_legacy / random_chain / seeded: one sequence per bias (and sample)
-            if p.flips == "numpy_legacy":
-                return paper_flips.legacy_sequence(seed, p.n_flips, cell["theta"])
-            if p.flips == "random_choices":
-                return paper_flips.v2_sequence(p.process, seed, cell["n"], cell["theta"], cell.get("face"),
-                                               cell["query"])
-            if p.flips == "random_chain":
-                return paper_flips.chain_flips(seed, probs)
-            key = sorted((k, v) for k, v in cell.items() if k not in ("instruct", "query"))
-            rng = np.random.default_rng(cell_seed(seed, "icl-paper", p.process, p.shift, key))
-        else:
-            rng = np.random.default_rng(cell_seed(seed, "icl", p.process, p.shift, sorted(cell.items())))
-        return inverse_cdf(probs, rng.random(p.n_flips))
+        return p.strategy.sample_outcomes(p, cell, seed, per_flip_probs(p, cell))
 
     def permuted(self, p: ICLParams, cell: dict, outcomes: np.ndarray, seed: int) -> np.ndarray:
         """(P, N) seeded random permutations of a cell's evidence."""

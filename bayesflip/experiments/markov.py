@@ -64,16 +64,17 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Annotated, ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ..engine import CurveRequest
 from ..errors import ConfigError
-from ..prompts import Prompt, render
+from ..prompts import Prompt
 from . import register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .protocol import ProtocolStrategy
 from .seq import build_curve, sequence_text, validate_sequence_pieces
 
 
@@ -130,7 +131,7 @@ class MarkovParams(Params):
     user: Optional[str] = None      # instruct user message
     variant: Literal["auto", "base", "instruct"] = "auto"
 
-    PAPER_DEFAULTS: ClassVar[dict] = PAPER_DEFAULTS
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {}   # CleanMarkov / PaperMarkov, set below
 
     @model_validator(mode="after")
     def _some_matrix(self):
@@ -271,6 +272,61 @@ def paper_bos(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+class MarkovProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` Markov cells differ in: how a trajectory becomes token ids."""
+
+    def validate(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str) -> None:
+        """The states tokenize as this protocol renders them."""
+        raise NotImplementedError
+
+    def request(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> CurveRequest:
+        """The one curve pass of trajectory ``x``: its ids, read positions and state tokens."""
+        raise NotImplementedError
+
+    def text(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> str:
+        """The rendered sequence ``bayesflip prompts`` lists."""
+        raise NotImplementedError
+
+
+class CleanMarkov(MarkovProtocol):
+    """bayesflip's head (base text / instruct user + prefill) and ``separator``-joined state strings."""
+
+    name = "clean"
+
+    def validate(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str) -> None:
+        validate_sequence_pieces(tokenizer, fam.head(p, model_kind), p.states, p.separator)
+
+    def request(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> CurveRequest:
+        return build_curve(tokenizer, fam.head(p, model_kind), p.states, x, p.separator)
+
+    def text(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> str:
+        return sequence_text(tokenizer, fam.head(p, model_kind), p.states, x, p.separator)
+
+
+class PaperMarkov(MarkovProtocol):
+    """``mdp.py``: BOS + the raw state tokens, no text, separator or chat template; every position read."""
+
+    name = "paper"
+
+    def defaults(self, data: dict) -> dict:
+        return PAPER_DEFAULTS
+
+    def validate(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str) -> None:
+        paper_state_ids(tokenizer, p.states)
+
+    def request(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> CurveRequest:
+        sid = paper_state_ids(tokenizer, p.states)
+        ids = [paper_bos(tokenizer)] + [sid[int(s)] for s in x]
+        return CurveRequest(ids=ids, positions=list(range(len(ids))), choices=[[t] for t in sid])
+
+    def text(self, fam: "MarkovFamily", p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> str:
+        return tokenizer.decode(self.request(fam, p, tokenizer, model_kind, x).ids)
+
+
+PROTOCOLS: dict[str, MarkovProtocol] = {"clean": CleanMarkov(), "paper": PaperMarkov()}
+MarkovParams.PROTOCOLS = PROTOCOLS
+
+
 @register
 class MarkovFamily(Family):
     name = "markov"
@@ -325,10 +381,7 @@ class MarkovFamily(Family):
                                   allowed=[f"{S} rows of {S} probabilities"])
         if p.start_state > S:
             raise ConfigError("params.start_state", f"state {p.start_state} of {S}", allowed=[f"[1, {S}]"])
-        if p.protocol == "paper":
-            paper_state_ids(tokenizer, p.states)
-        else:
-            validate_sequence_pieces(tokenizer, self.head(p, model_kind), p.states, p.separator)
+        p.strategy.validate(self, p, tokenizer, model_kind)
 
     def matrix(self, p: MarkovParams, cell: dict, seed: int) -> np.ndarray:
         kind, nm, S = cell["kind"], cell["matrix_name"], len(p.states)
@@ -360,21 +413,13 @@ class MarkovFamily(Family):
         return m, init, sample_trajectory(m, init, p.n_steps, rng)
 
     def request(self, p: MarkovParams, tokenizer, model_kind: str, x: np.ndarray) -> CurveRequest:
-        if p.protocol == "paper":
-            sid = paper_state_ids(tokenizer, p.states)
-            ids = [paper_bos(tokenizer)] + [sid[int(s)] for s in x]
-            return CurveRequest(ids=ids, positions=list(range(len(ids))), choices=[[t] for t in sid])
-        return build_curve(tokenizer, self.head(p, model_kind), p.states, x, p.separator)
+        return p.strategy.request(self, p, tokenizer, model_kind, x)
 
     def render(self, p: MarkovParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         """One entry per cell: the whole sequence (every position is a read point); paper: its tokens decoded."""
         out = []
         for c in cells:
-            x = self.trajectory(p, c, seed)[2]
-            if p.protocol == "paper":
-                text = tokenizer.decode(self.request(p, tokenizer, model_kind, x).ids)
-            else:
-                text = sequence_text(tokenizer, self.head(p, model_kind), p.states, x, p.separator)
+            text = p.strategy.text(self, p, tokenizer, model_kind, self.trajectory(p, c, seed)[2])
             out.append(RenderedCell(cell={**c, "n": p.n_steps}, text=text, choices=list(p.states)))
         return out
 

@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from ..domain import CHOICES, coin_probs, die_probs, parity_probs
+from ..domain import PROCESS_TEXTS, coin_probs, die_probs, parity_probs
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
 from ..filler import Filler, build_filler, check_source, load_sentences
@@ -62,6 +62,7 @@ from ..stimuli import StimulusList, StimulusText
 from . import paper, register
 from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind, template_problem,
                    use_chat)
+from .protocol import ProtocolStrategy
 
 
 
@@ -80,20 +81,97 @@ Bias = Annotated[int, in_range(0, 100)]       # stated percentage
 Face = Annotated[int, in_range(1, 6)]
 
 PROCESSES: dict[str, dict] = {
-    "coin": {"choices": list(CHOICES["coin"]), "terminator": "",
-             "query": "I tossed a coin and it landed on",
-             "needle": "When I flip coins they land on heads {b}% of the time.",
-             "instruction": "Please toss a coin and tell me whether it landed on heads or tails."},
-    "die": {"choices": list(CHOICES["die"]), "terminator": "",
-            "query": "I rolled a die and it landed on",
-            "needle": "When I roll dice they land on {face} {b}% of the time.",
-            "instruction": "Please roll a die and tell me which number it landed on."},
-    "number": {"choices": list(CHOICES["number"]), "terminator": ".",
-               "query": "I picked a random number between 1 and 10 and it was",
-               "needle": "When I pick a random number between 1 and 10, it is always {parity}.",
-               "instruction": "Please pick a random number between 1 and 10 and tell me what it was."},
-}
+    name: {"choices": list(t.choices), "terminator": t.terminator, "query": t.query, "needle": t.statement,
+           "instruction": t.instruction}
+    for name, t in PROCESS_TEXTS.items()}
 NEEDLE_KEYS = {"coin": {"b"}, "die": {"face", "b"}, "number": {"parity"}}
+
+
+class NeedleProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` needle cells differ in: statements, rendering, filler placement, grid."""
+
+    placement: ClassVar[str]        # the filler's needle placement (:func:`bayesflip.filler.build_filler`)
+
+    def cells(self, p: "NeedleParams", cells: list[dict]) -> list[dict]:
+        return cells
+
+    def needle_template(self, p: "NeedleParams", chat: bool) -> str:
+        raise NotImplementedError
+
+    def template_key(self, chat: bool) -> str:
+        """The params key that holds the template used (for errors)."""
+        return "params.needle"
+
+    def prompt(self, p: "NeedleParams", cell: dict, context: str, chat: bool) -> Prompt:
+        """The prompt of one cell around its (filler) ``context``."""
+        raise NotImplementedError
+
+    def probe_cells(self, cells: list[dict]) -> list[dict]:
+        """The cells whose rendering ``validate`` tokenizes with the choices."""
+        return [cells[-1]]
+
+    def choice_error(self, e: ValueError, cell: dict) -> Exception:
+        """What a choice that joins the probe's prompt badly raises."""
+        return e
+
+
+class CleanNeedle(NeedleProtocol):
+    """bayesflip's wording (:data:`PROCESSES`, overridable per key), filler cut to ≈ L tokens."""
+
+    name = "clean"
+    placement = "clean"
+
+    def check(self, p: "NeedleParams") -> None:
+        paper.refuse_paper_keys(p, ("instruct_needle",))
+
+    def needle_template(self, p: "NeedleParams", chat: bool) -> str:
+        return spec(p)["needle"]
+
+    def prompt(self, p: "NeedleParams", cell: dict, context: str, chat: bool) -> Prompt:
+        s = spec(p)
+        if chat:
+            user = (context + " " if context else "") + s["instruction"]
+            return Prompt(text=s["query"], messages=(("user", user),))
+        return Prompt(text=(context + " " if context else "") + s["query"])
+
+
+class PaperNeedle(NeedleProtocol):
+    """The coin-flip study's statements, queries and instruct prompts (:mod:`.paper`), whole-sentence filler."""
+
+    name = "paper"
+    placement = "paper"
+
+    def check(self, p: "NeedleParams") -> None:
+        paper.resolve_stimuli(p, ("query", "instruction"), paper.NEEDLE[p.process]["query"],
+                              paper.NEEDLE[p.process]["instruct_prompt"])
+
+    def cells(self, p: "NeedleParams", cells: list[dict]) -> list[dict]:
+        # every (instruct prompt, query) pair, innermost
+        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+
+    def needle_template(self, p: "NeedleParams", chat: bool) -> str:
+        if chat:
+            return p.instruct_needle or paper.NEEDLE[p.process]["instruct_statement"]
+        return p.needle or paper.NEEDLE[p.process]["statement"]
+
+    def template_key(self, chat: bool) -> str:
+        return "params.instruct_needle" if chat else "params.needle"
+
+    def prompt(self, p: "NeedleParams", cell: dict, context: str, chat: bool) -> Prompt:
+        return paper.render_prompt(context, p.queries[cell["query"]], p.instruct_prompts[cell["instruct"]], chat)
+
+    def probe_cells(self, cells: list[dict]) -> list[dict]:
+        last = cells[-1]  # every query ending (the choice follows each one)
+        return [c for c in cells if c["condition"] == last["condition"] and c["length"] == last["length"]
+                and c["depth"] == last["depth"] and c["needle"] == last["needle"]
+                and c["sample"] == last["sample"] and c["instruct"] == 0]
+
+    def choice_error(self, e: ValueError, cell: dict) -> Exception:
+        key = "params.terminator" if "token-prefix" in str(e) else f"params.queries.{cell['query']}"
+        return ConfigError(key, str(e))
+
+
+PROTOCOLS: dict[str, NeedleProtocol] = {"clean": CleanNeedle(), "paper": PaperNeedle()}
 
 
 def default_lengths() -> list[int]:
@@ -126,11 +204,7 @@ class NeedleParams(Params):
     def _filler_source(cls, v: str) -> str:
         return check_source(v)
 
-    @model_validator(mode="after")
-    def _protocol_keys(self) -> "NeedleParams":
-        paper.resolve_stimuli(self, ("query", "instruction"), paper.NEEDLE[self.process]["query"],
-                              paper.NEEDLE[self.process]["instruct_prompt"], extra_paper_keys=("instruct_needle",))
-        return self
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = PROTOCOLS
 
 
 def spec(p: NeedleParams) -> dict:
@@ -160,11 +234,7 @@ def stated_distribution(process: str, cell: dict) -> np.ndarray:
 
 def needle_template(p: NeedleParams, chat: bool = False) -> str:
     """The statement template: clean ``needle``; paper the base (``I``) or instruct (``you``) form."""
-    if p.protocol != "paper":
-        return spec(p)["needle"]
-    if chat:
-        return p.instruct_needle or paper.NEEDLE[p.process]["instruct_statement"]
-    return p.needle or paper.NEEDLE[p.process]["statement"]
+    return p.strategy.needle_template(p, chat)
 
 
 def needle_sentence(p: NeedleParams, cell: dict, chat: bool = False) -> str:
@@ -184,7 +254,6 @@ def _needle_cells(p: NeedleParams) -> list[dict]:
 
 def build_prompt(p: NeedleParams, cell: dict, tokenizer, model_kind: str, seed: int) -> tuple[Prompt, Optional[Filler]]:
     """The prompt of one cell (and its filler, None for no_context)."""
-    s = spec(p)
     chat = is_chat(p, model_kind)
     fill = None
     context = ""
@@ -192,14 +261,9 @@ def build_prompt(p: NeedleParams, cell: dict, tokenizer, model_kind: str, seed: 
         needle = needle_sentence(p, cell, chat) if cell["condition"] == "needle" else ""
         depth = cell["depth"] if cell["condition"] == "needle" else 0.0
         fill = build_filler(tokenizer, cell["length"], depth, needle, seed, cell["sample"], p.filler,
-                            placement=p.protocol)
+                            placement=p.strategy.placement)
         context = fill.text
-    if p.protocol == "paper":
-        return paper.render_prompt(context, p.queries[cell["query"]], p.instruct_prompts[cell["instruct"]], chat), fill
-    if chat:
-        user = (context + " " if context else "") + s["instruction"]
-        return Prompt(text=s["query"], messages=(("user", user),)), fill
-    return Prompt(text=(context + " " if context else "") + s["query"]), fill
+    return p.strategy.prompt(p, cell, context, chat), fill
 
 
 @register
@@ -219,9 +283,7 @@ class NeedleFamily(Family):
                             "bias": -1, "face": 0, "sample": s})
         for L, d, nd, s in itertools.product(p.lengths, p.depths, _needle_cells(p), range(p.samples)):
             out.append({**base, "condition": "needle", "length": L, "depth": d, **nd, "sample": s})
-        if p.protocol == "paper":  # every (instruct prompt, query) pair, innermost
-            out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
-        return out
+        return p.strategy.cells(p, out)
 
     def evidence(self, p: NeedleParams) -> dict:
         """By ``condition``: the needle states the cell's bias inside filler; no_needle is filler alone;
@@ -245,7 +307,7 @@ class NeedleFamily(Family):
         s = spec(p)
         keys = NEEDLE_KEYS[p.process]
         chat = is_chat(p, model_kind)
-        key = "params.instruct_needle" if (p.protocol == "paper" and chat) else "params.needle"
+        key = p.strategy.template_key(chat)
         tpl = needle_template(p, chat)
         if problem := template_problem(tpl, {"b": 50, "face": 1, "parity": "even"}, tuple(sorted(keys))):
             raise ConfigError(key, f"needle {problem}", allowed=[f"a sentence using {{{k}}}" for k in sorted(keys)])
@@ -254,20 +316,15 @@ class NeedleFamily(Family):
         if not cells:
             raise ConfigError("params", "empty grid: no needle cells and no_needle/no_context off")
         # the choices must join cleanly after the query, in the rendering this model gets
-        probe = [cells[-1]]
-        if p.protocol == "paper":  # every query ending (the choice follows each one)
-            probe = [c for c in cells if c["condition"] == cells[-1]["condition"] and c["length"] == cells[-1]["length"]
-                     and c["depth"] == cells[-1]["depth"] and c["needle"] == cells[-1]["needle"]
-                     and c["sample"] == cells[-1]["sample"] and c["instruct"] == 0]
-        for c in probe:
+        for c in p.strategy.probe_cells(cells):
             prompt, _ = build_prompt(p, c, tokenizer, model_kind, 0)
             try:
                 encode_choices(tokenizer, s["choices"], terminator=s["terminator"], context_text=render(prompt, tokenizer))
             except ValueError as e:
-                if p.protocol != "paper":
+                err = p.strategy.choice_error(e, c)
+                if err is e:
                     raise
-                key = "params.terminator" if "token-prefix" in str(e) else f"params.queries.{c['query']}"
-                raise ConfigError(key, str(e)) from None
+                raise err from None
 
     def render(self, p: NeedleParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         s = spec(p)

@@ -36,8 +36,7 @@ NEEDLE = {
 
 # ---------------------------------------------------------------- C/D: ICL statements (note the die comma)
 ICL_STATEMENT = {
-    "coin": {"statement": "When I flip coins they land on heads {b}% of the time.",
-             "instruct_statement": "When you flip coins, they land on heads {b}% of the time."},
+    "coin": {k: NEEDLE["coin"][k] for k in ("statement", "instruct_statement")},
     "die": {"statement": "When I roll dice, they land on {face} {b}% of the time.",
             "instruct_statement": "When you roll dice, they land on {face} {b}% of the time."},
 }
@@ -72,30 +71,32 @@ def check_query(q: str) -> str:
     return q
 
 
-def resolve_stimuli(p, clean_keys: tuple[str, ...], query, instruct, extra_paper_keys: tuple[str, ...] = ()) -> None:
-    """Protocol-specific keys: clean-only keys are refused under ``paper`` and vice versa; the paper
-    stimuli get their defaults (a string is one item, a ``set:``/``file:`` spec a list) and every
-    query must end with a space (the original's format)."""
+def resolve_stimuli(p, clean_keys: tuple[str, ...], query: str, instruct: str) -> None:
+    """The paper protocol's stimuli: clean-only keys are refused, ``queries`` / ``instruct_prompts``
+    get their defaults (a string is one item, a ``set:``/``file:`` spec a list) and every query must
+    end with a space (the original's format)."""
     from ..stimuli import load_list
 
-    if p.protocol == "paper":
-        bad = [k for k in clean_keys if getattr(p, k) is not None]
-        if bad:
-            raise ValueError(f"key {bad[0]!r} belongs to protocol clean; with protocol paper use "
-                             f"'queries' / 'instruct_prompts' (allowed for paper: queries, instruct_prompts)")
-        if p.queries is None:
-            p.queries = [query] if not query.startswith(("set:", "file:")) else load_list(query)
-        if p.instruct_prompts is None:
-            p.instruct_prompts = [instruct] if not instruct.startswith(("set:", "file:")) else load_list(instruct)
-        for i, q in enumerate(p.queries):
-            try:
-                check_query(q)
-            except ValueError as e:
-                raise ValueError(f"queries.{i}: {e}") from None
-    else:
-        bad = [k for k in ("queries", "instruct_prompts", *extra_paper_keys) if getattr(p, k) is not None]
-        if bad:
-            raise ValueError(f"key {bad[0]!r} needs protocol: paper (allowed protocols: clean, paper)")
+    bad = [k for k in clean_keys if getattr(p, k) is not None]
+    if bad:
+        raise ValueError(f"key {bad[0]!r} belongs to protocol clean; with protocol paper use "
+                         f"'queries' / 'instruct_prompts' (allowed for paper: queries, instruct_prompts)")
+    if p.queries is None:
+        p.queries = [query] if not query.startswith(("set:", "file:")) else load_list(query)
+    if p.instruct_prompts is None:
+        p.instruct_prompts = [instruct] if not instruct.startswith(("set:", "file:")) else load_list(instruct)
+    for i, q in enumerate(p.queries):
+        try:
+            check_query(q)
+        except ValueError as e:
+            raise ValueError(f"queries.{i}: {e}") from None
+
+
+def refuse_paper_keys(p, extra_paper_keys: tuple[str, ...] = ()) -> None:
+    """Under ``protocol: clean``: the paper's stimulus keys (and ``extra_paper_keys``) are refused."""
+    bad = [k for k in ("queries", "instruct_prompts", *extra_paper_keys) if getattr(p, k) is not None]
+    if bad:
+        raise ValueError(f"key {bad[0]!r} needs protocol: paper (allowed protocols: clean, paper)")
 
 
 # ---------------------------------------------------------------- scoring identical prompts once

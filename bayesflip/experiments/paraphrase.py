@@ -30,10 +30,10 @@ Reduce: p_i = softmax(logprobs_i); the prior is reported as mean ± std over i o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Mapping, Optional
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
@@ -43,6 +43,7 @@ from ..stimuli import StimulusList
 from . import paper, register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, evidence_kind
 from .needle import PROCESSES, is_chat
+from .protocol import ProtocolStrategy
 
 
 def prompt_dir() -> Path:
@@ -70,6 +71,70 @@ def check_paraphrases(v: list[str]) -> list[str]:
     return v
 
 
+class ParaphraseProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` paraphrase cells differ in: the query list, the grid, the prompt."""
+
+    texts_key: ClassVar[str]        # the params key holding the scored query texts
+
+    def texts(self, p: "ParaphraseParams") -> list[str]:
+        return list(getattr(p, self.texts_key) or [])
+
+    def cells(self, p: "ParaphraseParams") -> list[dict]:
+        raise NotImplementedError
+
+    def prompt(self, p: "ParaphraseParams", text: str, chat: bool, instruct: int) -> Prompt:
+        raise NotImplementedError
+
+
+class CleanParaphrase(ParaphraseProtocol):
+    """bayesflip's paraphrase sets (``configs/prompts``), the process's instruction for instruct models."""
+
+    name = "clean"
+    texts_key = "paraphrases"
+
+    def check(self, p: "ParaphraseParams") -> None:
+        paper.refuse_paper_keys(p)
+        if p.paraphrases is None:
+            name = p.paraphrase_set or f"paraphrase_{p.process}"
+            texts = read_set(name)
+            if not texts:
+                raise ValueError(f"paraphrase set {name!r} is empty")
+            p.paraphrases = check_paraphrases(texts)
+        if p.limit is not None:
+            p.paraphrases = p.paraphrases[: p.limit]
+
+    def cells(self, p: "ParaphraseParams") -> list[dict]:
+        return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0} for i, t in enumerate(p.paraphrases or [])]
+
+    def prompt(self, p: "ParaphraseParams", text: str, chat: bool, instruct: int) -> Prompt:
+        if chat:
+            return Prompt(text=text, messages=(("user", p.instruction or PROCESSES[p.process]["instruction"]),))
+        return Prompt(text=text)
+
+
+class PaperParaphrase(ParaphraseProtocol):
+    """The coin-flip study's query format and instruct prompts, every (instruct prompt, query) pair."""
+
+    name = "paper"
+    texts_key = "queries"
+
+    def check(self, p: "ParaphraseParams") -> None:
+        paper.resolve_stimuli(p, ("paraphrase_set", "paraphrases", "instruction"), paper.QUERY_SET[p.process],
+                              paper.INSTRUCT_SET[p.process])
+        if p.limit is not None:
+            p.queries = p.queries[: p.limit]
+
+    def cells(self, p: "ParaphraseParams") -> list[dict]:
+        return [{"process": p.process, "paraphrase": q, "instruct": i, "text": p.queries[q], "sample": 0}
+                for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+
+    def prompt(self, p: "ParaphraseParams", text: str, chat: bool, instruct: int) -> Prompt:
+        return paper.render_prompt("", text, p.instruct_prompts[instruct], chat)
+
+
+PROTOCOLS: dict[str, ParaphraseProtocol] = {"clean": CleanParaphrase(), "paper": PaperParaphrase()}
+
+
 class ParaphraseParams(Params):
     process: Literal["coin", "die"] = "coin"
     paraphrase_set: Optional[str] = None
@@ -93,31 +158,11 @@ class ParaphraseParams(Params):
     def _distinct(cls, v: Optional[list[str]]) -> Optional[list[str]]:
         return None if v is None else check_paraphrases(v)
 
-    @model_validator(mode="after")
-    def _resolve(self) -> "ParaphraseParams":
-        paper.resolve_stimuli(self, ("paraphrase_set", "paraphrases", "instruction"),
-                              paper.QUERY_SET[self.process], paper.INSTRUCT_SET[self.process])
-        if self.protocol == "paper":
-            if self.limit is not None:
-                self.queries = self.queries[: self.limit]
-            return self
-        if self.paraphrases is None:
-            name = self.paraphrase_set or f"paraphrase_{self.process}"
-            texts = read_set(name)
-            if not texts:
-                raise ValueError(f"paraphrase set {name!r} is empty")
-            self.paraphrases = check_paraphrases(texts)
-        if self.limit is not None:
-            self.paraphrases = self.paraphrases[: self.limit]
-        return self
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = PROTOCOLS
 
 
 def build_prompt(p: ParaphraseParams, text: str, model_kind: str, instruct: int = 0) -> Prompt:
-    if p.protocol == "paper":
-        return paper.render_prompt("", text, p.instruct_prompts[instruct], is_chat(p, model_kind))
-    if is_chat(p, model_kind):
-        return Prompt(text=text, messages=(("user", p.instruction or PROCESSES[p.process]["instruction"]),))
-    return Prompt(text=text)
+    return p.strategy.prompt(p, text, is_chat(p, model_kind), instruct)
 
 
 @register
@@ -126,11 +171,7 @@ class ParaphraseFamily(Family):
     Params = ParaphraseParams
 
     def cells(self, p: ParaphraseParams) -> list[dict]:
-        if p.protocol == "paper":
-            return [{"process": p.process, "paraphrase": q, "instruct": i, "text": p.queries[q], "sample": 0}
-                    for i, q in paper.pairs(p.queries, p.instruct_prompts)]
-        return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0}
-                for i, t in enumerate(p.paraphrases or [])]
+        return p.strategy.cells(p)
 
     def evidence(self, p: ParaphraseParams) -> dict:
         """Every cell: the query paraphrase alone (no statement, no context)."""
@@ -144,8 +185,8 @@ class ParaphraseFamily(Family):
 
     def validate(self, p: ParaphraseParams, tokenizer, model_kind: str) -> None:
         s = PROCESSES[p.process]
-        key = "queries" if p.protocol == "paper" else "paraphrases"
-        for i, t in enumerate((p.queries if p.protocol == "paper" else p.paraphrases) or []):
+        key = p.strategy.texts_key
+        for i, t in enumerate(p.strategy.texts(p)):
             try:
                 text = render(build_prompt(p, t, model_kind), tokenizer)
                 encode_choices(tokenizer, s["choices"], s["terminator"], context_text=text)

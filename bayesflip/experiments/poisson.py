@@ -81,7 +81,7 @@ import functools
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
 from pydantic import Field
@@ -93,6 +93,7 @@ from ..stimuli import StimulusText, load_text
 from . import register
 from .base import (ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, template_problem,
                    use_chat)
+from .protocol import ProtocolStrategy
 from .gentext import sample_with
 
 MARKERS = ("*", "^", "#", "@", "$", "%", "&", "!", "~")
@@ -141,7 +142,7 @@ class PoissonParams(Params, GenerationFields):
     insertion: Literal["paper", "gaps"] = "paper"
     max_attempts: int = Field(10, ge=1)
 
-    PAPER_DEFAULTS: ClassVar[dict] = PAPER_DEFAULTS
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {}   # CleanPoisson / PaperPoisson, set below
 
 
 # ---------------------------------------------------------------------------- counting
@@ -258,9 +259,142 @@ def mark_story(story: str, n_words: int, marker: str, lam: float, rng: np.random
     return " ".join(out)
 
 
-# ---------------------------------------------------------------------------- family
+# ---------------------------------------------------------------------------- protocols
 def _lam_text(lam: float) -> str:
     return f"{lam:g}"
+
+
+class PoissonProtocol(ProtocolStrategy):
+    """What ``clean`` and ``paper`` Poisson cells differ in: grid, prompts, seeds and the marker counter."""
+
+    def cells(self, p: PoissonParams) -> list[dict]:
+        return [{"marker": m, "lam": float(lam), "sample": s}
+                for m, lam, s in itertools.product(p.markers, p.lambdas, range(p.samples))]
+
+    def extra_arrays(self, p: PoissonParams) -> dict[str, ArraySpec]:
+        return {}
+
+    def prompt(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, chat: bool, seed: int) -> Prompt:
+        raise NotImplementedError
+
+    def validate(self, fam: "PoissonFamily", p: PoissonParams) -> None:
+        """Checks of the params against the prompt sources (no tokenizer needed)."""
+
+    def seed_of(self, p: PoissonParams, cell: dict, seed: int, attempt: int = 0) -> int:
+        raise NotImplementedError
+
+    def sample(self, fam: "PoissonFamily", p: PoissonParams, cells: list[dict], prompts: list[Prompt],
+               ctx: RunContext, settings) -> tuple[list, list[MarkerCount], list[int]]:
+        """(samples, counts, attempts) of these cells."""
+        raise NotImplementedError
+
+    def prefix_count(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, seed: int) -> MarkerCount:
+        """The counts of an icl cell's marked prompt text (the stimulus's realised rate)."""
+        raise NotImplementedError
+
+
+class CleanPoisson(PoissonProtocol):
+    """bayesflip's instruction / prose prefix, every gap's marker count (:func:`count_markers`)."""
+
+    name = "clean"
+
+    def prompt(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, chat: bool, seed: int) -> Prompt:
+        if p.mode == "explicit":
+            instr = p.instruction.format(marker=cell["marker"], lam=_lam_text(cell["lam"]))
+            if chat:
+                return Prompt(text=p.prefill, messages=(("user", instr),))
+            return Prompt(text=instr + "\n\n" + p.story_start)
+        text = fam.prefix(p, cell, seed).text
+        if chat:
+            return Prompt(text=text, messages=(("user", p.icl_user),))
+        return Prompt(text=p.icl_head + text)
+
+    def validate(self, fam: "PoissonFamily", p: PoissonParams) -> None:
+        if p.mode == "explicit":
+            if problem := template_problem(p.instruction, {"marker": "#", "lam": "0.5"}):
+                raise ConfigError("params.instruction", problem, allowed=["{marker}", "{lam}"])
+        else:
+            fam.prefix(p, fam.cells(p)[0], 0)  # the prose source can supply prefix_words words
+
+    def seed_of(self, p: PoissonParams, cell: dict, seed: int, attempt: int = 0) -> int:
+        return cell_seed(seed, "poisson", p.mode, cell["marker"], cell["lam"], cell["sample"])
+
+    def sample(self, fam: "PoissonFamily", p: PoissonParams, cells: list[dict], prompts: list[Prompt],
+               ctx: RunContext, settings) -> tuple[list, list[MarkerCount], list[int]]:
+        samples = sample_with(ctx.scorer, prompts, [self.seed_of(p, c, ctx.seed) for c in cells], settings)
+        counts = []
+        for c, pr, smp in zip(cells, prompts, samples):
+            tail = re.search(r"\S*$", pr.text).group(0)  # type: ignore[union-attr]
+            counts.append(count_markers(tail + smp.text, c["marker"]))
+        return samples, counts, [1] * len(cells)
+
+    def prefix_count(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, seed: int) -> MarkerCount:
+        return count_markers(fam.prefix(p, cell, seed).text, cell["marker"])
+
+
+class PaperPoisson(PoissonProtocol):
+    """The coin-flip study's ``poisson.py``: its prompts and marked story, its counter, redraws of wordless samples."""
+
+    name = "paper"
+
+    def defaults(self, data: dict) -> dict:
+        return PAPER_DEFAULTS
+
+    def cells(self, p: PoissonParams) -> list[dict]:
+        if p.mode == "icl":
+            return [{"marker": m, "lam": float(lam), "prefix_words": n, "sample": s}
+                    for m, lam, n, s in itertools.product(p.markers, p.lambdas, p.story_words, range(p.samples))]
+        return super().cells(p)
+
+    def extra_arrays(self, p: PoissonParams) -> dict[str, ArraySpec]:
+        return {"n_attempts": ArraySpec((), (), "int32")}
+
+    def prompt(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, chat: bool, seed: int) -> Prompt:
+        if p.mode == "explicit":
+            fill = {"c": cell["marker"], "lam": paper_lam(cell["lam"])}
+            if chat:
+                return Prompt(text="", messages=(("user", PAPER_EXPLICIT_USER.format(**fill)),))
+            return Prompt(text=PAPER_EXPLICIT_BASE.format(**fill))
+        story = fam.paper_story(p, cell, seed)
+        if chat:
+            return Prompt(text="", messages=(("user", PAPER_ICL_USER.format(story=story)),))
+        return Prompt(text=story)
+
+    def validate(self, fam: "PoissonFamily", p: PoissonParams) -> None:
+        n = len(story_text(p).split())
+        if p.mode == "icl" and max(p.story_words) > n:
+            raise ConfigError("params.story_words", f"{max(p.story_words)} words requested, the story has {n}",
+                              allowed=[f"[1, {n}]"])
+
+    def seed_of(self, p: PoissonParams, cell: dict, seed: int, attempt: int = 0) -> int:
+        return cell_seed(seed, "poisson-paper", p.mode, cell["marker"], cell["lam"], cell.get("prefix_words"),
+                         cell["sample"], attempt)
+
+    def sample(self, fam: "PoissonFamily", p: PoissonParams, cells: list[dict], prompts: list[Prompt],
+               ctx: RunContext, settings) -> tuple[list, list[MarkerCount], list[int]]:
+        samples = sample_with(ctx.scorer, prompts, [self.seed_of(p, c, ctx.seed) for c in cells], settings)
+        attempts = [1] * len(cells)
+        # the original kept sampling until a continuation had at least one word
+        counts = [paper_count(smp.text, c["marker"]) for c, smp in zip(cells, samples)]
+        for a in range(1, p.max_attempts):
+            redo = [i for i, mc in enumerate(counts) if mc.n_gaps == 0]
+            if not redo:
+                break
+            new = sample_with(ctx.scorer, [prompts[i] for i in redo],
+                              [self.seed_of(p, cells[i], ctx.seed, a) for i in redo], settings)
+            for i, smp in zip(redo, new):
+                samples[i], counts[i], attempts[i] = smp, paper_count(smp.text, cells[i]["marker"]), a + 1
+        return samples, counts, attempts
+
+    def prefix_count(self, fam: "PoissonFamily", p: PoissonParams, cell: dict, seed: int) -> MarkerCount:
+        return paper_count(fam.paper_story(p, cell, seed), cell["marker"])
+
+
+PROTOCOLS: dict[str, PoissonProtocol] = {"clean": CleanPoisson(), "paper": PaperPoisson()}
+PoissonParams.PROTOCOLS = PROTOCOLS
+
+
+# ---------------------------------------------------------------------------- family
 
 
 @register
@@ -268,16 +402,8 @@ class PoissonFamily(Family):
     name = "poisson"
     Params = PoissonParams
 
-    @staticmethod
-    def paper_icl(p: PoissonParams) -> bool:
-        return p.protocol == "paper" and p.mode == "icl"
-
     def cells(self, p: PoissonParams) -> list[dict]:
-        if self.paper_icl(p):
-            return [{"marker": m, "lam": float(lam), "prefix_words": n, "sample": s}
-                    for m, lam, n, s in itertools.product(p.markers, p.lambdas, p.story_words, range(p.samples))]
-        return [{"marker": m, "lam": float(lam), "sample": s}
-                for m, lam, s in itertools.product(p.markers, p.lambdas, range(p.samples))]
+        return p.strategy.cells(p)
 
     def arrays(self, p: PoissonParams) -> dict[str, ArraySpec]:
         out = {"lambda_hat": ArraySpec((), (), "float64"), "n_markers": ArraySpec((), (), "int32"),
@@ -287,8 +413,7 @@ class PoissonFamily(Family):
             out.update({"prefix_lambda_hat": ArraySpec((), (), "float64"),
                         "prefix_n_markers": ArraySpec((), (), "int32"),
                         "prefix_n_gaps": ArraySpec((), (), "int32")})
-        if p.protocol == "paper":
-            out["n_attempts"] = ArraySpec((), (), "int32")
+        out.update(p.strategy.extra_arrays(p))
         if p.generation == "model_defaults":
             out["generation_config"] = ArraySpec((), (), "str")
         return out
@@ -308,41 +433,13 @@ class PoissonFamily(Family):
         return mark_story(story_text(p), cell["prefix_words"], cell["marker"], cell["lam"], rng, p.insertion)
 
     def prompt(self, p: PoissonParams, cell: dict, model_kind: str, seed: int) -> Prompt:
-        chat = self.chat(p, model_kind)
-        if p.protocol == "paper":
-            if p.mode == "explicit":
-                fill = {"c": cell["marker"], "lam": paper_lam(cell["lam"])}
-                if chat:
-                    return Prompt(text="", messages=(("user", PAPER_EXPLICIT_USER.format(**fill)),))
-                return Prompt(text=PAPER_EXPLICIT_BASE.format(**fill))
-            story = self.paper_story(p, cell, seed)
-            if chat:
-                return Prompt(text="", messages=(("user", PAPER_ICL_USER.format(story=story)),))
-            return Prompt(text=story)
-        if p.mode == "explicit":
-            instr = p.instruction.format(marker=cell["marker"], lam=_lam_text(cell["lam"]))
-            if chat:
-                return Prompt(text=p.prefill, messages=(("user", instr),))
-            return Prompt(text=instr + "\n\n" + p.story_start)
-        text = self.prefix(p, cell, seed).text
-        if chat:
-            return Prompt(text=text, messages=(("user", p.icl_user),))
-        return Prompt(text=p.icl_head + text)
+        return p.strategy.prompt(self, p, cell, self.chat(p, model_kind), seed)
 
     def validate(self, p: PoissonParams, tokenizer, model_kind: str) -> None:
         if self.chat(p, model_kind) and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("params.variant", "instruct variant needs a tokenizer with a chat template",
                               allowed=["auto", "base"])
-        if p.protocol == "paper":
-            n = len(story_text(p).split())
-            if p.mode == "icl" and max(p.story_words) > n:
-                raise ConfigError("params.story_words", f"{max(p.story_words)} words requested, the story has {n}",
-                                  allowed=[f"[1, {n}]"])
-        elif p.mode == "explicit":
-            if problem := template_problem(p.instruction, {"marker": "#", "lam": "0.5"}):
-                raise ConfigError("params.instruction", problem, allowed=["{marker}", "{lam}"])
-        else:
-            self.prefix(p, self.cells(p)[0], 0)  # the prose source can supply prefix_words words
+        p.strategy.validate(self, p)
 
     def render(self, p: PoissonParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         gen = {**p.generation_settings(None).describe(), "generation": p.generation}
@@ -350,31 +447,12 @@ class PoissonFamily(Family):
                 for c in cells]
 
     def seed_of(self, p: PoissonParams, cell: dict, seed: int, attempt: int = 0) -> int:
-        if p.protocol == "paper":
-            return cell_seed(seed, "poisson-paper", p.mode, cell["marker"], cell["lam"], cell.get("prefix_words"),
-                             cell["sample"], attempt)
-        return cell_seed(seed, "poisson", p.mode, cell["marker"], cell["lam"], cell["sample"])
+        return p.strategy.seed_of(p, cell, seed, attempt)
 
     def run(self, p: PoissonParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         settings = p.generation_settings(ctx.scorer)
         prompts = [self.prompt(p, c, ctx.model_kind, ctx.seed) for c in cells]
-        samples = sample_with(ctx.scorer, prompts, [self.seed_of(p, c, ctx.seed) for c in cells], settings)
-        counts, attempts = [], [1] * len(cells)
-        if p.protocol == "paper":
-            # the original kept sampling until a continuation had at least one word
-            counts = [paper_count(smp.text, c["marker"]) for c, smp in zip(cells, samples)]
-            for a in range(1, p.max_attempts):
-                redo = [i for i, mc in enumerate(counts) if mc.n_gaps == 0]
-                if not redo:
-                    break
-                new = sample_with(ctx.scorer, [prompts[i] for i in redo],
-                                  [self.seed_of(p, cells[i], ctx.seed, a) for i in redo], settings)
-                for i, smp in zip(redo, new):
-                    samples[i], counts[i], attempts[i] = smp, paper_count(smp.text, cells[i]["marker"]), a + 1
-        else:
-            for c, pr, smp in zip(cells, prompts, samples):
-                tail = re.search(r"\S*$", pr.text).group(0)  # type: ignore[union-attr]
-                counts.append(count_markers(tail + smp.text, c["marker"]))
+        samples, counts, attempts = p.strategy.sample(self, p, cells, prompts, ctx, settings)
         out: dict[str, list] = {k: [] for k in self.arrays(p)}
         for c, smp, mc, att in zip(cells, samples, counts, attempts):
             out["lambda_hat"].append(mc.lambda_hat)
@@ -383,11 +461,10 @@ class PoissonFamily(Family):
             out["n_gaps"].append(mc.n_gaps)
             out["n_tokens"].append(smp.n_tokens)
             out["text"].append(smp.text)
-            if p.protocol == "paper":
+            if "n_attempts" in out:
                 out["n_attempts"].append(att)
             if p.mode == "icl":
-                pc = (paper_count(self.paper_story(p, c, ctx.seed), c["marker"]) if p.protocol == "paper"
-                      else count_markers(self.prefix(p, c, ctx.seed).text, c["marker"]))
+                pc = p.strategy.prefix_count(self, p, c, ctx.seed)
                 out["prefix_lambda_hat"].append(pc.lambda_hat)
                 out["prefix_n_markers"].append(pc.n_markers)
                 out["prefix_n_gaps"].append(pc.n_gaps)

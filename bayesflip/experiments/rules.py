@@ -66,26 +66,24 @@ reproduces), ``carried`` (no valid example: d^g kept) and ``reply`` (the accepte
 from __future__ import annotations
 
 import itertools
-import json
-from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, Mapping
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from ..bayes import entropy as _entropy
 from ..engine import ChoiceRequest
 from ..generation import SamplingFields
 from ..errors import ConfigError
 from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, render
 from . import register
 from . import rules_paper as RP
-from .base import ArraySpec, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
+from .base import ArraySpec, Params, Protocol, RenderedCell, RunContext, use_chat
 from .generational import GenerationalFamily, GenState
-
-OBJECTS = ("A", "B", "C", "D", "E")
-VALUES = ("on", "off", "und")
-ON, OFF, UND = 0, 1, 2
+from .protocol import ProtocolStrategy
+from .rules_run import _fmt, clean_step, conversation, paper_rule_prompt, paper_step, rounds
+from .rules_world import (OBJECTS, OFF, ON, UND, VALUES, _init_data, _typical_inputs, accuracy,  # noqa: F401
+                          consistent_pair, feasible_rules, hypotheses, metrics, next_examples, output_table,
+                          paper_d0, parse_subset, render_examples, rule_output, rule_text, subsets, tempered_pick)
 
 BIAS_SENTENCES = {
     "strong": "Turn off the screen after the experiment.",
@@ -98,101 +96,6 @@ INTRO = ("You are running an experiment with five objects: A, B, C, D and E. Obj
          "on; otherwise und if any of them is und; otherwise off. From the examples, infer the state of every "
          "object. Write it as \"Rule:\" followed by a JSON object that maps each object to \"on\", \"off\" "
          "or \"und\".")
-
-
-# ---------------------------------------------------------------------------- the world
-@lru_cache(maxsize=1)
-def hypotheses() -> tuple[tuple[str, ...], ...]:
-    """All 243 rules, ``itertools.product(VALUES, repeat=5)`` order (A slowest)."""
-    return tuple(itertools.product(VALUES, repeat=len(OBJECTS)))
-
-
-@lru_cache(maxsize=4)
-def subsets(objects: tuple[str, ...] = OBJECTS) -> tuple[tuple[str, ...], ...]:
-    """The 31 non-empty subsets of the objects, by size then in object order (A..E: lexicographic)."""
-    return tuple(s for r in range(1, len(objects) + 1) for s in itertools.combinations(objects, r))
-
-
-def rule_output(rule: dict | tuple, subset, objects: tuple[str, ...] = OBJECTS) -> str:
-    """on if any object of the subset is on, else und if any is und, else off."""
-    vals = [rule[o] if isinstance(rule, dict) else rule[objects.index(o)] for o in subset]
-    if "on" in vals:
-        return "on"
-    if "und" in vals:
-        return "und"
-    return "off"
-
-
-def rule_text(h: tuple[str, ...]) -> str:
-    """Canonical JSON of a rule: ``{"A": "on", "B": "off", ...}`` (keys A..E, json.dumps defaults)."""
-    return json.dumps(dict(zip(OBJECTS, h)))
-
-
-@lru_cache(maxsize=1)
-def output_table() -> np.ndarray:
-    """(243, 31) value index (0 on, 1 off, 2 und) of every rule on every subset."""
-    return np.array([[VALUES.index(rule_output(h, s)) for s in subsets()] for h in hypotheses()], dtype=np.int64)
-
-
-def parse_subset(text: str, objects: tuple[str, ...] = OBJECTS) -> int:
-    """``"A, C"`` → index into :func:`subsets`."""
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    objs = tuple(sorted(names, key=lambda o: objects.index(o) if o in objects else -1))
-    if objs not in subsets(objects):
-        raise ValueError(f"{text!r} is not a non-empty set of distinct objects from {', '.join(objects)}")
-    return subsets(objects).index(objs)
-
-
-def render_examples(inputs, outputs) -> str:
-    return "\n".join(f"Input: {', '.join(subsets()[int(i)])}\nOutput: {VALUES[int(o)]}" for i, o in zip(inputs, outputs))
-
-
-def accuracy(d_inputs, d_outputs) -> np.ndarray:
-    """(243,) fraction of the examples (d_inputs, d_outputs) each rule reproduces."""
-    tab = output_table()
-    return (tab[:, np.asarray(d_inputs)] == np.asarray(d_outputs)[None, :]).mean(axis=1)
-
-
-def next_examples(h: int, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``m`` inputs drawn without replacement uniformly from the 31 subsets, labelled by rule ``h``."""
-    ins = rng.choice(len(subsets()), size=m, replace=False)
-    return ins, output_table()[h, ins]
-
-
-def _typical_inputs(m: int, objects: tuple[str, ...]) -> np.ndarray:
-    """``m`` distinct subset indices spread evenly over the 31 subsets (ordered by size): data of the
-    typical length for the cost estimate (``count_tokens``), where the run draws or the model writes them."""
-    n = len(subsets(objects))
-    return np.array(sorted({min(n - 1, int((k + 0.5) * n / m)) for k in range(m)}), dtype=np.int64)
-
-
-def consistent_pair(h_star: int, screen: int) -> np.ndarray:
-    """Subset indices on which h* and h̄ (h* with the screen off) give the same output."""
-    h = hypotheses()[h_star]
-    bar = hypotheses().index(tuple("off" if k == screen else v for k, v in enumerate(h)))
-    tab = output_table()
-    return np.flatnonzero(tab[h_star] == tab[bar])
-
-
-def tempered_pick(w: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    """One draw from ``w^(1/T)`` renormalised (T = 0: the first argmax, no uniform used)."""
-    w = np.asarray(w, dtype=np.float64)
-    if temperature == 0:
-        return int(np.argmax(w))
-    with np.errstate(divide="ignore"):
-        z = np.log(w) / temperature
-    z = np.exp(z - z.max())
-    cdf = np.cumsum(z / z.sum())
-    cdf[-1] = 1.0
-    return int(min(np.searchsorted(cdf, rng.random(), side="right"), len(w) - 1))
-
-
-def metrics(P: np.ndarray, acc0: np.ndarray, screen: int) -> dict[str, float]:
-    """entropy, p_screen_off, acc_d0, both of a distribution over the 243 rules."""
-    off = np.array([h[screen] == "off" for h in hypotheses()])
-    cons = acc0 == 1.0
-    return {"entropy": float(_entropy(P)), "p_screen_off": float(P[off].sum()), "acc_d0": float(P @ acc0),
-            "both": float(P[cons & off].sum())}
 
 
 # ---------------------------------------------------------------------------- params
@@ -230,6 +133,8 @@ class RulesParams(Params, SamplingFields):
     max_new_tokens: int = Field(160, ge=8)
     max_redraws: int = Field(3, ge=0)
 
+    PROTOCOLS: ClassVar[Mapping[str, ProtocolStrategy]] = {}   # CleanRules / PaperRules, set below
+
     @field_validator("true_rule")
     @classmethod
     def _all_objects(cls, v: dict) -> dict:
@@ -238,23 +143,171 @@ class RulesParams(Params, SamplingFields):
         return v
 
 
-def _init_data(p: RulesParams) -> tuple[np.ndarray, np.ndarray]:
-    ins = np.array([parse_subset(s) for s in p.init_inputs], dtype=np.int64)
-    outs = np.array([VALUES.index(rule_output(p.true_rule, subsets()[i])) for i in ins], dtype=np.int64)
-    return ins, outs
+class RulesProtocol(ProtocolStrategy):
+    """What the clean chain and the original game (``paper``) differ in: grid, arrays, objects,
+    rule strings, d⁰, the generation-0 prompt, the token count of a cell and the step
+    (:mod:`.rules_run`)."""
+
+    def cells(self, p: RulesParams) -> list[dict]:
+        raise NotImplementedError
+
+    def width(self, p: RulesParams) -> int:
+        """The ``example`` axis: the most examples a generation holds."""
+        raise NotImplementedError
+
+    def extra_arrays(self, g: int, H: int) -> dict[str, ArraySpec]:
+        return {}
+
+    def objects(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def rule_text(self, h: tuple[str, ...]) -> str:
+        """A rule as stated after the prefill ``Rule:`` (without the leading space)."""
+        raise NotImplementedError
+
+    def validate(self, p: RulesParams) -> None:
+        """This protocol's checks (``ConfigError``)."""
+
+    def d0(self, p: RulesParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """d⁰ of a cell: (subset indices, value indices)."""
+        raise NotImplementedError
+
+    def first_prompt(self, fam: "RulesFamily", p: RulesParams, cell: dict, ins, outs, model_kind: str) -> Prompt:
+        """Generation 0's belief read after d⁰ = (ins, outs)."""
+        raise NotImplementedError
+
+    def count_key(self, cell: dict) -> tuple:
+        """Cells with equal keys cost the same tokens (:meth:`RulesFamily.count_tokens`)."""
+        raise NotImplementedError
+
+    def count_cell(self, fam: "RulesFamily", p: RulesParams, cell: dict, tokenizer, model_kind: str, seed: int,
+                   read):
+        raise NotImplementedError
+
+    def init(self, s: GenState) -> None:
+        """d⁰ into the arrays of every cell."""
+        for i, c in enumerate(s.cells):
+            ins, outs = self.d0(s.p, c, s.ctx.seed)
+            s.arr["inputs"][i, 0, : len(ins)] = ins
+            s.arr["outputs"][i, 0, : len(outs)] = outs
+            self.record_d0(s, i, len(ins))
+
+    def record_d0(self, s: GenState, i: int, n: int) -> None:
+        """Cell ``i``'s d⁰ holds ``n`` examples (paper: stored in ``n_examples``)."""
+
+    def step(self, fam: "RulesFamily", s: GenState, g: int) -> None:
+        raise NotImplementedError
 
 
-def feasible_rules() -> list[int]:
-    """The original's ``hcomp_df``: indices (into the 243) of the rules whose last object (screen) is not off."""
-    return [k for k, h in enumerate(hypotheses()) if h[-1] != "off"]
+class CleanRules(RulesProtocol):
+    """bayesflip's chain: objects A..E, d⁰ = ``init_inputs`` by ``true_rule``, model-free resampling."""
+
+    name = "clean"
+
+    def cells(self, p: RulesParams) -> list[dict]:
+        return [{"bias": b, "interaction": it, "sample": s}
+                for b, it, s in itertools.product(p.biases, p.interactions, range(p.chains))]
+
+    def width(self, p: RulesParams) -> int:
+        return max(p.examples, len(p.init_inputs))
+
+    def objects(self) -> tuple[str, ...]:
+        return OBJECTS
+
+    def rule_text(self, h: tuple[str, ...]) -> str:
+        return rule_text(h)
+
+    def validate(self, p: RulesParams) -> None:
+        bad = [i for i in p.interactions if i in PAPER_INTERACTIONS]
+        if bad:
+            raise ConfigError("params.interactions", f"{bad} are model turns of the paper protocol",
+                              allowed=["none", "self_check", "refine"])
+        for s in p.init_inputs:
+            try:
+                parse_subset(s)
+            except ValueError as e:
+                raise ConfigError("params.init_inputs", str(e),
+                                  allowed=["'A'", "'A, C'", "... (subsets of A-E)"]) from None
+
+    def d0(self, p: RulesParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return _init_data(p)
+
+    def first_prompt(self, fam: "RulesFamily", p: RulesParams, cell: dict, ins, outs, model_kind: str) -> Prompt:
+        return fam.prompt(p, cell["bias"], ins, outs, model_kind)
+
+    def count_key(self, cell: dict) -> tuple:
+        return (cell["bias"], cell["interaction"])
+
+    def count_cell(self, fam: "RulesFamily", p: RulesParams, cell: dict, tokenizer, model_kind: str, seed: int,
+                   read):
+        return fam._clean_count(p, cell, tokenizer, model_kind, read)
+
+    def step(self, fam: "RulesFamily", s: GenState, g: int) -> None:
+        clean_step(fam, s, g)
 
 
-def paper_d0(p: RulesParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """d⁰ of a paper cell: ``d0_size`` inputs where h* and h̄ agree, by (experiment seed, h_index, d0 seed)."""
-    h = feasible_rules()[cell["h_index"]]
-    rng = np.random.default_rng(cell_seed(seed, "rules-d0", cell["h_index"], cell["d0_seed"]))
-    ins = RP.sample_d0(consistent_pair(h, len(OBJECTS) - 1), p.d0_size, rng)
-    return ins.astype(np.int64), output_table()[h, ins]
+class PaperRules(RulesProtocol):
+    """The original game (:mod:`.rules_paper`): objects A..D + screen, d⁰ where h* and h̄ agree, the
+    model states rules and writes the next examples."""
+
+    name = "paper"
+
+    def cells(self, p: RulesParams) -> list[dict]:
+        conds = [(b, pos) for b in p.biases for pos in (["none"] if b == "none" else p.positions)]
+        return [{"bias": b, "position": pos, "interaction": it, "h_index": h, "temperature": float(t),
+                 "d0_seed": d, "sample": s}
+                for (b, pos), it, h, t, d, s in itertools.product(conds, p.interactions, p.h_indices, p.temperatures,
+                                                                   p.d0_seeds, range(p.chains))]
+
+    def width(self, p: RulesParams) -> int:
+        return max(p.examples, p.d0_size)
+
+    def extra_arrays(self, g: int, H: int) -> dict[str, ArraySpec]:
+        return {"probs_refined": ArraySpec(("generation", "hypothesis"), (g, H), "float64"),
+                "rule_passed": ArraySpec(("generation",), (g,), "int32"),
+                "refined": ArraySpec(("generation",), (g,), "bool"),
+                "n_examples": ArraySpec(("generation",), (g,), "int32"),
+                "n_invalid": ArraySpec(("generation",), (g,), "int32"),
+                "redraws": ArraySpec(("generation",), (g,), "int32"),
+                "n_consistent": ArraySpec(("generation",), (g,), "int32"),
+                "carried": ArraySpec(("generation",), (g,), "bool"),
+                "reply": ArraySpec(("generation",), (g,), "str")}
+
+    def objects(self) -> tuple[str, ...]:
+        return RP.OBJECTS
+
+    def rule_text(self, h: tuple[str, ...]) -> str:
+        return RP.rule_json(h)
+
+    def validate(self, p: RulesParams) -> None:
+        for h in p.h_indices:
+            n = len(consistent_pair(feasible_rules()[h], len(OBJECTS) - 1))
+            if n < p.d0_size:
+                raise ConfigError("params.d0_size", f"h_index {h} has only {n} inputs on which h* and h-bar "
+                                  f"agree", allowed=[f"[1, {n}]"])
+
+    def d0(self, p: RulesParams, cell: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return paper_d0(p, cell, seed)
+
+    def first_prompt(self, fam: "RulesFamily", p: RulesParams, cell: dict, ins, outs, model_kind: str) -> Prompt:
+        return paper_rule_prompt(p, cell, [], ins, outs, model_kind)
+
+    def count_key(self, cell: dict) -> tuple:
+        return tuple((k, cell[k]) for k in ("bias", "position", "interaction", "h_index", "d0_seed"))
+
+    def count_cell(self, fam: "RulesFamily", p: RulesParams, cell: dict, tokenizer, model_kind: str, seed: int,
+                   read):
+        return fam._paper_count(p, cell, tokenizer, model_kind, seed, read)
+
+    def record_d0(self, s: GenState, i: int, n: int) -> None:
+        s.arr["n_examples"][i, 0] = n
+
+    def step(self, fam: "RulesFamily", s: GenState, g: int) -> None:
+        paper_step(fam, s, g)
+
+
+PROTOCOLS: dict[str, RulesProtocol] = {"clean": CleanRules(), "paper": PaperRules()}
+RulesParams.PROTOCOLS = PROTOCOLS
 
 
 # ---------------------------------------------------------------------------- family
@@ -264,17 +317,10 @@ class RulesFamily(GenerationalFamily):
     Params = RulesParams
 
     def cells(self, p: RulesParams) -> list[dict]:
-        if p.protocol == "clean":
-            return [{"bias": b, "interaction": it, "sample": s}
-                    for b, it, s in itertools.product(p.biases, p.interactions, range(p.chains))]
-        conds = [(b, pos) for b in p.biases for pos in (["none"] if b == "none" else p.positions)]
-        return [{"bias": b, "position": pos, "interaction": it, "h_index": h, "temperature": float(t),
-                 "d0_seed": d, "sample": s}
-                for (b, pos), it, h, t, d, s in itertools.product(conds, p.interactions, p.h_indices, p.temperatures,
-                                                                   p.d0_seeds, range(p.chains))]
+        return p.strategy.cells(p)
 
     def _m(self, p: RulesParams) -> int:
-        return max(p.examples, p.d0_size if p.protocol == "paper" else len(p.init_inputs))
+        return p.strategy.width(p)
 
     def arrays(self, p: RulesParams) -> dict[str, ArraySpec]:
         g, H, m = p.generations + 1, len(hypotheses()), self._m(p)
@@ -287,26 +333,15 @@ class RulesFamily(GenerationalFamily):
         for pre in ("", "eff_"):
             for k in ("entropy", "p_screen_off", "acc_d0", "both"):
                 out[pre + k] = ArraySpec(("generation",), (g,), "float64")
-        if p.protocol == "paper":
-            out.update({"probs_refined": ArraySpec(("generation", "hypothesis"), (g, H), "float64"),
-                        "rule_passed": ArraySpec(("generation",), (g,), "int32"),
-                        "refined": ArraySpec(("generation",), (g,), "bool"),
-                        "n_examples": ArraySpec(("generation",), (g,), "int32"),
-                        "n_invalid": ArraySpec(("generation",), (g,), "int32"),
-                        "redraws": ArraySpec(("generation",), (g,), "int32"),
-                        "n_consistent": ArraySpec(("generation",), (g,), "int32"),
-                        "carried": ArraySpec(("generation",), (g,), "bool"),
-                        "reply": ArraySpec(("generation",), (g,), "str")})
+        out.update(p.strategy.extra_arrays(g, H))
         return out
 
     def objects(self, p: RulesParams) -> tuple[str, ...]:
-        return RP.OBJECTS if p.protocol == "paper" else OBJECTS
+        return p.strategy.objects()
 
     def rule_texts(self, p: RulesParams) -> list[str]:
         """The 243 teacher-forced continuations of the prefill ``Rule:``."""
-        if p.protocol == "paper":
-            return [" " + RP.rule_json(h) for h in hypotheses()]
-        return [" " + rule_text(h) for h in hypotheses()]
+        return [" " + p.strategy.rule_text(h) for h in hypotheses()]
 
     def coords(self, p: RulesParams) -> dict[str, list]:
         return {"hypothesis": [t[1:] for t in self.rule_texts(p)], "generation": list(range(p.generations + 1)),
@@ -328,23 +363,7 @@ class RulesFamily(GenerationalFamily):
         for b in p.biases:
             if b not in p.bias_sentences:
                 raise ConfigError("params.biases", f"unknown bias {b!r}", allowed=sorted(p.bias_sentences))
-        if p.protocol == "clean":
-            bad = [i for i in p.interactions if i in PAPER_INTERACTIONS]
-            if bad:
-                raise ConfigError("params.interactions", f"{bad} are model turns of the paper protocol",
-                                  allowed=["none", "self_check", "refine"])
-            for s in p.init_inputs:
-                try:
-                    parse_subset(s)
-                except ValueError as e:
-                    raise ConfigError("params.init_inputs", str(e),
-                                      allowed=["'A'", "'A, C'", "... (subsets of A-E)"]) from None
-        else:
-            for h in p.h_indices:
-                n = len(consistent_pair(feasible_rules()[h], len(OBJECTS) - 1))
-                if n < p.d0_size:
-                    raise ConfigError("params.d0_size", f"h_index {h} has only {n} inputs on which h* and h-bar "
-                                      f"agree", allowed=[f"[1, {n}]"])
+        p.strategy.validate(p)
         texts = self.rule_texts(p)
         ctx_text = self.render(p, self.cells(p)[:1], tokenizer, model_kind, 0)[0].text
         encode_choices(tokenizer, texts, context_text=ctx_text)  # boundary after the prefill, prefix-free
@@ -359,16 +378,10 @@ class RulesFamily(GenerationalFamily):
 
     def render(self, p: RulesParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         """Generation 0's belief read (the 243 rule strings are the choices)."""
-        from .rules_run import paper_rule_prompt
-
         out = []
         for c in cells:
-            if p.protocol == "paper":
-                ins, outs = paper_d0(p, c, seed)
-                pr = paper_rule_prompt(p, c, [], ins, outs, model_kind)
-            else:
-                ins, outs = _init_data(p)
-                pr = self.prompt(p, c["bias"], ins, outs, model_kind)
+            ins, outs = p.strategy.d0(p, c, seed)
+            pr = p.strategy.first_prompt(self, p, c, ins, outs, model_kind)
             out.append(RenderedCell(cell={**c, "generation": 0}, text=render(pr, tokenizer),
                                     choices=self.rule_texts(p)))
         return out
@@ -410,25 +423,26 @@ class RulesFamily(GenerationalFamily):
         cache: dict = {}
         out = TokenCount()
         for c in cells:
-            if p.protocol == "paper":
-                key = tuple((k, c[k]) for k in ("bias", "position", "interaction", "h_index", "d0_seed"))
-                if key not in cache:
-                    cache[key] = self._paper_count(p, c, tokenizer, model_kind, seed, read)
-                out = out + cache[key]
-                continue
-            key = (c["bias"], c["interaction"])
+            key = p.strategy.count_key(c)
             if key not in cache:
-                ins0, outs0 = _init_data(p)
-                n0 = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins0, outs0, model_kind)))
-                t = TokenCount(prompt=read(n0, c["interaction"] == "self_check"))
-                if p.generations:
-                    ins = _typical_inputs(p.examples, OBJECTS)
-                    outs = output_table()[hypotheses().index(tuple(p.true_rule[o] for o in OBJECTS)), ins]
-                    n = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins, outs, model_kind)))
-                    t = t + TokenCount(prompt=read(n, c["interaction"] == "self_check")).scaled(p.generations)
-                cache[key] = t
+                cache[key] = p.strategy.count_cell(self, p, c, tokenizer, model_kind, seed, read)
             out = out + cache[key]
         return out
+
+    def _clean_count(self, p: RulesParams, c: dict, tokenizer, model_kind: str, read):
+        """One clean cell's tokens (see :meth:`count_tokens`)."""
+        from .tokens import TokenCount
+        from ..prompts import encode_prompt
+
+        ins0, outs0 = _init_data(p)
+        n0 = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins0, outs0, model_kind)))
+        t = TokenCount(prompt=read(n0, c["interaction"] == "self_check"))
+        if p.generations:
+            ins = _typical_inputs(p.examples, OBJECTS)
+            outs = output_table()[hypotheses().index(tuple(p.true_rule[o] for o in OBJECTS)), ins]
+            n = len(encode_prompt(tokenizer, self.prompt(p, c["bias"], ins, outs, model_kind)))
+            t = t + TokenCount(prompt=read(n, c["interaction"] == "self_check")).scaled(p.generations)
+        return t
 
     def _paper_count(self, p: RulesParams, c: dict, tokenizer, model_kind: str, seed: int, read):
         """One paper cell's tokens (see :meth:`count_tokens`): the run's own prompt builders
@@ -436,8 +450,6 @@ class RulesFamily(GenerationalFamily):
         stated assumptions."""
         from .tokens import TokenCount
         from ..prompts import encode_prompt
-        from .rules_run import _fmt, conversation, paper_rule_prompt, rounds
-
         G, chat = p.generations, use_chat(p.variant, model_kind)
         h = feasible_rules()[c["h_index"]]
         d0_in, d0_out = paper_d0(p, c, seed)
@@ -514,15 +526,7 @@ class RulesFamily(GenerationalFamily):
         return lp, yes
 
     def init(self, s: GenState) -> None:
-        p = s.p
-        for i, c in enumerate(s.cells):
-            ins, outs = paper_d0(p, c, s.ctx.seed) if p.protocol == "paper" else _init_data(p)
-            s.arr["inputs"][i, 0, : len(ins)] = ins
-            s.arr["outputs"][i, 0, : len(outs)] = outs
-            if p.protocol == "paper":
-                s.arr["n_examples"][i, 0] = len(ins)
+        s.p.strategy.init(s)
 
     def step(self, s: GenState, g: int) -> None:
-        from .rules_run import clean_step, paper_step
-
-        (paper_step if s.p.protocol == "paper" else clean_step)(self, s, g)
+        s.p.strategy.step(self, s, g)

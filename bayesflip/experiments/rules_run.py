@@ -2,7 +2,9 @@
 
 Everything a step needs is read back from the arrays (data, stated/passed rules, replies), so
 the chat history of the paper protocol is rebuilt, not kept, and a resumed shard equals an
-uninterrupted one. See :mod:`.rules` for the protocols and :mod:`.rules_paper` for the templates.
+uninterrupted one. See :mod:`.rules` for the protocols (its ``CleanRules`` / ``PaperRules`` call
+``clean_step`` / ``paper_step``), :mod:`.rules_world` for the game's pure helpers and
+:mod:`.rules_paper` for the templates.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from ..prompts import Prompt, encode_prompt
 from . import rules_paper as RP
 from .base import use_chat
 from .generational import GenState
-from .rules import (OBJECTS, accuracy, hypotheses, metrics, next_examples, output_table, subsets,
-                    tempered_pick, _init_data)
+from .rules_world import (OBJECTS, accuracy, hypotheses, metrics, next_examples, output_table, subsets,
+                          tempered_pick, _init_data)
 
 SCREEN = len(OBJECTS) - 1          # paper: the fifth object, 'screen'
 

@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from .. import bayes
-from ..experiments.rules import OBJECTS, VALUES, accuracy, hypotheses, parse_subset, rule_output, subsets
+from ..experiments.rules_world import OBJECTS, VALUES, accuracy, hypotheses, parse_subset, rule_output, subsets
 from . import figures as F
 from .base import Figure, FamilyInput, ReducedFamily, Section, Table, Text, reduce_by_protocol, register_reducer
 from .load import StoreData

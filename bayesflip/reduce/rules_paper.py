@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import bayes
-from ..experiments.rules import accuracy, feasible_rules, hypotheses
+from ..experiments.rules_world import accuracy, feasible_rules, hypotheses
 from . import figures as F
 from .base import Figure, FamilyInput, Section, Table, Text, mean_se_by
 from .load import StoreData
