@@ -27,13 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "bayesflip"
 
-# Known cycles, owned by another branch (strategy18: the rule and acronym games' pure helpers move to
-# their own modules). Only these exact 2-cycles may remain, and the test xfails while they do.
-# TODO(strategy18): delete this allowlist once that branch is merged.
-KNOWN_CYCLES = {
-    frozenset({"bayesflip.experiments.rules", "bayesflip.experiments.rules_run"}),
-    frozenset({"bayesflip.experiments.acronym", "bayesflip.experiments.acronym_run"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()   # none allowed: every cycle fails the test
 
 
 # ---------------------------------------------------------------------- the import graph
@@ -149,8 +143,7 @@ def test_no_import_cycles():
     found = cycles(g)
     unknown = [c for c in found if frozenset(c) not in KNOWN_CYCLES]
     assert not unknown, "import cycles (imports inside functions count):\n" + "\n".join(_describe(c, g) for c in unknown)
-    if found:
-        pytest.xfail("known cycles owned by branch strategy18: " + " | ".join(_describe(c, g) for c in found))
+    assert not found
 
 
 def test_layers_point_down():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bayesflip.backends import load_backend
-from bayesflip.models import loader
+from bayesflip.models import prepare
 from bayesflip.models.integrity import clean_stale_tmp, safetensors_problem, snapshot_problems, tmp_name
 from bayesflip.models.prepare import (ModelNotPreparedError, is_prepared, prepare_hub, prepared_revision,
                                       require_prepared)
@@ -147,7 +147,7 @@ def test_gguf_copy_truncated_is_converted_again_and_stale_tmp_removed(tmp_path, 
     from bayesflip.models.registry import get_model_spec
 
     spec = get_model_spec("smollm2-135m-instruct")
-    monkeypatch.setattr(loader, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(prepare, "CACHE_DIR", tmp_path)
     converted = []
 
     def fake_convert(spec, pkg_dir, target):
@@ -161,11 +161,11 @@ def test_gguf_copy_truncated_is_converted_again_and_stale_tmp_removed(tmp_path, 
     save_file({"w": torch.zeros(4)}, str(good / "model.safetensors"))
     (good / "config.json").write_text("{}")
     (good / "tokenizer_config.json").write_text("{}")
-    monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(prepare, "_convert_gguf", fake_convert)
 
-    target = loader.gguf_cache_dir(spec)
+    target = prepare.gguf_cache_dir(spec)
     assert converted == [target] and snapshot_problems(target) == []
-    assert loader.gguf_cache_dir(spec) == target and len(converted) == 1          # whole: reused
+    assert prepare.gguf_cache_dir(spec) == target and len(converted) == 1          # whole: reused
 
     data = (target / "model.safetensors").read_bytes()
     (target / "model.safetensors").write_bytes(data[:-3])                        # truncated copy
@@ -175,7 +175,7 @@ def test_gguf_copy_truncated_is_converted_again_and_stale_tmp_removed(tmp_path, 
     for d in (dead, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
-    assert loader.gguf_cache_dir(spec) == target and len(converted) == 2          # converted again
+    assert prepare.gguf_cache_dir(spec) == target and len(converted) == 2          # converted again
     assert (target / "model.safetensors").read_bytes() == data
     assert not dead.exists() and live.exists()        # a killed run's scratch dir goes; a live one's stays
     assert clean_stale_tmp(target) == []

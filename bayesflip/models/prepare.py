@@ -353,6 +353,12 @@ def gguf_cache_dir(spec: ModelSpec) -> Path:
             return target
         log.warning("%s is damaged (%s); converting %s again", target, "; ".join(bad), spec.gguf_file)
         shutil.rmtree(target)
+    _convert_gguf(spec, pkg_dir, target)
+    return target
+
+
+def _convert_gguf(spec: ModelSpec, pkg_dir: Path, target: Path) -> None:
+    """Dequantize the package's GGUF into ``target`` (safetensors + tokenizer), atomically (rename)."""
     gguf = pkg_dir / spec.gguf_file  # type: ignore[operator]
     if not gguf.exists():
         raise ConfigError(f"models.{spec.name}.gguf_file", f"{gguf} does not exist",
@@ -379,4 +385,3 @@ def gguf_cache_dir(spec: ModelSpec) -> Path:
         os.replace(tmp, target)
     except OSError:  # another task finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
