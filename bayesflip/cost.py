@@ -535,7 +535,9 @@ def format_cost(sweep_name: str, rows: list[dict]) -> str:
                   str(sum(r["tasks"] for r in rows)), "", "",
                   " + ".join(f"{v:.1f} {u}" for u, v in sorted(by_unit.items())) or "n/a"])
     widths = [max(len(x[i]) for x in [cols, *table]) for i in range(len(cols))]
-    fmt = lambda xs: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))
+    def fmt(xs: list[str]) -> str:
+        return "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))
+
     lines = [head, fmt(cols), *map(fmt, table)]
     lines.append("device-min = estimated task minutes (model load included) × devices per task; "
                  "min/task = mean estimated task, max = longest")

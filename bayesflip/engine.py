@@ -204,7 +204,9 @@ def _read_index(wants: list[list], T: int) -> tuple[np.ndarray, np.ndarray, np.n
                 ptl.extend(w.tokens)
                 n, m = n + 1, m + len(w.tokens)
     flush()
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+    def cat(xs: list) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+
     return cat(flat), cat(pr), cat(pt), spans
 
 
@@ -525,7 +527,7 @@ class Scorer:
             if tail:
                 # branch the uncovered choices from the cache of the whole sequence
                 sel, conts, cwants, plans = [], [], [], []
-                for b, pi, unc in tail:
+                for b, _pi, unc in tail:
                     rows, row_wants, assign = _branch_plan([reqs[b].choices[k] for k in unc])
                     plans.append((len(conts), assign))
                     sel += [b] * len(rows)
@@ -598,9 +600,9 @@ class Scorer:
         """KV-cache bytes of one token of one row: ``layers · 2 · kv_heads · head_dim · bytes per element``
         (from the config; all heads, i.e. an upper bound for a tensor-parallel rank)."""
         c = self.config
-        heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
+        heads = int(getattr(c, "num_attention_heads", None) or c.n_head)
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
-        hidden = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+        hidden = int(getattr(c, "hidden_size", None) or c.n_embd)
         head_dim = int(getattr(c, "head_dim", None) or hidden // heads)
         elem = next(self.module.parameters()).element_size()
         return self.n_layers * 2 * kv * head_dim * elem
@@ -694,8 +696,8 @@ class Scorer:
     def _mergeable(cache) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        return type(cache) is DynamicCache and all(type(l) is DynamicLayer and getattr(l, "keys", None) is not None
-                                                   and l.keys.dim() == 4 for l in cache.layers)
+        return type(cache) is DynamicCache and all(type(ly) is DynamicLayer and getattr(ly, "keys", None) is not None
+                                                   and ly.keys.dim() == 4 for ly in cache.layers)
 
     @staticmethod
     def _merge(parts: list) -> tuple:
@@ -705,7 +707,7 @@ class Scorer:
         cache = parts[0][0]
         for li, layer in enumerate(cache.layers):
             ks, vs = [], []
-            for c, m, _, _ in parts:
+            for c, _m, _, _ in parts:
                 k, v = c.layers[li].keys, c.layers[li].values
                 pad = T - k.shape[-2]
                 ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k)

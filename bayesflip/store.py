@@ -486,7 +486,7 @@ class ResultStore:
                     raise
                 diff = identity_diff(st.attrs.get("identity"), attrs["identity"])   # a concurrent creator won
                 if diff:
-                    raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)})")
+                    raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)})") from e
         except OSError as e:
             raise StoreWriteError(f"cannot create store {st.path}: {e.strerror or e}"
                                   + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
@@ -506,9 +506,9 @@ class ResultStore:
                 if k not in attrs:
                     return f"attribute {k!r} missing"
             for name in attrs["arrays"]:
-                g[name].metadata
+                _ = g[name].metadata   # reading the metadata is the check
             for a in layout.coord_arrays(g, attrs):
-                a.metadata
+                _ = a.metadata
         except Exception as e:  # any unreadable metadata means the store cannot be trusted
             return f"{type(e).__name__}: {e}"
         return None

@@ -71,7 +71,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 
 from ..engine import CurveRequest
 from ..errors import ConfigError
-from ..prompts import Prompt, render
+from ..prompts import Prompt
 from . import register
 from .base import ArraySpec, Family, Params, Protocol, RenderedCell, RunContext, cell_seed, use_chat
 from .seq import build_curve, sequence_text, validate_sequence_pieces

@@ -45,12 +45,12 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..config import SweepConfig, load_sweep
-from ..errors import BayesflipError, ConfigError, StoreWriteError
+from ..errors import BayesflipError, ConfigError
 from ..models.registry import ModelSpec, get_model_spec
 from ..paths import RESULTS_DIR
 from ..plan import Task, Unit, make_tasks, plan_sweep, write_manifest
 from ..backends.distributed import RENDEZVOUS_VARS
-from .templates import (JobTemplate, check_against_partition, load_template, query_partition, slurm_available,
+from .templates import (JobTemplate, check_against_partition, query_partition, slurm_available,
                         templates_for, with_overrides)
 
 EXECUTORS = ("slurm", "local")
@@ -495,7 +495,7 @@ def wait_jobs(sub: Submission, out=print) -> int:
     rank returned (rank 0's summary is reported), FAILED with rank 0's message (or the failing rank's)."""
     failed = 0
     for arr in sub.submitted:
-        for j, task in zip(arr.jobs, arr.plan.tasks):
+        for j, _task in zip(arr.jobs, arr.plan.tasks):
             r, err = job_outcome(j)
             ranks = f", {r['world_size']} ranks" if r and r.get("world_size", 1) > 1 else ""
             if err is None:

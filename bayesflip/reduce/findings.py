@@ -537,7 +537,7 @@ def _amplification(ctx: Context, model: str) -> Finding | None:
         vals[f"rules/{r['experiment']}/{r['bias']}"] = d
     acr = ctx.table("acronym", "acronym_paper_by_generation", ("experiment", "model", "bias_type", "generation"))
     acr = acr[acr["model"] == model]
-    for key, g in acr.groupby([k for k in ("experiment", "bias_type", "m_easy", "temperature") if k in acr],
+    for _key, g in acr.groupby([k for k in ("experiment", "bias_type", "m_easy", "temperature") if k in acr],
                               sort=True):
         g = g.sort_values("generation")
         b = str(g["bias_type"].iloc[0])
