@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +266,31 @@ class ReadHead:
             if j > i:
                 parts.append(torch.log_softmax(z[a:b].float(), -1)[rows[i:j] - a, toks[i:j]])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class ScoringModel(Protocol):
+    """What experiment families call on ``RunContext.scorer``: a :class:`Scorer`, or a backend that wraps
+    one (:class:`bayesflip.backends.base.Backend`). Structural, so unit tests may pass a bare Scorer."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[np.ndarray]: ...
+
+    def score_curves(self, requests: Sequence[CurveRequest]) -> list[np.ndarray]: ...
+
+    def generate(self, prompts: Sequence[Ids], max_new_tokens: int, seeds: Sequence[int],
+                 temperature: float = 1.0, stop_strings: Sequence[str] = (), stop_at_eos: bool = True,
+                 top_k: int | None = None, top_p: float | None = None) -> list[Ids]: ...
+
+    def attention_stats(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],
+                        layers: Sequence[int] | None = None) -> dict[str, dict[str, np.ndarray]]: ...
 
 
 class Scorer:

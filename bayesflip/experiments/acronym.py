@@ -131,7 +131,7 @@ def pool_filter(kind: str, valid: list, keep: int, rng: np.random.Generator) -> 
 
 class AcronymParams(Params, SamplingFields):
     protocol: Protocol = "clean"
-    filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],
+    filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
                                                             min_length=1)
     length: int = Field(7, ge=2, le=20)
     init_pairs: list[str] = Field(default_factory=lambda: list(INIT_PAIRS), min_length=1)
@@ -148,7 +148,7 @@ class AcronymParams(Params, SamplingFields):
     variant: Literal["auto", "base", "instruct"] = "auto"
     # ---- paper protocol only (acronym_paper.py)
     bias_types: list[Literal["easy", "hard", "easylong", "easyshort", "random", "imitation"]] = Field(
-        default_factory=lambda: ["easy", "hard"], min_length=1)
+        default_factory=lambda: ["easy", "hard"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     personas: dict[str, str] = Field(default_factory=lambda: dict(AP.PERSONAS))
     easy_set: StimulusList = Field("set:acronym_easy", validate_default=True)
     hard_set: StimulusList = Field("set:acronym_hard", validate_default=True)

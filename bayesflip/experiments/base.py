@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
+
+if TYPE_CHECKING:
+    from ..engine import ScoringModel
 
 
 class Params(BaseModel):
@@ -96,7 +99,7 @@ class ArraySpec:
 class RunContext:
     """What a family gets in a job: the one engine, the model facts, and the seed."""
 
-    scorer: Any                    # the model's backend (bayesflip.backends.Backend; a bare engine Scorer in unit tests)
+    scorer: ScoringModel           # the model's backend (bayesflip.backends.Backend; a bare engine Scorer in unit tests)
     model_kind: str                # "std" | "instruct"
     model_name: str
     seed: int

@@ -104,6 +104,7 @@ class ICLParams(Params):
                 if self.shift != "none" or self.samples != 1 or self.permutations:
                     raise ValueError("flips 'random_choices' reproduces the v2 ICL configs: shift none, samples 1, "
                                      "permutations 0 (allowed otherwise: seeded)")
+                assert self.queries is not None and self.instruct_prompts is not None   # filled by paper.resolve_stimuli
                 paper_flips.check_v2(self.process, self.thetas, self.faces, self.read_ns, len(self.queries),
                                      self.n_flips)
             if self.flips == "random_chain" and (self.process != "coin" or self.samples != 1):
@@ -178,6 +179,7 @@ class ICLFamily(Family):
         if p.protocol == "paper" and p.flips == "random_choices":  # one sequence per (N, θ[, face], query)
             out = [{"n": n, **c} for n in sorted(set(p.read_ns)) for c in out]
         if p.protocol == "paper":  # every (instruct prompt, query) pair; instruct prompts share the query's sequence
+            assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
             out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
 
@@ -205,6 +207,7 @@ class ICLFamily(Family):
         """The prompt before the first outcome of this cell (clean: the same for every cell)."""
         if p.protocol != "paper":
             return self.head(p, model_kind)
+        assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
         chat = use_chat(p.variant, model_kind)
         return paper.render_prompt(statement_text(p, cell, chat), p.queries[cell["query"]],
                                    p.instruct_prompts[cell["instruct"]], chat)
@@ -250,6 +253,7 @@ class ICLFamily(Family):
         if p.protocol != "paper":
             validate_sequence_pieces(tokenizer, self.head(p, model_kind), _spec(p)["choices"], p.separator)
             return
+        assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
         c0 = self.cells(p)[-1]
         for q in range(len(p.queries)):  # the first choice joins every query ending
             try:

@@ -110,7 +110,7 @@ PAPER_DEFAULTS = {"kinds": [], "named": list(NAMED), "non_uniformity": list(PAPE
 
 class MarkovParams(Params):
     protocol: Protocol = "clean"
-    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))
+    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     named: list[Literal["uniform_mdp", "simple_mdp", "all_hard_states", "last_hard_state"]] = Field(
         default_factory=list)
     matrices: Literal["seeded", "paper"] = "seeded"     # where the non-uniform matrices' draws come from

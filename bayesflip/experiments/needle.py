@@ -105,7 +105,7 @@ class NeedleParams(Params):
     depths: list[Depth] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], min_length=1)
     biases: list[Bias] = Field(default_factory=lambda: list(range(0, 101, 10)), min_length=1)
     faces: list[Face] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6], min_length=1)
-    parities: list[Literal["even", "odd"]] = Field(default_factory=lambda: ["even", "odd"], min_length=1)
+    parities: list[Literal["even", "odd"]] = Field(default_factory=lambda: ["even", "odd"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     samples: int = Field(5, ge=1)
     no_needle: bool = True
     no_context: bool = True
@@ -194,6 +194,7 @@ def build_prompt(p: NeedleParams, cell: dict, tokenizer, model_kind: str, seed: 
                             placement=p.protocol)
         context = fill.text
     if p.protocol == "paper":
+        assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
         return paper.render_prompt(context, p.queries[cell["query"]], p.instruct_prompts[cell["instruct"]], chat), fill
     if chat:
         user = (context + " " if context else "") + s["instruction"]
@@ -219,6 +220,7 @@ class NeedleFamily(Family):
         for L, d, nd, s in itertools.product(p.lengths, p.depths, _needle_cells(p), range(p.samples)):
             out.append({**base, "condition": "needle", "length": L, "depth": d, **nd, "sample": s})
         if p.protocol == "paper":  # every (instruct prompt, query) pair, innermost
+            assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
             out = [{**c, "instruct": i, "query": q} for c in out for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return out
 

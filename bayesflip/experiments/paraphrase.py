@@ -99,6 +99,7 @@ class ParaphraseParams(Params):
                               paper.QUERY_SET[self.process], paper.INSTRUCT_SET[self.process])
         if self.protocol == "paper":
             if self.limit is not None:
+                assert self.queries is not None   # filled by paper.resolve_stimuli
                 self.queries = self.queries[: self.limit]
             return self
         if self.paraphrases is None:
@@ -114,6 +115,7 @@ class ParaphraseParams(Params):
 
 def build_prompt(p: ParaphraseParams, text: str, model_kind: str, instruct: int = 0) -> Prompt:
     if p.protocol == "paper":
+        assert p.instruct_prompts is not None   # filled by paper.resolve_stimuli
         return paper.render_prompt("", text, p.instruct_prompts[instruct], is_chat(p, model_kind))
     if is_chat(p, model_kind):
         return Prompt(text=text, messages=(("user", p.instruction or PROCESSES[p.process]["instruction"]),))
@@ -127,6 +129,7 @@ class ParaphraseFamily(Family):
 
     def cells(self, p: ParaphraseParams) -> list[dict]:
         if p.protocol == "paper":
+            assert p.queries is not None and p.instruct_prompts is not None   # filled by paper.resolve_stimuli
             return [{"process": p.process, "paraphrase": q, "instruct": i, "text": p.queries[q], "sample": 0}
                     for i, q in paper.pairs(p.queries, p.instruct_prompts)]
         return [{"process": p.process, "paraphrase": i, "text": t, "sample": 0}

@@ -204,10 +204,10 @@ class RulesParams(Params, SamplingFields):
     protocol: Protocol = "clean"
     biases: list[str] = Field(default_factory=lambda: ["strong", "medium", "weak", "none"], min_length=1)
     bias_sentences: dict[str, str] = Field(default_factory=lambda: dict(BIAS_SENTENCES))
-    interactions: list[Interaction] = Field(default_factory=lambda: ["none"], min_length=1)
+    interactions: list[Interaction] = Field(default_factory=lambda: ["none"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     screen: Literal["A", "B", "C", "D", "E"] = "A"
     true_rule: dict[str, Literal["on", "off", "und"]] = Field(
-        default_factory=lambda: {"A": "off", "B": "on", "C": "off", "D": "und", "E": "off"})
+        default_factory=lambda: {"A": "off", "B": "on", "C": "off", "D": "und", "E": "off"})  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     init_inputs: list[str] = Field(default_factory=lambda: ["A, B", "C", "D, E", "C, E"], min_length=1)
     examples: int = Field(4, ge=1, le=31)             # M: new examples per generation
     generations: int = Field(10, ge=0, le=1000)
@@ -220,7 +220,7 @@ class RulesParams(Params, SamplingFields):
     choice_chunk: int = Field(81, ge=1, le=243)       # rules per engine call (each copies the context's KV cache)
     variant: Literal["auto", "base", "instruct"] = "auto"
     # ---- paper protocol only (the original game, rules_paper.py)
-    positions: list[Literal["start", "end", "both"]] = Field(default_factory=lambda: ["start"], min_length=1)
+    positions: list[Literal["start", "end", "both"]] = Field(default_factory=lambda: ["start"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     h_indices: list[Annotated[int, Field(ge=0, le=161)]] = Field(default_factory=lambda: [0, 33], min_length=1)
     d0_size: int = Field(4, ge=1, le=30)
     d0_seeds: list[int] = Field(default_factory=lambda: [10086, 14843, 42, 1314, 916, 1024], min_length=1)
