@@ -39,6 +39,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,7 +323,7 @@ def print_table(res: dict) -> None:
     for name in BENCHES:
         if name not in res:
             continue
-        items = []
+        items: list[tuple[str, Any]] = []
         for k, v in res[name].items():  # one level of nesting (generate: greedy / sampled)
             items += [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
         for k, v in items:

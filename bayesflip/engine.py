@@ -210,7 +210,7 @@ def _read_index(wants: list[list], T: int) -> tuple[np.ndarray, np.ndarray, np.n
     return cat(flat), cat(pr), cat(pt), spans
 
 
-def row_chunks(rows: np.ndarray, n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
+def row_chunks(rows: np.ndarray | Sequence[int], n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
     """(a, b, i, j): logit rows ``a:b`` hold the pairs ``i:j`` of the non-decreasing host array ``rows``;
     chunks of at most ``chunk_elems`` logits (``n`` rows of ``v``)."""
     step = max(1, chunk_elems // max(1, v))
@@ -255,7 +255,7 @@ class ReadHead:
             h = h.to(w.device)  # device_map models: the last hidden state may live on another GPU
         return torch.nn.functional.linear(h.float(), w, b)
 
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: list[int]) -> torch.Tensor:
+    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: np.ndarray | Sequence[int]) -> torch.Tensor:
         """Float32 ``log_softmax(z)[rows, toks]`` for the (row, token) pairs; the log-softmax is taken over
         row chunks (:func:`row_chunks`; ``host_rows``: ``rows`` on the host, non-decreasing), so its
         temporaries stay bounded."""
@@ -478,6 +478,7 @@ class Scorer:
             last = [_Want(len(r.context) - 1, sorted({c[0] for c in r.choices})) for r in reqs]
             need_cache = any(len(c) > 1 for r in reqs for c in r.choices)
             cache, mask = self._forward_wants([r.context for r in reqs], [[w] for w in last], use_cache=need_cache)
+            conts: list[tuple[int, ...]]
             sel, conts, cwants, plans = [], [], [], []
             for b, r in enumerate(reqs):
                 rows, row_wants, assign = _branch_plan(r.choices)
@@ -551,6 +552,7 @@ class Scorer:
                     results[batch[b]][pi, k] = sum(got[p][t] for p, t in parts)
             if tail:
                 # branch the uncovered choices from the cache of the whole sequence
+                conts: list[tuple[int, ...]]
                 sel, conts, cwants, plans = [], [], [], []
                 for b, _pi, unc in tail:
                     rows, row_wants, assign = _branch_plan([reqs[b].choices[k] for k in unc])
@@ -721,8 +723,8 @@ class Scorer:
     def _mergeable(cache) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        return type(cache) is DynamicCache and all(type(ly) is DynamicLayer and getattr(ly, "keys", None) is not None
-                                                   and ly.keys.dim() == 4 for ly in cache.layers)
+        return type(cache) is DynamicCache and all(type(ly) is DynamicLayer and (k := getattr(ly, "keys", None)) is not None
+                                                   and k.dim() == 4 for ly in cache.layers)
 
     @staticmethod
     def _merge(parts: list) -> tuple:
@@ -787,6 +789,7 @@ class Scorer:
                 if not keep:
                     break
             else:
+                assert new is not None   # allocated whenever no row is tracked
                 new[:, step] = nxt
             if step == max_new_tokens - 1:
                 break
@@ -941,7 +944,7 @@ class ChoiceResult:
                 "probs": [float(x) for x in self.probs], "off_choice_mass": float(self.off_choice_mass)}
 
 
-def score_prompts(scorer: Scorer, prompts: Sequence, choices: Sequence[str], terminator: str = "") -> list[ChoiceResult]:
+def score_prompts(scorer: ScoringModel, prompts: Sequence, choices: Sequence[str], terminator: str = "") -> list[ChoiceResult]:
     """Text-level ``loglikelihood``: every prompt (str or Prompt) with the same choice set."""
     from .prompts import encode_choices, encode_text, render
 

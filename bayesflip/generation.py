@@ -85,7 +85,7 @@ class SamplingFields(BaseModel):
 
     def sampling_kwargs(self, temperature: float, model=None) -> dict:
         """Keyword arguments of :meth:`bayesflip.engine.Scorer.generate` at ``temperature`` (0 = greedy)."""
-        base = {"top_k": None, "top_p": None}
+        base: dict[str, Any] = {"top_k": None, "top_p": None}
         if self.generation == "model_defaults":
             d = model_generation_defaults(model) if model is not None else {"top_k": HF_DEFAULT_TOP_K, "top_p": 1.0}
             base = {"top_k": d["top_k"], "top_p": d["top_p"]}

@@ -143,7 +143,7 @@ def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, onl
     for u in units:
         shards = u.pending if only_pending else list(range(u.n_shards))
         by_model.setdefault(u.model.name, []).extend((u.experiment.name, s) for s in shards)
-    tasks = []
+    tasks: list[Task] = []
     for model, work in by_model.items():
         if pack and model in pack:
             tasks.extend(Task(sweep_name, model, w) for w in pack[model](work))

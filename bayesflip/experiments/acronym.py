@@ -217,11 +217,11 @@ class AcronymFamily(GenerationalFamily):
             out["carried"] = ArraySpec(("generation",), (g,), "bool")
             out["reply"] = ArraySpec(("generation",), (g,), "str")
             return out
-        k = max(p.keep, len(p.init_pairs))
+        n_kept = max(p.keep, len(p.init_pairs))
         out = {"n_valid": ArraySpec(("generation",), (g,), "int32"),
                "carried": ArraySpec(("generation",), (g,), "bool"),
                "replies": ArraySpec(("generation", "reply"), (g, p.pool), "str"),
-               "kept": ArraySpec(("generation", "kept_pair"), (g, k), "str")}
+               "kept": ArraySpec(("generation", "kept_pair"), (g, n_kept), "str")}
         for pre in ("", "prod_"):
             for m in ("share_common", "mean_rank", "mean_zipf"):
                 out[pre + m] = ArraySpec(("generation",), (g,), "float64")

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Annotated, ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional, Sequence
 
 import numpy as np
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
@@ -278,6 +278,8 @@ class MarkovFamily(Family):
 
     def cells(self, p: MarkovParams) -> list[dict]:
         out = []
+        kind: str
+        names: Sequence[str]
         for kind in p.kinds:
             names = [f"random{i}" for i in range(p.random_matrices)] if kind == "random" else [kind]
             for nm, s in itertools.product(names, range(p.samples)):

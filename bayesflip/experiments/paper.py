@@ -102,7 +102,8 @@ def resolve_stimuli(p, clean_keys: tuple[str, ...], query, instruct, extra_paper
 def _unique(keys: list) -> tuple[list[int], list[int]]:
     """(indices of first occurrences, map from every item to its unique slot)."""
     first: dict = {}
-    uniq, where = [], []
+    uniq: list[int] = []
+    where: list[int] = []
     for i, k in enumerate(keys):
         if k not in first:
             first[k] = len(uniq)
