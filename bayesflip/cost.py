@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import numpy as np
 
@@ -380,15 +380,61 @@ def pack_work(seconds: list[float], target_s: float, load_s: float) -> list[list
 
 
 # ---------------------------------------------------------------------- per model
+class CostSpec(Protocol):
+    """The model facts an estimate reads (a :class:`bayesflip.models.registry.ModelSpec`)."""
+
+    @property
+    def params_b(self) -> Optional[float]: ...
+
+    @property
+    def active_params_b(self) -> Optional[float]: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+
+class CostTemplate(Protocol):
+    """The job-template facts an estimate reads (a :class:`bayesflip.hpc.templates.JobTemplate`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def nodes(self) -> int: ...
+
+    @property
+    def gpus_per_node(self) -> int: ...
+
+    @property
+    def cpus_per_task(self) -> int: ...
+
+    @property
+    def n_tasks(self) -> int: ...
+
+    @property
+    def time_min(self) -> int: ...
+
+    @property
+    def target_task_min(self) -> Optional[int]: ...
+
+
+class CostFigures(Protocol):
+    """A template's throughput figures (:class:`bayesflip.hpc.templates.Throughput`), as far as
+    :class:`ModelCost` reads them itself (:func:`kind_speed` reads the rest)."""
+
+    @property
+    def ref_params_b(self) -> float: ...
+
+
 @dataclass
 class ModelCost:
     """Cost inputs of one model of a sweep."""
 
-    spec: object
-    template: object
+    spec: CostSpec
+    template: CostTemplate
     proxy: bool
     tokenizer: str
-    throughput: Optional[object]
+    throughput: Optional[CostFigures]
     throughput_source: str
     tokens: dict[str, ExperimentTokens] = field(default_factory=dict)
 
@@ -419,9 +465,10 @@ class ModelCost:
 
     def pack(self, work: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
         """``work`` (experiment, shard) in order → task work lists of about ``target_task_min``."""
-        sp = self.speed()
+        sp, target = self.speed(), self.template.target_task_min
+        assert sp is not None and target is not None   # callers pack only when self.packable
         secs = [self.shard_seconds(e, s) for e, s in work]
-        groups = pack_work(secs, self.template.target_task_min * 60.0, sp[2])
+        groups = pack_work(secs, target * 60.0, sp[2])
         return [[work[i] for i in g] for g in groups]
 
     @property

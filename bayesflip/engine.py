@@ -704,7 +704,7 @@ class Scorer:
         return _STOP_CANDIDATES[key][1]
 
     # -------------------------------------------------- the decoding loop
-    def _prefill(self, rows: Sequence[Ids]):
+    def _prefill(self, rows: Sequence[Ids]) -> tuple[Any, torch.Tensor, list[int], torch.Tensor]:
         """Prefill one right-padded batch: (cache, host mask, prompt lengths, logits of each row's last token)."""
         B = len(rows)
         lens = [len(r) for r in rows]

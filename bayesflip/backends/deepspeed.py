@@ -64,9 +64,10 @@ class VocabParallelReadHead(ReadHead):
         del bufs, buf
 
     def logits(self, h: torch.Tensor, base) -> torch.Tensor:
+        assert self._w is not None   # gathered in __init__
         return torch.nn.functional.linear(h.float(), self._w, self._b)
 
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: list[int]) -> torch.Tensor:
+    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: np.ndarray | list[int]) -> torch.Tensor:
         import torch.distributed as dist
 
         from ..engine import row_chunks
