@@ -49,7 +49,7 @@ import platform
 import time
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -420,7 +420,7 @@ def machine(device: torch.device) -> dict:
 
     from .store import library_versions
 
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
             "versions": library_versions()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

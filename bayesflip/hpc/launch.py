@@ -370,6 +370,7 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     root = Path(results_dir or RESULTS_DIR).resolve()
     # 1. plan without writing anything: configs, tokenization, identity of existing stores
     cells: dict = {}
+    toks: dict
     costs, toks = None, {}
     if dry_run or (shards_per_task is None and any(t.target_task_min for t in templates.values())):
         from ..cost import estimate_models     # tokens per shard → time-based packing and the dry run's table
@@ -499,6 +500,7 @@ def wait_jobs(sub: Submission, out=print) -> int:
             r, err = job_outcome(j)
             ranks = f", {r['world_size']} ranks" if r and r.get("world_size", 1) > 1 else ""
             if err is None:
+                assert r is not None   # job_outcome: (summary, None) or (None, message)
                 out(f"task {j.job_id} ({arr.plan.model.name}): {len(r['done'])} done, {len(r['skipped'])} skipped "
                     f"(already done), {r['seconds']:.1f} s{ranks}")
             else:

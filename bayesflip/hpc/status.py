@@ -72,7 +72,7 @@ class SweepStatus:
 def _expand_array(spec: str) -> list[int]:
     """``2-5%2`` / ``1,3-4`` → task ids."""
     spec = spec.split("%")[0]
-    out = []
+    out: list[int] = []
     for part in filter(None, spec.split(",")):
         if "-" in part:
             lo, hi = part.split("-")
@@ -267,8 +267,8 @@ def sweep_status(manifest: dict, use_sacct: bool = True, results_dir: Optional[P
     # failed SLURM tasks that still own an unfinished shard: their stderr tail (tracebacks, OOM, ...)
     unit_of = {(u.model, u.experiment): u for u in units}
     for (model, exp, shard), (job, _, stderr) in latest.items():
-        u = unit_of.get((model, exp))
-        if states.get(job) in FAILED and u is not None and u.shards.get(shard) != "done" and job not in task_errors:
+        unit = unit_of.get((model, exp))
+        if states.get(job) in FAILED and unit is not None and unit.shards.get(shard) != "done" and job not in task_errors:
             task_errors[job] = f"{states[job]}: {log_error(stderr)}"
     tasks = dict(states)
     return SweepStatus(manifest.get("sweep", "?"), units, tasks, task_errors,
