@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import numpy as np
 
@@ -221,7 +221,7 @@ def calibration_path(template_name: str) -> Path:
     return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "throughput" / f"{template_name}.json"
 
 
-def template_throughput(t) -> tuple[Optional[object], str]:
+def template_throughput(t) -> tuple[Optional[CostFigures], str]:
     """(Throughput or None, where the figure comes from): the calibration file of the template when
     there is one (its figures over the template's defaults; a default tied to the template's reference —
     ``load_s`` per parameter, ``curve_tokens_per_s`` as a ratio to the scoring figure — follows the file's
@@ -525,7 +525,7 @@ def cost_rows(costs: dict[str, ModelCost], units, arrays, packing: bool = True) 
         gen = sum(mc.tokens[e].generated[s] for e, s in work)
         sp = mc.speed()
         n_dev, unit = mc.devices_per_task
-        row = {"model": name, "template": mc.template.name, "params_b": mc.params_b, "cells": int(cells),
+        row: dict[str, Any] = {"model": name, "template": mc.template.name, "params_b": mc.params_b, "cells": int(cells),
                "prompt_tokens": int(round(prompt)), "generated_tokens": int(round(gen)), "shards": len(work),
                "tasks": len(tasks), "packed": bool(packing and mc.packable), "target_task_min": mc.template.target_task_min,
                "time_min": mc.template.time_min, "devices_per_task": n_dev, "device_unit": unit,

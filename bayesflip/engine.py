@@ -727,7 +727,7 @@ class Scorer:
                                                    and k.dim() == 4 for ly in cache.layers)
 
     @staticmethod
-    def _merge(parts: list) -> tuple:
+    def _merge(parts: list) -> tuple[Any, torch.Tensor, list[int], torch.Tensor]:
         """Several prefilled batches as one: KV caches padded with zeros (masked) to the longest prompt
         and concatenated over rows; returns (cache, host mask, lengths, last logits)."""
         T = max(p[1].shape[1] for p in parts)

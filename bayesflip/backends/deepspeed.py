@@ -17,7 +17,7 @@ exponentials, the wanted logits) instead of N × V bf16 logits. Generation keeps
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class VocabParallelReadHead(ReadHead):
         assert self._w is not None   # gathered in __init__
         return torch.nn.functional.linear(h.float(), self._w, self._b)
 
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: np.ndarray | list[int]) -> torch.Tensor:
+    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: np.ndarray | Sequence[int]) -> torch.Tensor:
         import torch.distributed as dist
 
         from ..engine import row_chunks

@@ -109,10 +109,9 @@ def load_tokenizer(spec: ModelSpec):
 def _build_tiny_random(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     """A seeded random model on ``tokenizer``: 2-layer GPT-2 (``tiny_arch: gpt2``) or Llama (``llama``:
     the architecture DeepSpeed AutoTP shards). Same seed, same weights in every process (TP ranks)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig,
-                              PreTrainedModel)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-    cfg: PretrainedConfig
+    cfg: Any                       # LlamaConfig or GPT2Config, the one cls takes (mypy narrows a union per branch)
     cls: type[PreTrainedModel]
     if spec.tiny_arch == "llama":
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
