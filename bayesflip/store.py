@@ -501,7 +501,7 @@ class ResultStore:
             return "no zarr.json"
         try:
             g = zarr.open_group(self.path, mode="r", use_consolidated=False)   # each array's own zarr.json
-            attrs = dict(g.attrs)
+            attrs: dict[str, Any] = dict(g.attrs)
             for k in ("n_cells", "n_shards", "shard_size", "arrays"):
                 if k not in attrs:
                     return f"attribute {k!r} missing"
@@ -617,7 +617,7 @@ class ResultStore:
         g = zarr.open_group(self.path, mode="r")
         out = {}
         for name in self.attrs["arrays"]:
-            a = g[name]
+            a = layout.array(g, name)
             key = a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))
             out[name] = self.path / a.path / key
         return out
@@ -741,7 +741,7 @@ class ResultStore:
         self.write_record(shard, "done", n_cells=n, checksums=sums, **record)
 
     def read(self, name: str) -> np.ndarray:
-        return zarr.open_group(self.path, mode="r")[name][:]
+        return layout.read_array(zarr.open_group(self.path, mode="r"), name)
 
     def labels(self) -> dict[str, np.ndarray]:
         return layout.read_coords(zarr.open_group(self.path, mode="r"), self.attrs)[1]
@@ -752,7 +752,7 @@ class ResultStore:
         if not layout.is_current(self.read_attrs()):
             return
         try:
-            zarr.open_group(self.path, mode="r+")["verified"][self.shard_slice(shard)] = value
+            layout.array(zarr.open_group(self.path, mode="r+"), "verified")[self.shard_slice(shard)] = value
         except OSError as e:
             raise StoreWriteError(f"cannot mark shard {shard} of {self.path} verified={value}: {e.strerror or e}") from None
 
@@ -761,7 +761,7 @@ class ResultStore:
         if not layout.is_current(self.attrs):
             return 0
         states = states if states is not None else self.shard_states()
-        flags = zarr.open_group(self.path, mode="r")["verified"][:]
+        flags = layout.read_array(zarr.open_group(self.path, mode="r"), "verified")
         changed = 0
         for s, ss in states.items():
             want = ss.state == "done"

@@ -199,8 +199,8 @@ def _low_mass(what: str, off: float) -> list[str]:
     return []
 
 
-def _range(vals: list[float | None], nd: int = 2) -> str:
-    vals = [v for v in vals if v is not None and np.isfinite(v)]
+def _range(values: list[float | None], nd: int = 2) -> str:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
     if not vals:
         return "—"
     lo, hi = min(vals), max(vals)

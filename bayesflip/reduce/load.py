@@ -30,6 +30,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -251,7 +252,7 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
     st = ResultStore(path)
     try:
         g = zarr.open_group(path, mode="r")
-        attrs = dict(g.attrs)
+        attrs: dict[str, Any] = dict(g.attrs)
         n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
         family = str(attrs.get("family", family_hint))
         dims = array_dims(attrs)
