@@ -285,7 +285,7 @@ class ScoringModel(Protocol):
 
     def score_curves(self, requests: Sequence[CurveRequest]) -> list[np.ndarray]: ...
 
-    def generate(self, prompts: Sequence[Ids], max_new_tokens: int, seeds: Sequence[int],
+    def generate(self, prompts: Sequence[Ids], max_new_tokens: int, seeds: Sequence[int], *,
                  temperature: float = 1.0, stop_strings: Sequence[str] = (), stop_at_eos: bool = True,
                  top_k: int | None = None, top_p: float | None = None) -> list[Ids]: ...
 
