@@ -293,6 +293,7 @@ def stream_prompts(*args, keep=lambda r: True):
     return out, experiments
 
 
+@pytest.mark.integration              # streams the whole paper_coinflips listing (~100 MB, minutes)
 def test_cli_prompts_paper_coinflips():
     # the exact command, whole sweep: every experiment listed, then the ICL prompts at theta = 30 %, N = 3
     icl, experiments = stream_prompts(

@@ -49,6 +49,7 @@ def _open(path):
 
 
 # ---------------------------------------------------------------------- the demo stores in plain xarray
+@pytest.mark.integration          # runs the whole demo (real SmolLM2)
 def test_every_demo_store_opens_labelled_without_warnings(demo):
     paths = sorted((demo / "demo").glob("*/*.zarr"))
     assert len(paths) >= 10
@@ -74,6 +75,7 @@ def test_every_demo_store_opens_labelled_without_warnings(demo):
     assert sorted(set(ds["theta"].values)) == sorted(set(ds["theta"].values.tolist()))
 
 
+@pytest.mark.integration          # runs the whole demo (real SmolLM2)
 def test_icl_tidy_equals_the_reduce_icl_curves_table(demo):
     import bayesflip
 
@@ -99,6 +101,7 @@ def test_icl_tidy_equals_the_reduce_icl_curves_table(demo):
             assert (a[c].astype(str) == b[c].astype(str)).all(), c
 
 
+@pytest.mark.integration          # runs the whole demo (real SmolLM2)
 def test_open_sweep_is_a_tree_of_every_store(demo):
     import bayesflip
 
@@ -112,6 +115,7 @@ def test_open_sweep_is_a_tree_of_every_store(demo):
                                   ["logprobs"].values)
 
 
+@pytest.mark.integration          # runs the whole demo (real SmolLM2)
 def test_the_analysis_example_runs_and_reproduces_the_report_curve(demo, tmp_path):
     out = tmp_path / "icl.png"
     r = subprocess.run([PY, str(REPO / "examples" / "analysis.py"), "--results-dir", str(demo), "--out", str(out)],
