@@ -9,12 +9,13 @@ EXP        ?= demo
 SWEEP      ?= $(EXP)
 ARGS       ?=
 
-.PHONY: install test test-unit test-integration demo bench gpu-check submit resubmit status debug reduce \
+.PHONY: install lint test test-unit test-integration demo bench gpu-check submit resubmit status debug reduce \
         paper paper-smol slurm-up slurm-down clean-results help
 
 help:
 	@echo "make install            virtualenv .venv with everything pinned (idempotent)"
-	@echo "make test               all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
+	@echo "make lint               ruff (bayesflip/, tests/) and mypy (bayesflip/), configured in pyproject.toml"
+	@echo "make test               lint, then all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
 	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report paths (.md, .html)"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
 	@echo "make gpu-check          on a fresh GPU node (minutes, no downloads; exits 2 without CUDA): engine contract + job-shape throughput -> results/gpu_check/gpu_check.json, planner calibration of every GPU template -> \$$BAYESFLIP_CACHE/throughput/<template>.json [ARGS='--tiny --device cpu']"
@@ -40,7 +41,12 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 	@echo "installed: $(BF)"
 
-test: install slurm-up
+lint: install
+	$(PY) -m ruff check bayesflip tests
+	$(PY) -m mypy
+
+# lint runs before pytest (a type or lint error fails the run before the slow tests).
+test: install slurm-up lint
 	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
 
 test-unit: install

@@ -39,6 +39,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def _needle_prompts(n: int, seed: int = 0) -> list[str]:
     words = " ".join(topics.topics[k] for k in sorted(topics.topics)[:40]).split()
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         L = int(rng.integers(10, 200))
         start = int(rng.integers(0, len(words) - L))
         filler = " ".join(words[start: start + L])
@@ -145,7 +146,7 @@ def bench_multi_choice(lm, n_prompts: int = 24, baseline_prompts: int = 6) -> di
     base_tokens = sum(len(ctx) + len(c) for cids, _ in results.values() for ctx in ctxs for c in cids)
     step = max(1, n_prompts // baseline_prompts)
     idx = list(range(0, n_prompts, step))[:baseline_prompts]
-    for name, (cids, res) in results.items():
+    for _name, (cids, res) in results.items():
         t = _now()
         for i in idx:
             base = np.array([naive_choice_logprob(lm.model, ctxs[i], c)[0] for c in cids])
@@ -322,7 +323,7 @@ def print_table(res: dict) -> None:
     for name in BENCHES:
         if name not in res:
             continue
-        items = []
+        items: list[tuple[str, Any]] = []
         for k, v in res[name].items():  # one level of nesting (generate: greedy / sampled)
             items += [(f"{k}.{k2}", v2) for k2, v2 in v.items()] if isinstance(v, dict) else [(k, v)]
         for k, v in items:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -286,7 +286,7 @@ def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repe
 
     def hf_run(sample: bool, replay: list[list[int]] | None = None, seed: int = 0):
         torch.manual_seed(seed)
-        kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        kw: dict[str, Any] = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         if replay is not None:
             kw = dict(do_sample=False, logits_processor=LogitsProcessorList([_Replay(replay, ids.shape[1], sc.pad_id)]))
         t = _now()
@@ -325,6 +325,7 @@ def bench_generate_stops(lm, n_prompts: int = 16, max_new_tokens: int = 48, repe
             if r % 2 == 1:
                 eng = run_engine()
         te, th = min(t_eng), min(t_hf)
+        assert eng is not None and ref is not None   # set by the repeats (min above: at least one)
         new = sum(map(len, eng))
         steps = max(map(len, eng))
         res = out[mode]

@@ -34,6 +34,7 @@ def chain_rows(tok, n_rows: int = 8, n_tokens: int = 1000, seed: int = 0) -> tup
     rng = np.random.default_rng(seed)
     rows = []
     for r in range(n_rows):
+        chain: list[int]
         s, chain = int(rng.integers(4)), []
         while len(head) + len(chain) < n_tokens:
             s = s if rng.random() < 0.5 + 0.05 * r else int(rng.integers(4))
@@ -93,6 +94,7 @@ def bench_every_position(lm, n_rows: int = 8, n_tokens: int = 1000, repeats: int
         else:
             ref, (got, n) = bare(), engine()
         forwards += n
+    assert got is not None and ref is not None   # set by the repeats
     diff = max(float(np.abs(g - ref[i, : len(rows[i])]).max()) for i, g in enumerate(got))
     per = counter.per(forwards)
     te, tb = min(t_eng), min(t_bare)

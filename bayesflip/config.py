@@ -97,8 +97,8 @@ def _json_types(node: dict, defs: dict) -> tuple[set[str], list[dict]]:
             types |= t
             nodes += n
         return types, nodes
-    t = node.get("type")
-    types = set(t) if isinstance(t, list) else ({t} if t else set())
+    ty = node.get("type")
+    types = set(ty) if isinstance(ty, list) else ({ty} if ty else set())
     for v in node.get("enum", []) + ([node["const"]] if "const" in node else []):
         types.add({bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(v), "other"))
     return types, [node]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -204,11 +204,13 @@ def _read_index(wants: list[list], T: int) -> tuple[np.ndarray, np.ndarray, np.n
                 ptl.extend(w.tokens)
                 n, m = n + 1, m + len(w.tokens)
     flush()
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+    def cat(xs: list) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+
     return cat(flat), cat(pr), cat(pt), spans
 
 
-def row_chunks(rows: np.ndarray, n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
+def row_chunks(rows: np.ndarray | Sequence[int], n: int, v: int, chunk_elems: int = READ_CHUNK_ELEMS) -> list[tuple[int, int, int, int]]:
     """(a, b, i, j): logit rows ``a:b`` hold the pairs ``i:j`` of the non-decreasing host array ``rows``;
     chunks of at most ``chunk_elems`` logits (``n`` rows of ``v``)."""
     step = max(1, chunk_elems // max(1, v))
@@ -253,7 +255,7 @@ class ReadHead:
             h = h.to(w.device)  # device_map models: the last hidden state may live on another GPU
         return torch.nn.functional.linear(h.float(), w, b)
 
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: list[int]) -> torch.Tensor:
+    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: np.ndarray | Sequence[int]) -> torch.Tensor:
         """Float32 ``log_softmax(z)[rows, toks]`` for the (row, token) pairs; the log-softmax is taken over
         row chunks (:func:`row_chunks`; ``host_rows``: ``rows`` on the host, non-decreasing), so its
         temporaries stay bounded."""
@@ -264,6 +266,31 @@ class ReadHead:
             if j > i:
                 parts.append(torch.log_softmax(z[a:b].float(), -1)[rows[i:j] - a, toks[i:j]])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class ScoringModel(Protocol):
+    """What experiment families call on ``RunContext.scorer``: a :class:`Scorer`, or a backend that wraps
+    one (:class:`bayesflip.backends.base.Backend`). Structural, so unit tests may pass a bare Scorer."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[np.ndarray]: ...
+
+    def score_curves(self, requests: Sequence[CurveRequest]) -> list[np.ndarray]: ...
+
+    def generate(self, prompts: Sequence[Ids], max_new_tokens: int, seeds: Sequence[int], *,
+                 temperature: float = 1.0, stop_strings: Sequence[str] = (), stop_at_eos: bool = True,
+                 top_k: int | None = None, top_p: float | None = None) -> list[Ids]: ...
+
+    def attention_stats(self, ids: Ids, query_positions: Sequence[int], key_groups: dict[str, Sequence[int]],
+                        layers: Sequence[int] | None = None) -> dict[str, dict[str, np.ndarray]]: ...
 
 
 class Scorer:
@@ -451,6 +478,7 @@ class Scorer:
             last = [_Want(len(r.context) - 1, sorted({c[0] for c in r.choices})) for r in reqs]
             need_cache = any(len(c) > 1 for r in reqs for c in r.choices)
             cache, mask = self._forward_wants([r.context for r in reqs], [[w] for w in last], use_cache=need_cache)
+            conts: list[tuple[int, ...]]
             sel, conts, cwants, plans = [], [], [], []
             for b, r in enumerate(reqs):
                 rows, row_wants, assign = _branch_plan(r.choices)
@@ -524,8 +552,9 @@ class Scorer:
                     results[batch[b]][pi, k] = sum(got[p][t] for p, t in parts)
             if tail:
                 # branch the uncovered choices from the cache of the whole sequence
+                conts: list[tuple[int, ...]]
                 sel, conts, cwants, plans = [], [], [], []
-                for b, pi, unc in tail:
+                for b, _pi, unc in tail:
                     rows, row_wants, assign = _branch_plan([reqs[b].choices[k] for k in unc])
                     plans.append((len(conts), assign))
                     sel += [b] * len(rows)
@@ -598,9 +627,9 @@ class Scorer:
         """KV-cache bytes of one token of one row: ``layers · 2 · kv_heads · head_dim · bytes per element``
         (from the config; all heads, i.e. an upper bound for a tensor-parallel rank)."""
         c = self.config
-        heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
+        heads = int(getattr(c, "num_attention_heads", None) or c.n_head)
         kv = int(getattr(c, "num_key_value_heads", None) or heads)
-        hidden = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+        hidden = int(getattr(c, "hidden_size", None) or c.n_embd)
         head_dim = int(getattr(c, "head_dim", None) or hidden // heads)
         elem = next(self.module.parameters()).element_size()
         return self.n_layers * 2 * kv * head_dim * elem
@@ -675,7 +704,7 @@ class Scorer:
         return _STOP_CANDIDATES[key][1]
 
     # -------------------------------------------------- the decoding loop
-    def _prefill(self, rows: Sequence[Ids]):
+    def _prefill(self, rows: Sequence[Ids]) -> tuple[Any, torch.Tensor, list[int], torch.Tensor]:
         """Prefill one right-padded batch: (cache, host mask, prompt lengths, logits of each row's last token)."""
         B = len(rows)
         lens = [len(r) for r in rows]
@@ -694,18 +723,18 @@ class Scorer:
     def _mergeable(cache) -> bool:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        return type(cache) is DynamicCache and all(type(l) is DynamicLayer and getattr(l, "keys", None) is not None
-                                                   and l.keys.dim() == 4 for l in cache.layers)
+        return type(cache) is DynamicCache and all(type(ly) is DynamicLayer and (k := getattr(ly, "keys", None)) is not None
+                                                   and k.dim() == 4 for ly in cache.layers)
 
     @staticmethod
-    def _merge(parts: list) -> tuple:
+    def _merge(parts: list) -> tuple[Any, torch.Tensor, list[int], torch.Tensor]:
         """Several prefilled batches as one: KV caches padded with zeros (masked) to the longest prompt
         and concatenated over rows; returns (cache, host mask, lengths, last logits)."""
         T = max(p[1].shape[1] for p in parts)
         cache = parts[0][0]
         for li, layer in enumerate(cache.layers):
             ks, vs = [], []
-            for c, m, _, _ in parts:
+            for c, _m, _, _ in parts:
                 k, v = c.layers[li].keys, c.layers[li].values
                 pad = T - k.shape[-2]
                 ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k)
@@ -760,6 +789,7 @@ class Scorer:
                 if not keep:
                     break
             else:
+                assert new is not None   # allocated whenever no row is tracked
                 new[:, step] = nxt
             if step == max_new_tokens - 1:
                 break
@@ -914,7 +944,7 @@ class ChoiceResult:
                 "probs": [float(x) for x in self.probs], "off_choice_mass": float(self.off_choice_mass)}
 
 
-def score_prompts(scorer: Scorer, prompts: Sequence, choices: Sequence[str], terminator: str = "") -> list[ChoiceResult]:
+def score_prompts(scorer: ScoringModel, prompts: Sequence, choices: Sequence[str], terminator: str = "") -> list[ChoiceResult]:
     """Text-level ``loglikelihood``: every prompt (str or Prompt) with the same choice set."""
     from .prompts import encode_choices, encode_text, render
 

@@ -29,7 +29,7 @@ Under ``model_defaults`` the generating families also store the resolved setting
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,7 +85,7 @@ class SamplingFields(BaseModel):
 
     def sampling_kwargs(self, temperature: float, model=None) -> dict:
         """Keyword arguments of :meth:`bayesflip.engine.Scorer.generate` at ``temperature`` (0 = greedy)."""
-        base = {"top_k": None, "top_p": None}
+        base: dict[str, Any] = {"top_k": None, "top_p": None}
         if self.generation == "model_defaults":
             d = model_generation_defaults(model) if model is not None else {"top_k": HF_DEFAULT_TOP_K, "top_p": 1.0}
             base = {"top_k": d["top_k"], "top_p": d["top_p"]}
@@ -110,7 +110,9 @@ def model_generation_defaults(model) -> dict:
 
     ``model``: anything with a ``generation_config`` (a backend, the engine, a transformers model)."""
     gc = getattr(getattr(model, "module", model), "generation_config", None)
-    get = (lambda k, d: getattr(gc, k, None) if getattr(gc, k, None) is not None else d)
+    def get(k: str, d: Any) -> Any:
+        return getattr(gc, k, None) if getattr(gc, k, None) is not None else d
+
     return {"do_sample": bool(get("do_sample", False)), "temperature": float(get("temperature", 1.0)),
             "top_k": int(get("top_k", HF_DEFAULT_TOP_K)), "top_p": float(get("top_p", 1.0))}
 

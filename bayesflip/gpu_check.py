@@ -49,8 +49,12 @@ import platform
 import time
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:   # annotations only: torch stays out of the CLI parser's imports (see above)
+    import torch
 
 SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
@@ -416,7 +420,7 @@ def machine(device: torch.device) -> dict:
 
     from .store import library_versions
 
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
             "versions": library_versions()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -537,8 +541,10 @@ def summary(res: dict) -> str:
         lines.append(f"  contract {c['model']:20s} {c['dtype']:9s} choices {c['max_abs_dlogprob_choices']:.2e} "
                      f"curve {c['max_abs_dlogprob_curve']:.2e} greedy {c['greedy_identical_to_hf_generate']} "
                      f"{'ok' if c['ok'] else 'FAILED'}")
-    mfu = lambda d: f", MFU {d['mfu_engine']:.2f}" if d.get("mfu_engine") is not None else ""
-    for key, m in res["throughput"].items():
+    def mfu(d: dict) -> str:
+        return f", MFU {d['mfu_engine']:.2f}" if d.get("mfu_engine") is not None else ""
+
+    for m in res["throughput"].values():
         s, c, g = m["scoring"], m["curve"], m["generation"]["stops"]["sampled"]
         lines.append(f"  {m['model_shape']} {m['dtype']}:")
         lines.append(f"    scoring  {s['engine_tokens_per_s']:.0f} tok/s (raw forward {s['raw_tokens_per_s']:.0f}, "

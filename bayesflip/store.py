@@ -525,7 +525,7 @@ class ResultStore:
                     raise
                 diff = identity_diff(st.attrs.get("identity"), attrs["identity"])   # a concurrent creator won
                 if diff:
-                    raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)})")
+                    raise StoreIdentityError(f"{st.path} holds results of another identity ({'; '.join(diff)})") from e
         except OSError as e:
             raise StoreWriteError(f"cannot create store {st.path}: {e.strerror or e}"
                                   + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
@@ -540,14 +540,14 @@ class ResultStore:
             return "no zarr.json"
         try:
             g = zarr.open_group(self.path, mode="r", use_consolidated=False)   # each array's own zarr.json
-            attrs = dict(g.attrs)
+            attrs: dict[str, Any] = dict(g.attrs)
             for k in ("n_cells", "n_shards", "shard_size", "arrays"):
                 if k not in attrs:
                     return f"attribute {k!r} missing"
             for name in attrs["arrays"]:
-                g[name].metadata
+                _ = g[name].metadata   # reading the metadata is the check
             for a in layout.coord_arrays(g, attrs):
-                a.metadata
+                _ = a.metadata
         except Exception as e:  # any unreadable metadata means the store cannot be trusted
             return f"{type(e).__name__}: {e}"
         return None
@@ -687,7 +687,7 @@ class ResultStore:
         g = zarr.open_group(self.path, mode="r")
         out = {}
         for name in self.attrs["arrays"]:
-            a = g[name]
+            a = layout.array(g, name)
             key = a.metadata.encode_chunk_key((shard,) + (0,) * (a.ndim - 1))
             out[name] = self.path / a.path / key
         return out
@@ -829,7 +829,7 @@ class ResultStore:
             yield {"lease_token": self.leases.token(shard)}
 
     def read(self, name: str) -> np.ndarray:
-        return zarr.open_group(self.path, mode="r")[name][:]
+        return layout.read_array(zarr.open_group(self.path, mode="r"), name)
 
     def labels(self) -> dict[str, np.ndarray]:
         return layout.read_coords(zarr.open_group(self.path, mode="r"), self.attrs)[1]
@@ -840,7 +840,7 @@ class ResultStore:
         if not layout.is_current(self.read_attrs()):
             return
         try:
-            zarr.open_group(self.path, mode="r+")["verified"][self.shard_slice(shard)] = value
+            layout.array(zarr.open_group(self.path, mode="r+"), "verified")[self.shard_slice(shard)] = value
         except OSError as e:
             raise StoreWriteError(f"cannot mark shard {shard} of {self.path} verified={value}: {e.strerror or e}") from None
 
@@ -849,7 +849,7 @@ class ResultStore:
         if not layout.is_current(self.attrs):
             return 0
         states = states if states is not None else self.shard_states()
-        flags = zarr.open_group(self.path, mode="r")["verified"][:]
+        flags = layout.read_array(zarr.open_group(self.path, mode="r"), "verified")
         changed = 0
         for s, ss in states.items():
             want = ss.state == "done"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -38,6 +38,18 @@ DIM_RENAMES = {"kept": "kept_pair"}
 def _renames(attrs: dict) -> dict[str, str]:
     """The DIM_RENAMES that apply to a layout-2 store: dims named like one of its data arrays."""
     return {} if is_current(attrs) else {d: r for d, r in DIM_RENAMES.items() if d in attrs.get("arrays", {})}
+
+
+def array(g: zarr.Group, name: str) -> zarr.Array:
+    """The member ``name`` of a store's group: every member read by name is an array (zarr types a
+    member ``Array | Group``; type-only, nothing is checked)."""
+    return cast(zarr.Array, g[name])
+
+
+def read_array(g: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarray:
+    """``g[name][sel]`` (zarr types a read ``NDArrayLike | scalar``; with the default numpy buffers a
+    slice reads an ``np.ndarray``; type-only, nothing is converted)."""
+    return cast(np.ndarray, array(g, name)[sel])
 
 
 def np_coord(values: list) -> np.ndarray:
@@ -148,7 +160,7 @@ def migrate(path: Path) -> bool:
     Safe to re-run after an interruption: the old groups go only after the new layout is complete."""
     path = Path(path)
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
-    attrs = dict(g.attrs)
+    attrs: dict[str, Any] = dict(g.attrs)
     if not is_current(attrs):
         cell_coords, labels = read_coords(g, attrs)
         n, shard_size = int(attrs["n_cells"]), int(attrs["shard_size"])
@@ -157,7 +169,7 @@ def migrate(path: Path) -> bool:
             if list(v["dims"][1:]) != list(dims[k]):
                 _rename_dims(path / k / "zarr.json", ["cell", *dims[k]])
         attrs["arrays"] = {k: {**v, "dims": ["cell", *dims[k]]} for k, v in attrs["arrays"].items()}
-        shapes = {k: tuple(g[k].shape[1:]) for k in dims}
+        shapes = {k: tuple(array(g, k).shape[1:]) for k in dims}
         cell_coords = {k: v for k, v in cell_coords.items() if len(v) == n}
         try:
             extra = write_coords(g, dims, shapes, cell_coords, labels, n, shard_size, overwrite=True)

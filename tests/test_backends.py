@@ -14,7 +14,7 @@ from bayesflip.backends import BACKENDS, ATTENTION_MASS, check_requirements, loa
 from bayesflip.backends.base import Backend, CapabilityError
 from bayesflip.backends.distributed import DeviceError, check_device
 from bayesflip.engine import ChoiceRequest, Scorer
-from bayesflip.errors import BayesflipError, ConfigError
+from bayesflip.errors import ConfigError
 from bayesflip.models.registry import ModelSpec, get_model_spec
 from bayesflip.prompts import encode_piece, encode_prompt
 from bayesflip.registry import DuplicateNameError, Registry

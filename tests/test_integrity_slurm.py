@@ -323,7 +323,7 @@ def test_bad_configs_exit_2_one_line_nothing_created_or_submitted(cluster, tmp_p
     p = subprocess.run([PY, "-c", driver, json.dumps([c[0] for c in calls]), str(res)], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "BAYESFLIP_CONFIG_DIR": str(cfg)})
     assert p.returncode == 0, p.stderr[-3000:]
-    for exp, rc, err, std in json.loads(p.stdout):
+    for exp, rc, err, _std in json.loads(p.stdout):
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("bayesflip: error:"), (exp, rc, err)
         assert "Traceback" not in err

@@ -104,7 +104,7 @@ def test_poisson_generation_seeded(smol):
     assert a["text"][0] != a["text"][1]                             # same prompt, other cell seed
     assert list(c["text"]) != list(a["text"])                       # other experiment seed
     assert all(0 < n <= 16 for n in a["n_tokens"])
-    for i, cell in enumerate(cells):                                # stored counts = the counter on the text
+    for i, _cell in enumerate(cells):                                # stored counts = the counter on the text
         mc = count_markers(a["text"][i], "#")                       # instruct prefill is empty: no tail
         assert (a["n_markers"][i], a["n_gaps"][i]) == (mc.n_markers, mc.n_gaps)
 

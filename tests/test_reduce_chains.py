@@ -24,7 +24,7 @@ from scipy import stats
 from bayesflip import bayes
 from bayesflip.experiments.chains import initial_outcomes
 from bayesflip.experiments.icl import per_flip_probs
-from bayesflip.experiments.rules import OBJECTS, VALUES, hypotheses, rule_output, subsets
+from bayesflip.experiments.rules import OBJECTS, hypotheses, rule_output
 from bayesflip.reduce import reduce_sweep
 from bayesflip.reduce.base import FamilyInput, ReducedFamily
 from bayesflip.reduce.chains import reduce_chains
@@ -286,7 +286,9 @@ def hand_rules(P, yes, interaction):
         E = P * (acc == 1) / (P * (acc == 1)).sum()
     else:
         E = P
-    f = lambda Q: [-(Q[Q > 0] * np.log(Q[Q > 0])).sum(), Q[off].sum(), (Q * acc).sum(), Q[(acc == 1) & off].sum()]
+    def f(Q):
+        return [-(Q[Q > 0] * np.log(Q[Q > 0])).sum(), Q[off].sum(), (Q * acc).sum(), Q[(acc == 1) & off].sum()]
+
     return f(P) + f(E)
 
 

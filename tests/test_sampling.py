@@ -110,7 +110,7 @@ def test_generation_settings_resolve():
     assert resolve(P(generation="model_defaults", temperature=1.0, do_sample=True), G()).describe() == {
         "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": None, "max_new_tokens": 128}
     assert isinstance(s, GenerationSettings)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):   # pydantic ValidationError
         P(top_p=0)
 
 

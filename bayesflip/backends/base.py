@@ -171,7 +171,7 @@ class Backend(ABC):
         self.require(ATTENTION_MASS, "attention_stats")
         return self.scorer.attention_stats(ids, query_positions, key_groups, layers)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook: a no-op unless a backend holds resources)
         """Release the model (end of a job)."""
 
     def __repr__(self) -> str:

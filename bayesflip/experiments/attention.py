@@ -88,7 +88,7 @@ class PaperAttention(PaperICL):
 
 class AttentionParams(ICLParams):
     key_groups: list[Literal["outcomes", "by_choice", "recent", "prompt", "separators", "all"]] = Field(
-        default_factory=lambda: ["outcomes", "by_choice", "recent", "prompt", "separators"], min_length=1)
+        default_factory=lambda: ["outcomes", "by_choice", "recent", "prompt", "separators"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     recent_k: int = Field(5, ge=1)
     layer_sets: dict[str, tuple[Frac, Frac]] = Field(default_factory=lambda: {"all": (0.0, 1.0)}, min_length=1)
     read_stride: int = Field(1, ge=1)   # read positions 0, s, 2s, ... ≤ n_flips
@@ -155,7 +155,7 @@ class AttentionFamily(ICLFamily):
     Params = AttentionParams
     requires = frozenset({"attention_mass"})
 
-    def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:
+    def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:  # type: ignore[override]  # called with its own Params only
         k, n, r, ls = len(_spec(p)["choices"]), p.n_flips, len(read_indices(p)), len(p.layer_sets)
         out = {"mass": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
                "attn_max": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
@@ -168,11 +168,11 @@ class AttentionFamily(ICLFamily):
             out["attn_max_outcome"] = ArraySpec(("layer_set", "position", "flip"), (ls, r, n))
         return out
 
-    def coords(self, p: AttentionParams) -> dict[str, list]:
+    def coords(self, p: AttentionParams) -> dict[str, list]:  # type: ignore[override]  # called with its own Params only
         return {"choice": _spec(p)["choices"], "position": read_indices(p), "flip": list(range(p.n_flips)),
                 "group": group_names(p), "layer_set": list(p.layer_sets), "bound": ["first", "stop"]}
 
-    def validate(self, p: AttentionParams, tokenizer, model_kind: str) -> None:
+    def validate(self, p: AttentionParams, tokenizer, model_kind: str) -> None:  # type: ignore[override]  # called with its own Params only
         for name, (lo, hi) in p.layer_sets.items():
             if not lo < hi:
                 raise ConfigError(f"params.layer_sets.{name}", f"range [{lo}, {hi}) is empty",
@@ -187,7 +187,7 @@ class AttentionFamily(ICLFamily):
                 raise ConfigError("params.read_suffix", f"{p.read_suffix!r} does not tokenize on its own after the "
                                   f"prompt: {e}", allowed=["whitespace that forms its own tokens, e.g. '  '", "''"]) from None
 
-    def render(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+    def render(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:  # type: ignore[override]  # called with its own Params only
         """The reads listed by the ICL family's ``read_ns`` (among the read indices); the read position
         is the text's last token. With a read suffix each n gives two items: ``read: attention`` (the
         text with the suffix, where attention is read) and ``read: logprobs`` (the text scored for the
@@ -254,7 +254,7 @@ class AttentionFamily(ICLFamily):
             out[name] = idx
         return out
 
-    def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+    def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:  # type: ignore[override]  # called with its own Params only
         sets = self.resolve_layers(p, ctx.scorer.n_layers)
         ridx = read_indices(p)
         names = group_names(p)

@@ -67,7 +67,7 @@ LEARNER_TAU = {"pm": 1.0, "sampler": 1.0, "greedy": 0.0}
 
 class ChainParams(Params):
     process: Literal["coin", "die"] = "coin"
-    learners: list[Learner] = Field(default_factory=lambda: ["pm"], min_length=1)
+    learners: list[Learner] = Field(default_factory=lambda: ["pm"], min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     taus: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [0.5])  # tempered only
     n: list[Annotated[int, Field(ge=1, le=1000)]] = Field(default_factory=lambda: [10], min_length=1)
     inits: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [5], min_length=1)

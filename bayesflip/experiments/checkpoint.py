@@ -88,7 +88,7 @@ class ShardCheckpoint:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays, next_gen=np.int64(next_gen), rng=np.array(rng_states(rngs)),
+                np.savez(f, **arrays, next_gen=np.int64(next_gen), rng=np.array(rng_states(rngs)),  # type: ignore[arg-type]  # numpy stub: **kwds typed as allow_pickle's bool
                          fingerprint=np.array(self.fp))
                 f.flush()
                 os.fsync(f.fileno())

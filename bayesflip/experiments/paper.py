@@ -103,7 +103,8 @@ def refuse_paper_keys(p, extra_paper_keys: tuple[str, ...] = ()) -> None:
 def _unique(keys: list) -> tuple[list[int], list[int]]:
     """(indices of first occurrences, map from every item to its unique slot)."""
     first: dict = {}
-    uniq, where = [], []
+    uniq: list[int] = []
+    where: list[int] = []
     for i, k in enumerate(keys):
         if k not in first:
             first[k] = len(uniq)

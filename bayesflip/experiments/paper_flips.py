@@ -78,7 +78,9 @@ def legacy_coin_flips(seed: int, n: int) -> dict[float, np.ndarray]:
 
 
 def legacy_sequence(seed: int, n: int, theta: float) -> np.ndarray:
-    return legacy_coin_flips(seed, n)[LEGACY_THETAS[grid_percent(theta, V2_PERCENTS["coin"]) // 10]].copy()
+    pct = grid_percent(theta, V2_PERCENTS["coin"])
+    assert pct is not None, f"theta {theta} is not on the legacy grid (checked by check_legacy)"
+    return legacy_coin_flips(seed, n)[LEGACY_THETAS[pct // 10]].copy()
 
 
 # ---------------------------------------------------------------------------- random_choices (v2)

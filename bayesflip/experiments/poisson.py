@@ -122,7 +122,7 @@ _ALNUM = re.compile(r"[^\W_]")
 class PoissonParams(Params, GenerationFields):
     protocol: Protocol = "clean"
     mode: Literal["explicit", "icl"] = "explicit"
-    markers: list[Marker] = Field(default_factory=lambda: list(MARKERS), min_length=1)
+    markers: list[Marker] = Field(default_factory=lambda: list(MARKERS), min_length=1)  # type: ignore[arg-type]  # mypy types a lambda in Field's union context as list[str]
     lambdas: list[Annotated[float, Field(ge=0.0, le=10.0)]] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     samples: int = Field(10, ge=1)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from ..engine import CurveRequest
 from ..prompts import Prompt, check_boundary, encode_choices, encode_piece, encode_prompt, render
 
 
-def build_curve(tokenizer, head: Prompt, choices: Sequence[str], outcomes: Sequence[int], sep: str) -> CurveRequest:
+def build_curve(tokenizer, head: Prompt, choices: Sequence[str], outcomes: Sequence[int] | np.ndarray, sep: str) -> CurveRequest:
     choice_ids = [encode_piece(tokenizer, c) for c in choices]
     sep_ids = encode_piece(tokenizer, sep)
     ids = encode_prompt(tokenizer, head)
@@ -26,7 +28,7 @@ def build_curve(tokenizer, head: Prompt, choices: Sequence[str], outcomes: Seque
     return CurveRequest(ids=ids, positions=pos, choices=choice_ids)
 
 
-def sequence_text(tokenizer, head: Prompt, choices: Sequence[str], outcomes: Sequence[int], sep: str) -> str:
+def sequence_text(tokenizer, head: Prompt, choices: Sequence[str], outcomes: Sequence[int] | np.ndarray, sep: str) -> str:
     return render(head, tokenizer) + "".join(choices[o] + sep for o in outcomes)
 
 

@@ -155,7 +155,7 @@ def read_facts(d: Path) -> ModelFacts:
     if cfg is None:
         raise ModelAddError(f"{d} has no config.json: not a transformers model directory")
     facts = ModelFacts(where=str(d), model_type=cfg.get("model_type"))
-    sub = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    sub = tc if isinstance(tc := cfg.get("text_config"), dict) else {}
     dt = cfg.get("torch_dtype") or cfg.get("dtype") or sub.get("torch_dtype") or sub.get("dtype")
     facts.dtype = dt if dt in DTYPE_BYTES else None
     if facts.dtype is None:
@@ -201,6 +201,7 @@ def fetch_hub_files(hub_id: str, revision: str, into: Path, download: Optional[C
         from .prepare import check_hub_reachable
         check_hub_reachable(ModelAddError, f"on this node add {hub_id} from flags (--kind base|instruct, "
                                            f"--params-b N) or from a local directory")
+    assert download is not None   # given, or hf_hub_download above
     for fname in HUB_FILES:
         try:
             path = download(repo_id=hub_id, filename=fname, revision=revision, cache_dir=str(into / "cache"))
@@ -268,6 +269,7 @@ def build_entry(model: str, *, kind: Optional[str] = None, tp: int = 1, revision
                             f"nothing from the network by default: pass --kind base|instruct (and --params-b N for "
                             f"cost estimates), or --hub to read its config files from the Hub")
     auto_kind, why = infer_kind(model, facts.chat_template)
+    k: Optional[str]
     if kind is not None:
         k = KINDS[kind]
         if k == "instruct" and facts.chat_template is False:

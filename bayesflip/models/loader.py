@@ -58,8 +58,10 @@ def load_tokenizer(spec: ModelSpec):
 def _build_tiny_random(spec: ModelSpec, tokenizer) -> torch.nn.Module:
     """A seeded random model on ``tokenizer``: 2-layer GPT-2 (``tiny_arch: gpt2``) or Llama (``llama``:
     the architecture DeepSpeed AutoTP shards). Same seed, same weights in every process (TP ranks)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+    cfg: Any                       # LlamaConfig or GPT2Config, the one cls takes (mypy narrows a union per branch)
+    cls: type[PreTrainedModel]
     if spec.tiny_arch == "llama":
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=spec.max_length or 512,
@@ -136,6 +138,7 @@ def load_model(name_or_spec: str | ModelSpec, device: torch.device | str | None 
     kw: dict[str, Any] = {}
     if spec.device_map is not None:
         kw["device_map"] = spec.device_map
+    model: torch.nn.Module
     if spec.source == "gguf_package":
         _, version = package_dir(spec)
         model = AutoModelForCausalLM.from_pretrained(gguf_cache_dir(spec), dtype=torch_dtype,

@@ -245,6 +245,7 @@ def prepare_hub(spec: ModelSpec, download: Callable | None = None) -> dict:
                                 f"{spec.name!r}: run `bayesflip models prepare {spec.name}` on a node with "
                                 f"internet access")
         ignore = _ignore_patterns(spec)
+    assert download is not None   # given, or snapshot_download above
     try:
         path = Path(download(repo_id=spec.id, revision=spec.revision, cache_dir=str(hub_cache_dir()),
                              ignore_patterns=ignore))

@@ -26,6 +26,8 @@ correlated exactly like the mean masses (the mass figure shows the mean masses o
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -234,7 +236,7 @@ def _models_summary(points: pd.DataFrame, corr: pd.DataFrame) -> dict:
     models: dict[str, dict] = {}
     pts = points[points["position"] >= 1]
     for (exp, m), g in pts.groupby(["experiment", "model"], sort=True):
-        ent = {"mean_error": float(g.drop_duplicates(["cell", "position"])["error"].mean()),
+        ent: dict[str, Any] = {"mean_error": float(g.drop_duplicates(["cell", "position"])["error"].mean()),
                "mean_outcome_mass": ({ls: float(gl["outcomes"].mean()) for ls, gl in g.groupby("layer_set")}
                                      if "outcomes" in g else {}),
                "correlation": {}}

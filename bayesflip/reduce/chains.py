@@ -201,6 +201,7 @@ def chain_prior(conds: list[Condition]) -> Prior:
     """Prior fitted to every read of these chains: p_t against the counts of data[g]."""
     counts = np.concatenate([c.counts.reshape(-1, c.K) for c in conds]).astype(float)
     probs = np.concatenate([c.probs.reshape(-1, c.K) for c in conds])
+    f: bayes.BetaPriorFit | bayes.DirichletPriorFit
     if counts.shape[1] == 2:
         f = bayes.fit_beta_prior(counts[:, 0], counts[:, 1], probs[:, 0])
         alpha = np.array([f.alpha, f.beta])
@@ -296,6 +297,7 @@ def add_references(c: Condition, priors: dict[str, Prior], rng: np.random.Genera
 # ---------------------------------------------------------------------------- tables
 def generation_table(c: Condition, priors: dict[str, Prior]) -> pd.DataFrame:
     N = len(c.k)
+    assert c.boot is not None   # bootstrapped by the reducer before the tables
     prop = c.k / c.n
     emp = empirical_dist(c.k, c.n)
     df = pd.DataFrame({"generation": np.arange(c.G + 1), "n_chains": N,
@@ -416,7 +418,7 @@ def diagnostic_table(c: Condition, priors: dict[str, Prior], ref: pd.DataFrame, 
         row["mean_tvd_own"] = row["mean_tvd_" + (c.learner if c.learner in DIAG else "own")]
         row["own_learner"] = c.learner
         row["ref_separation"] = separation(c, src)
-        ranked = sorted(tvds, key=tvds.get)
+        ranked = sorted(tvds, key=lambda lr: tvds[lr])
         row["margin"] = tvds[ranked[1]] - tvds[ranked[0]] if len(ranked) > 1 else np.nan
         row["margin_se"] = margin_se(c, src, ranked[0], ranked[1]) if len(ranked) > 1 else np.nan
         row["best_clear"] = bool(row["margin"] > 2 * row["margin_se"]) if len(ranked) > 1 else False
@@ -455,6 +457,7 @@ def _fig(inp: FamilyInput, exp: str, conds: list[Condition], primary: dict, what
             ax.set_ylim(0, 1)
         else:
             h = np.asarray(bayes.entropy(empirical_dist(c.k, c.n)), dtype=float)
+            assert c.boot is not None   # bootstrapped by the reducer before the figures
             se = count_entropy_se(c.boot) if len(c.k) > 1 else np.zeros(c.G + 1)
             (line,) = ax.plot(x, h, **LLM_STYLE)
             ax.fill_between(x, h - se, h + se, color=line.get_color(), alpha=0.18, lw=0)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..models.registry import load_registry
-from .base import ReducedFamily, Section, Table, Text
+from .base import Block, ReducedFamily, Section, Table, Text
 from .published import load_published
 
 LOW_MASS = 0.10          # on-choice mass below this: the renormalised distribution is flagged
@@ -199,8 +199,8 @@ def _low_mass(what: str, off: float) -> list[str]:
     return []
 
 
-def _range(vals: list[float], nd: int = 2) -> str:
-    vals = [v for v in vals if v is not None and np.isfinite(v)]
+def _range(values: list[float | None], nd: int = 2) -> str:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
     if not vals:
         return "—"
     lo, hi = min(vals), max(vals)
@@ -458,7 +458,7 @@ def _poisson(ctx: Context, model: str) -> Finding | None:
              f"λ̂ = {_f(r['lambda_hat'], 3)} ({int(r['n_samples'])} samples)" for r in t.to_dict("records")]
     published = _published(ctx, "poisson", model)
     common = sorted(set(t.loc[t["kind"] == "icl", "lam"]) & set(t.loc[t["kind"] == "explicit", "lam"]))
-    notes = []
+    notes: list[str] = []
     vals = {f"{r['mode']}/{r['lam']:g}": float(r["lambda_hat"]) for r in t.to_dict("records")}
     if not common:
         have = "in-context" if (t["kind"] == "icl").any() else "explicit"
@@ -537,7 +537,7 @@ def _amplification(ctx: Context, model: str) -> Finding | None:
         vals[f"rules/{r['experiment']}/{r['bias']}"] = d
     acr = ctx.table("acronym", "acronym_paper_by_generation", ("experiment", "model", "bias_type", "generation"))
     acr = acr[acr["model"] == model]
-    for key, g in acr.groupby([k for k in ("experiment", "bias_type", "m_easy", "temperature") if k in acr],
+    for _key, g in acr.groupby([k for k in ("experiment", "bias_type", "m_easy", "temperature") if k in acr],
                               sort=True):
         g = g.sort_values("generation")
         b = str(g["bias_type"].iloc[0])
@@ -671,7 +671,7 @@ def findings_summary(findings: list[Finding]) -> list[dict]:
 
 
 def _kind_comparison(findings: list[Finding]) -> str:
-    g = {"instruct": [], "std": []}
+    g: dict[str, list] = {"instruct": [], "std": []}
     for f in findings:
         if f.claim == "gamma" and f.values.get("kind") in g:
             first = next((v for v in f.values.values() if isinstance(v, dict) and "gamma_paper" in v), None)
@@ -688,7 +688,7 @@ def findings_section(findings: list[Finding]) -> Section:
     """The report's first section: the table, the notes (flags, estimator gaps), and the claims with their rules."""
     counts = {v: sum(f.verdict == v for f in findings) for v in VERDICTS}
     tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
-    blocks = [
+    blocks: list[Block] = [
         Text("Each headline finding of the two studies, tested on this sweep's models: our value, the published "
              f"value or range with its source, and a verdict ({tally}). **agrees** / **differs**: the claim's "
              "direction holds / fails on our numbers by the rule listed under the table; **mixed**: its measures "

@@ -170,6 +170,7 @@ def _fit_priors(curves: list[Curves]) -> tuple[dict[tuple[str, str], PriorFit], 
             continue
         counts = np.concatenate([c.counts.reshape(-1, c.counts.shape[-1]) for c in use])
         probs = np.concatenate([c.probs.reshape(-1, c.probs.shape[-1]) for c in use])
+        f: bayes.BetaPriorFit | bayes.DirichletPriorFit
         if key[1] == "coin":
             f = bayes.fit_beta_prior(counts[:, 0], counts[:, 1], probs[:, 0])
             alpha = np.array([f.alpha, f.beta])
@@ -229,6 +230,7 @@ def _add_refs(c: Curves, prior: PriorFit | None) -> bayes.GammaFit | None:
     c.refs["uniform"] = bayes.dirichlet_predictive(c.counts, 1.0)
     use_prior = prior is not None and c.free
     if use_prior:
+        assert prior is not None   # use_prior implies it
         c.refs["fitted"] = bayes.dirichlet_predictive(c.counts, prior.alpha)
     if c.shift == "none" or "theta2" not in c.store.cells:
         return None
@@ -237,6 +239,7 @@ def _add_refs(c: Curves, prior: PriorFit | None) -> bayes.GammaFit | None:
     c.refs["mixture"] = w * p1[:, None, :] + (1.0 - w) * p2[:, None, :]
     if c.process != "coin" or not use_prior:
         return None
+    assert prior is not None   # use_prior implies it
     g = _gamma_fit(c, prior)
     x = (c.outcomes == 0).astype(np.int64)
     c.refs["gamma"] = bayes.coin_dist(bayes.discounted_predictive(x, g.gamma, float(prior.alpha[0]),
@@ -791,7 +794,7 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
     stmt_tab = _statement_table(curves)
     labels = {c.process: c.labels for c in curves}
     fit_tab = _fit_table(fits, notes, labels)
-    paper_gammas = {(c.store.experiment, c.store.model): g for c in curves if (g := paper_gamma(c)) is not None}
+    paper_gammas = {(c.store.experiment, c.store.model): pg for c in curves if (pg := paper_gamma(c)) is not None}
     summary_tab = _summary_table(curves, table, gammas, paper_gammas)
     summary_tab.insert(summary_tab.columns.get_loc("statement") + 1, "prior_fitted_on",
                        [",".join(fits[c.key].fitted_on) if "fitted" in c.refs else "" for c in curves])
@@ -869,7 +872,7 @@ def reduce_icl(inp: FamilyInput) -> ReducedFamily:
                                "`exchangeability_gap`: mean over cells of the mean TVD between the prediction after "
                                "all N outcomes and its mean over the stored permutations of the same outcomes "
                                "(`_max`: of the max; empty when the experiment stores no permutations)."),
-            *(icl_figs or [Text("No i.i.d. ICL experiments in this sweep.")]),
+            *(icl_figs if icl_figs else [Text("No i.i.d. ICL experiments in this sweep.")]),
         ]),
     ]
     if len(stmt_tab):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -252,7 +253,7 @@ def load_store(sweep: str, experiment: str, model: str, path: Path, family_hint:
     try:
         untrusted = st.integrity()
         g = zarr.open_group(path, mode="r")
-        attrs = dict(g.attrs)
+        attrs: dict[str, Any] = dict(g.attrs)
         n_cells, shard_size, n_shards = int(attrs["n_cells"]), int(attrs["shard_size"]), int(attrs["n_shards"])
         family = str(attrs.get("family", family_hint))
         if untrusted is not None:     # a newer layout/format, or edited attributes: nothing of it is trusted

@@ -25,7 +25,7 @@ import pandas as pd
 from .. import bayes
 from ..engine import choice_distribution
 from ..experiments import get_family
-from ..experiments.needle import stated_distribution
+from ..experiments.needle import NeedleParams, stated_distribution
 from . import figures as F
 from .base import Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
@@ -52,6 +52,7 @@ def needle_grid(st: StoreData) -> pd.DataFrame:
     face, stated distribution ``q`` and target mask."""
     fam = get_family("needle")
     p = fam.Params(**st.params)
+    assert isinstance(p, NeedleParams)   # the needle family's Params
     rows, seen = [], set()
     for c in fam.cells(p):
         if c["condition"] != "needle" or c["needle"] in seen:
@@ -320,7 +321,7 @@ def _fig_response(inp: FamilyInput, exp: str, cells: pd.DataFrame, bias: pd.Data
 
 # ---------------------------------------------------------------------------- reducer
 def _summary(cells: pd.DataFrame, ld: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    rows, models = [], {}
+    rows, models = [], {}   # type: list[dict], dict[str, dict]
     for (exp, m, proc), g in cells.groupby(KEY_COLS, sort=True):
         nd = g[g["condition"] == "needle"]
         b = _baseline_means(ld[(ld["experiment"] == exp) & (ld["model"] == m)])
@@ -386,7 +387,7 @@ def reduce_needle(inp: FamilyInput) -> ReducedFamily:
                   "(baselines).", max_rows=80),
         Table(show_bias, "Per needle (bias / face / parity): needle cells pooled over lengths, depths and "
                          "samples, and the baselines against the same stated distribution.", max_rows=80),
-        *(figs or [Text("No needle cells in the trusted shards.")]),
+        *(figs if figs else [Text("No needle cells in the trusted shards.")]),
     ])
     if len(paper_ld):
         section.blocks += [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .base import Section, Table, Text
+from .base import Block, Section, Table, Text
 from .load import StoreData, SweepData
 
 
@@ -22,7 +22,7 @@ def _join(values: set[str]) -> str:
 
 def provenance_tables(data: SweepData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(models, experiments, library versions) as recorded in the stores' attrs and shard records."""
-    models, exps, versions = {}, {}, []
+    models, exps, versions = {}, {}, []   # type: dict[str, dict], dict[str, dict], list[dict]
     for s in data.stores:
         a = s.attrs
         spec = a.get("model_spec") or {}
@@ -69,7 +69,7 @@ def coverage_section(data: SweepData) -> Section:
     prob = data.problems()
     n_sh, n_done = int(summ["shards_total"].sum()), int(summ["shards_done"].sum())
     n_c, n_ct = int(summ["cells_total"].sum()), int(summ["cells_trusted"].sum())
-    blocks = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted) in {len(summ)} stores. "
+    blocks: list[Block] = [Text(f"{n_done} of {n_sh} shards done ({n_ct} of {n_c} cells trusted) in {len(summ)} stores. "
                    + ("Only shards with a `done` record whose chunks decode are used; everything else is listed "
                       "below and left out." if len(prob) else "No missing, failed or corrupt shards.")
                    + " Per-store counts are in the appendix.")]

@@ -25,7 +25,7 @@ import pandas as pd
 from .. import bayes
 from ..engine import choice_distribution
 from . import figures as F
-from .base import LOW_MASS, Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
+from .base import LOW_MASS, Block, Figure, FamilyInput, Heading, ReducedFamily, Section, Table, Text, register_reducer
 from .load import StoreData
 
 
@@ -177,7 +177,7 @@ def reduce_paraphrase(inp: FamilyInput) -> ReducedFamily:
     coin = prior[(prior["process"] == "coin") & (prior["choice"] == "heads")]
     die = prior[prior["process"] == "die"]
     ext = _extremes(cells)
-    blocks = [
+    blocks: list[Block] = [
         Heading("Prior over prompt paraphrases (family B)"),
         Text("Every paraphrase i of the query is scored with no statement and nothing else in context; "
              "`p_i = softmax(logprobs_i)`. The prior is reported as the mean over paraphrases ± the sample standard "

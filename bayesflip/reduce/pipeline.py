@@ -29,6 +29,7 @@ import logging
 import math
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -191,7 +192,7 @@ def reduce_sweep(sweep: str, results_dir=None, out=None, strict: bool = False) -
     for family in order:
         stores = by_family[family]
         usable = [s for s in stores if not s.empty]
-        fam_info = {"experiments": sorted({s.experiment for s in stores}), "models": sorted({s.model for s in stores})}
+        fam_info: dict[str, Any] = {"experiments": sorted({s.experiment for s in stores}), "models": sorted({s.model for s in stores})}
         fn = get_reducer(family)
         if fn is None:
             status[family] = "raw-only"

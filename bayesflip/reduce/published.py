@@ -311,7 +311,7 @@ def _icl_coin_reference(pub: dict, thetas: tuple[float, ...]) -> list[dict]:
     for r in pub.get("icl_coin_tvd_theta", []):
         by.setdefault(r["published_name"], {"row": r, "theta": {}})["theta"][round(float(r["theta"]), 6)] = r["tvd"]
     out = []
-    for name, e in by.items():
+    for e in by.values():
         if not all(t in e["theta"] for t in thetas):
             continue
         for n in NS:
