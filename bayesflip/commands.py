@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import BayesflipError, Interrupted
+from .errors import Interrupted
 
 
 def _sweep_args(p: argparse.ArgumentParser, sweep_flag: str = "--exp") -> None:

@@ -427,7 +427,7 @@ def run_local(sweep: str | SweepConfig, model_type: Optional[str] = None, *, ove
         require_prepared_models(sweep.models)
     if overwrite:
         refuse_busy_overwrite(sweep, results_dir)
-    units = plan_sweep(sweep, overwrite=overwrite, results_dir=results_dir)
+    units = plan_sweep(sweep, overwrite=overwrite, results_dir=Path(results_dir) if results_dir else None)
     write_manifest(sweep, units, Submission(mode="debug"), results_dir=results_dir)
     run = LocalRun(sweep.name)
     tasks = make_tasks(sweep.name, units, shards_per_task=10**9, results_dir=results_dir)

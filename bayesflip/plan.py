@@ -100,8 +100,11 @@ def probe_cells(cells: list[dict]) -> list[dict]:
     out = {0: cells[0], len(cells) - 1: cells[-1]}
     for key, v in cells[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "sample":
-            i = max(range(len(cells)), key=lambda j: (cells[j].get(key) if isinstance(cells[j].get(key), (int, float))
-                                                      else float("-inf")))
+            def size(j: int, key: str = key) -> float:
+                v = cells[j].get(key)
+                return float(v) if isinstance(v, (int, float)) else float("-inf")
+
+            i = max(range(len(cells)), key=size)
             out.setdefault(i, cells[i])
     return [out[i] for i in sorted(out)]
 
@@ -223,7 +226,7 @@ def make_tasks(sweep_name: str, units: list[Unit], shards_per_task: int = 1, onl
     def task(model: str, work: list[tuple[str, int]]) -> TaskPlan:
         return TaskPlan(sweep_name, specs[model], {e: exps[e] for e, _ in work}, list(work), root)
 
-    tasks = []
+    tasks: list[TaskPlan] = []
     for model, work in by_model.items():
         if pack and model in pack:
             tasks.extend(task(model, w) for w in pack[model](work))

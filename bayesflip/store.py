@@ -574,8 +574,11 @@ class ResultStore:
             return f"shard_size={size} but its config says shard_size={cfg['shard_size']}: attributes edited?"
         g = zarr.open_group(self.path, mode="r")
         for name in a.get("arrays", {}):
-            if g[name].shape[0] != n:
-                return f"array {name!r} holds {g[name].shape[0]} cells, n_cells={n}: attributes edited?"
+            arr = g[name]
+            if not isinstance(arr, zarr.Array):
+                return f"{name!r} is not an array: store damaged?"
+            if arr.shape[0] != n:
+                return f"array {name!r} holds {arr.shape[0]} cells, n_cells={n}: attributes edited?"
         ident = a.get("identity")
         if isinstance(ident, dict):
             if identity_hash(ident) != a.get("identity_hash"):

@@ -6,6 +6,9 @@ so that importing the backend class stays light). See that module's docstring fo
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from ..engine import ReadHead
@@ -44,9 +47,10 @@ class VocabParallelReadHead(ReadHead):
         del bufs, buf
 
     def logits(self, h: torch.Tensor, base) -> torch.Tensor:
-        return torch.nn.functional.linear(h.float(), self._w, self._b)
+        return torch.nn.functional.linear(h.float(), self._w, self._b)  # type: ignore[arg-type]  # bias None is allowed
 
-    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor, host_rows: list[int]) -> torch.Tensor:
+    def logprobs(self, z: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor,
+                 host_rows: "np.ndarray | Sequence[int]") -> torch.Tensor:
         import torch.distributed as dist
 
         from ..engine import row_chunks

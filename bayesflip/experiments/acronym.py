@@ -72,7 +72,7 @@ INSTRUCTION = ("Each line gives a seven-letter word, a colon, and seven words wh
                "Write one more line in exactly the same format.")
 class AcronymParams(Params, SamplingFields):
     protocol: Protocol = "clean"
-    filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],
+    filters: list[Literal["none", "most", "least"]] = Field(default_factory=lambda: ["none", "most", "least"],  # type: ignore[arg-type]  # a list of the Literal's values
                                                             min_length=1)
     length: int = Field(7, ge=2, le=20)
     init_pairs: list[str] = Field(default_factory=lambda: list(INIT_PAIRS), min_length=1)
@@ -89,7 +89,7 @@ class AcronymParams(Params, SamplingFields):
     variant: Literal["auto", "base", "instruct"] = "auto"
     # ---- paper protocol only (acronym_paper.py)
     bias_types: list[Literal["easy", "hard", "easylong", "easyshort", "random", "imitation"]] = Field(
-        default_factory=lambda: ["easy", "hard"], min_length=1)
+        default_factory=lambda: ["easy", "hard"], min_length=1)  # type: ignore[arg-type]  # a list of the Literal's values
     personas: dict[str, str] = Field(default_factory=lambda: dict(AP.PERSONAS))
     easy_set: StimulusList = Field("set:acronym_easy", validate_default=True)
     hard_set: StimulusList = Field("set:acronym_hard", validate_default=True)

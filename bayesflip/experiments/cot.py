@@ -149,13 +149,13 @@ class CleanCoT(CoTProtocol):
         return CLEAN_CUE
 
     def needle_template(self, p: "CoTParams", chat: bool) -> str:
-        return SPECS[p.process]["needle"]
+        return str(SPECS[p.process]["needle"])
 
     def task_text(self, p: "CoTParams", chat: bool) -> str:
-        return SPECS[p.process]["task_instruct" if chat else "task_base"]
+        return str(SPECS[p.process]["task_instruct" if chat else "task_base"])
 
     def query(self, p: "CoTParams") -> str:
-        return SPECS[p.process]["query"]
+        return str(SPECS[p.process]["query"])
 
     def gen_prompt(self, fam: "CoTFamily", p: "CoTParams", cell: dict, chat: bool) -> Prompt:
         head = _join(fam.needle_text(p, cell), fam.task_text(p, chat), fam.cue(p))

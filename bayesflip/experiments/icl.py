@@ -135,6 +135,7 @@ class PaperICL(ICLProtocol):
             if p.shift != "none" or p.samples != 1 or p.permutations:
                 raise ValueError("flips 'random_choices' reproduces the v2 ICL configs: shift none, samples 1, "
                                  "permutations 0 (allowed otherwise: seeded)")
+            assert p.queries is not None                                     # filled by resolve_stimuli
             paper_flips.check_v2(p.process, p.thetas, p.faces, p.read_ns, len(p.queries), p.n_flips)
         if p.flips == "random_chain" and (p.process != "coin" or p.samples != 1):
             raise ValueError("flips 'random_chain' reproduces the posterior-chain script: process coin, "
@@ -144,12 +145,12 @@ class PaperICL(ICLProtocol):
         if p.flips == "random_choices":  # one sequence per (N, θ[, face], query)
             cells = [{"n": n, **c} for n in sorted(set(p.read_ns)) for c in cells]
         # every (instruct prompt, query) pair; instruct prompts share the query's sequence
-        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(*paper.stimuli(p))]
 
     def cell_head(self, fam: "ICLFamily", p: "ICLParams", cell: dict, model_kind: str) -> Prompt:
         chat = use_chat(p.variant, model_kind)
-        return paper.render_prompt(statement_text(p, cell, chat), p.queries[cell["query"]],
-                                   p.instruct_prompts[cell["instruct"]], chat)
+        return paper.render_prompt(statement_text(p, cell, chat), paper.stimuli(p)[0][cell["query"]],
+                                   paper.stimuli(p)[1][cell["instruct"]], chat)
 
     def sample_outcomes(self, p: "ICLParams", cell: dict, seed: int, probs: np.ndarray) -> np.ndarray:
         # numpy_legacy / random_chain / seeded: one sequence per bias (and sample)
@@ -165,7 +166,7 @@ class PaperICL(ICLProtocol):
 
     def validate_heads(self, fam: "ICLFamily", p: "ICLParams", tokenizer, model_kind: str) -> None:
         c0 = fam.cells(p)[-1]
-        for q in range(len(p.queries)):  # the first choice joins every query ending
+        for q in range(len(paper.stimuli(p)[0])):  # the first choice joins every query ending
             try:
                 validate_sequence_pieces(tokenizer, self.cell_head(fam, p, {**c0, "query": q, "instruct": 0}, model_kind),
                                          _spec(p)["choices"], p.separator)

@@ -111,7 +111,7 @@ PAPER_DEFAULTS = {"kinds": [], "named": list(NAMED), "non_uniformity": list(PAPE
 
 class MarkovParams(Params):
     protocol: Protocol = "clean"
-    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))
+    kinds: list[Literal["uniform", "sticky", "random"]] = Field(default_factory=lambda: list(KINDS))  # type: ignore[arg-type]  # a list of the Literal's values
     named: list[Literal["uniform_mdp", "simple_mdp", "all_hard_states", "last_hard_state"]] = Field(
         default_factory=list)
     matrices: Literal["seeded", "paper"] = "seeded"     # where the non-uniform matrices' draws come from
@@ -338,10 +338,12 @@ class MarkovFamily(Family):
             names = [f"random{i}" for i in range(p.random_matrices)] if kind == "random" else [kind]
             for nm, s in itertools.product(names, range(p.samples)):
                 out.append({"kind": kind, "matrix_name": nm, "sample": s})
-        for kind, names in (("named", list(p.named)), ("non_uniform", [f"non_uniform_{u:.1f}" for u in p.non_uniformity]),
-                            ("custom", list(p.custom))):
-            for nm, s in itertools.product(names, range(p.samples)):
-                out.append({"kind": kind, "matrix_name": nm, "sample": s})
+        extra: list[tuple[str, list[str]]] = [
+            ("named", list(p.named)), ("non_uniform", [f"non_uniform_{u:.1f}" for u in p.non_uniformity]),
+            ("custom", list(p.custom))]
+        for group, group_names in extra:
+            for nm, s in itertools.product(group_names, range(p.samples)):
+                out.append({"kind": group, "matrix_name": nm, "sample": s})
         return out
 
     def arrays(self, p: MarkovParams) -> dict[str, ArraySpec]:

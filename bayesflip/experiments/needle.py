@@ -147,7 +147,7 @@ class PaperNeedle(NeedleProtocol):
 
     def cells(self, p: "NeedleParams", cells: list[dict]) -> list[dict]:
         # every (instruct prompt, query) pair, innermost
-        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+        return [{**c, "instruct": i, "query": q} for c in cells for i, q in paper.pairs(*paper.stimuli(p))]
 
     def needle_template(self, p: "NeedleParams", chat: bool) -> str:
         if chat:
@@ -158,7 +158,7 @@ class PaperNeedle(NeedleProtocol):
         return "params.instruct_needle" if chat else "params.needle"
 
     def prompt(self, p: "NeedleParams", cell: dict, context: str, chat: bool) -> Prompt:
-        return paper.render_prompt(context, p.queries[cell["query"]], p.instruct_prompts[cell["instruct"]], chat)
+        return paper.render_prompt(context, paper.stimuli(p)[0][cell["query"]], paper.stimuli(p)[1][cell["instruct"]], chat)
 
     def probe_cells(self, cells: list[dict]) -> list[dict]:
         last = cells[-1]  # every query ending (the choice follows each one)
@@ -184,7 +184,7 @@ class NeedleParams(Params):
     depths: list[Depth] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)], min_length=1)
     biases: list[Bias] = Field(default_factory=lambda: list(range(0, 101, 10)), min_length=1)
     faces: list[Face] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6], min_length=1)
-    parities: list[Literal["even", "odd"]] = Field(default_factory=lambda: ["even", "odd"], min_length=1)
+    parities: list[Literal["even", "odd"]] = Field(default_factory=lambda: ["even", "odd"], min_length=1)  # type: ignore[arg-type]  # a list of the Literal's values
     samples: int = Field(5, ge=1)
     no_needle: bool = True
     no_context: bool = True

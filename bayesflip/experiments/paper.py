@@ -57,6 +57,12 @@ def pairs(queries: Sequence[str], instruct_prompts: Sequence[str]) -> list[tuple
     return list(itertools.product(range(len(instruct_prompts)), range(len(queries))))
 
 
+def stimuli(p) -> tuple[list[str], list[str]]:
+    """(queries, instruct prompts) of a paper-protocol params object, filled by :func:`resolve_stimuli`."""
+    assert p.queries is not None and p.instruct_prompts is not None, "resolve_stimuli fills them"
+    return p.queries, p.instruct_prompts
+
+
 def render_prompt(context: str, query: str, instruct_prompt: Optional[str], chat: bool) -> Prompt:
     """One paper-protocol prompt (the text before the choice)."""
     return paper_prompt(context, query, instruct_prompt, chat)

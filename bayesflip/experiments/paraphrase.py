@@ -122,14 +122,15 @@ class PaperParaphrase(ParaphraseProtocol):
         paper.resolve_stimuli(p, ("paraphrase_set", "paraphrases", "instruction"), paper.QUERY_SET[p.process],
                               paper.INSTRUCT_SET[p.process])
         if p.limit is not None:
+            assert p.queries is not None                                     # filled by resolve_stimuli
             p.queries = p.queries[: p.limit]
 
     def cells(self, p: "ParaphraseParams") -> list[dict]:
-        return [{"process": p.process, "paraphrase": q, "instruct": i, "text": p.queries[q], "sample": 0}
-                for i, q in paper.pairs(p.queries, p.instruct_prompts)]
+        return [{"process": p.process, "paraphrase": q, "instruct": i, "text": paper.stimuli(p)[0][q], "sample": 0}
+                for i, q in paper.pairs(*paper.stimuli(p))]
 
     def prompt(self, p: "ParaphraseParams", text: str, chat: bool, instruct: int) -> Prompt:
-        return paper.render_prompt("", text, p.instruct_prompts[instruct], chat)
+        return paper.render_prompt("", text, paper.stimuli(p)[1][instruct], chat)
 
 
 PROTOCOLS: dict[str, ParaphraseProtocol] = {"clean": CleanParaphrase(), "paper": PaperParaphrase()}

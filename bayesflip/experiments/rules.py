@@ -107,10 +107,10 @@ class RulesParams(Params, SamplingFields):
     protocol: Protocol = "clean"
     biases: list[str] = Field(default_factory=lambda: ["strong", "medium", "weak", "none"], min_length=1)
     bias_sentences: dict[str, str] = Field(default_factory=lambda: dict(BIAS_SENTENCES))
-    interactions: list[Interaction] = Field(default_factory=lambda: ["none"], min_length=1)
+    interactions: list[Interaction] = Field(default_factory=lambda: ["none"], min_length=1)  # type: ignore[arg-type]  # a list of the Literal's values
     screen: Literal["A", "B", "C", "D", "E"] = "A"
     true_rule: dict[str, Literal["on", "off", "und"]] = Field(
-        default_factory=lambda: {"A": "off", "B": "on", "C": "off", "D": "und", "E": "off"})
+        default_factory=lambda: {"A": "off", "B": "on", "C": "off", "D": "und", "E": "off"})  # type: ignore[arg-type]  # a list of the Literal's values
     init_inputs: list[str] = Field(default_factory=lambda: ["A, B", "C", "D, E", "C, E"], min_length=1)
     examples: int = Field(4, ge=1, le=31)             # M: new examples per generation
     generations: int = Field(10, ge=0, le=1000)
@@ -123,7 +123,7 @@ class RulesParams(Params, SamplingFields):
     choice_chunk: int = Field(81, ge=1, le=243)       # rules per engine call (each copies the context's KV cache)
     variant: Literal["auto", "base", "instruct"] = "auto"
     # ---- paper protocol only (the original game, rules_paper.py)
-    positions: list[Literal["start", "end", "both"]] = Field(default_factory=lambda: ["start"], min_length=1)
+    positions: list[Literal["start", "end", "both"]] = Field(default_factory=lambda: ["start"], min_length=1)  # type: ignore[arg-type]  # a list of the Literal's values
     h_indices: list[Annotated[int, Field(ge=0, le=161)]] = Field(default_factory=lambda: [0, 33], min_length=1)
     d0_size: int = Field(4, ge=1, le=30)
     d0_seeds: list[int] = Field(default_factory=lambda: [10086, 14843, 42, 1314, 916, 1024], min_length=1)
@@ -408,7 +408,6 @@ class RulesFamily(GenerationalFamily):
         bound). Prompts are rendered and tokenized like the run's (``encode_prompt``), once per
         distinct condition and generation, so a sweep is costed in seconds."""
         from .tokens import TokenCount, branch_tokens
-        from ..prompts import encode_prompt
 
         rules = [encode_piece(tokenizer, t) for t in self.rule_texts(p)]
         q = encode_piece(tokenizer, p.check_question)

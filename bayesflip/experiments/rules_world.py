@@ -107,7 +107,7 @@ def tempered_pick(w: np.ndarray, temperature: float, rng: np.random.Generator) -
     z = np.exp(z - z.max())
     cdf = np.cumsum(z / z.sum())
     cdf[-1] = 1.0
-    return int(min(np.searchsorted(cdf, rng.random(), side="right"), len(w) - 1))
+    return min(int(np.searchsorted(cdf, rng.random(), side="right")), len(w) - 1)
 
 
 def metrics(P: np.ndarray, acc0: np.ndarray, screen: int) -> dict[str, float]:

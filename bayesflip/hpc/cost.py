@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def calibration_path(template_name: str) -> Path:
     return Path(os.environ.get("BAYESFLIP_CACHE", CACHE_DIR)) / "throughput" / f"{template_name}.json"
 
 
-def template_throughput(t) -> tuple[Optional[object], str]:
+def template_throughput(t) -> tuple[Optional[CostFigures], str]:
     """(Throughput or None, where the figure comes from): the calibration file of the template when
     there is one (its figures over the template's defaults; a default tied to the template's reference —
     ``load_s`` per parameter, ``curve_tokens_per_s`` as a ratio to the scoring figure — follows the file's
@@ -291,15 +291,61 @@ def pack_work(seconds: list[float], target_s: float, load_s: float) -> list[list
 
 
 # ---------------------------------------------------------------------- per model
+class CostSpec(Protocol):
+    """The model facts an estimate reads (a :class:`bayesflip.models.registry.ModelSpec`)."""
+
+    @property
+    def params_b(self) -> Optional[float]: ...
+
+    @property
+    def active_params_b(self) -> Optional[float]: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+
+class CostTemplate(Protocol):
+    """The job-template facts an estimate reads (a :class:`bayesflip.hpc.templates.JobTemplate`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def nodes(self) -> int: ...
+
+    @property
+    def gpus_per_node(self) -> int: ...
+
+    @property
+    def cpus_per_task(self) -> int: ...
+
+    @property
+    def n_tasks(self) -> int: ...
+
+    @property
+    def time_min(self) -> int: ...
+
+    @property
+    def target_task_min(self) -> Optional[int]: ...
+
+
+class CostFigures(Protocol):
+    """A template's throughput figures (:class:`bayesflip.hpc.templates.Throughput`), as far as
+    :class:`ModelCost` reads them itself (:func:`kind_speed` reads the rest)."""
+
+    @property
+    def ref_params_b(self) -> float: ...
+
+
 @dataclass
 class ModelCost:
     """Cost inputs of one model of a sweep."""
 
-    spec: object
-    template: object
+    spec: CostSpec
+    template: CostTemplate
     proxy: bool
     tokenizer: str
-    throughput: Optional[object]
+    throughput: Optional[CostFigures]
     throughput_source: str
     tokens: dict[str, ExperimentTokens] = field(default_factory=dict)
 
@@ -330,9 +376,10 @@ class ModelCost:
 
     def pack(self, work: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
         """``work`` (experiment, shard) in order → task work lists of about ``target_task_min``."""
-        sp = self.speed()
+        sp, target = self.speed(), self.template.target_task_min
+        assert sp is not None and target is not None   # callers pack only when self.packable
         secs = [self.shard_seconds(e, s) for e, s in work]
-        groups = pack_work(secs, self.template.target_task_min * 60.0, sp[2])
+        groups = pack_work(secs, target * 60.0, sp[2])
         return [[work[i] for i in g] for g in groups]
 
     @property
@@ -389,7 +436,7 @@ def cost_rows(costs: dict[str, ModelCost], units, arrays, packing: bool = True) 
         gen = sum(mc.tokens[e].generated[s] for e, s in work)
         sp = mc.speed()
         n_dev, unit = mc.devices_per_task
-        row = {"model": name, "template": mc.template.name, "params_b": mc.params_b, "cells": int(cells),
+        row: dict[str, Any] = {"model": name, "template": mc.template.name, "params_b": mc.params_b, "cells": int(cells),
                "prompt_tokens": int(round(prompt)), "generated_tokens": int(round(gen)), "shards": len(work),
                "tasks": len(tasks), "packed": bool(packing and mc.packable), "target_task_min": mc.template.target_task_min,
                "time_min": mc.template.time_min, "devices_per_task": n_dev, "device_unit": unit,
@@ -446,7 +493,8 @@ def format_cost(sweep_name: str, rows: list[dict]) -> str:
                   str(sum(r["tasks"] for r in rows)), "", "",
                   " + ".join(f"{v:.1f} {u}" for u, v in sorted(by_unit.items())) or "n/a"])
     widths = [max(len(x[i]) for x in [cols, *table]) for i in range(len(cols))]
-    fmt = lambda xs: "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))
+    def fmt(xs):
+        return "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))
     lines = [head, fmt(cols), *map(fmt, table)]
     lines.append("device-min = estimated task minutes (model load included) × devices per task; "
                  "min/task = mean estimated task, max = longest")

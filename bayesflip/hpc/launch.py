@@ -337,7 +337,8 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     root = Path(results_dir or RESULTS_DIR).resolve()
     # 1. plan without writing anything: configs, tokenization, identity of existing stores
     cells: dict = {}
-    costs, toks = None, {}
+    costs = None
+    toks: dict = {}
     if dry_run or (shards_per_task is None and any(t.target_task_min for t in templates.values())):
         from .cost import estimate_models     # tokens per shard → time-based packing and the dry run's table
         costs = estimate_models(sweep, [], templates, cells, toks)
@@ -398,8 +399,9 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
     folder = root / sweep.name / "slurm" / "%j"
     # the submission is recorded before sbatch (state pending) and completed after, so a submitter that dies or
     # cannot write the manifest in between leaves one that status and resubmit understand
+    uid = new_uid()
     record = SubmissionRecord(command=command, executor=executor, time=now_iso(), pinned_revisions=pinned,
-                              uid=new_uid(), state="pending")
+                              uid=uid, state="pending")
     sub.manifest = write_manifest(sweep, units, record, results_dir=root)
     error: Optional[BaseException] = None
     try:
@@ -417,13 +419,13 @@ def submit_sweep(sweep_name: str, model_type: Optional[str] = None, *, overwrite
                 f"{a.model.name}, {len(jobs)} task(s), "
                 f"{a.n_shards} shard(s), logs {folder.parent}/{array_id}_*")
             if len(arrays) > 1:      # each array recorded as soon as sbatch answered
-                Manifest.update_submission(sweep.name, record.uid, root, arrays=[s.record() for s in sub.submitted])
+                Manifest.update_submission(sweep.name, uid, root, arrays=[s.record() for s in sub.submitted])
     except BaseException as e:
         error = e
         raise
     finally:
         state = "submitted" if error is None else ("partial" if sub.submitted else "failed")
-        Manifest.update_submission(sweep.name, record.uid, root, state=state,
+        Manifest.update_submission(sweep.name, uid, root, state=state,
                                    arrays=[s.record() for s in sub.submitted],
                                    error=None if error is None else f"{type(error).__name__}: {error}")
     return sub
@@ -471,10 +473,11 @@ def wait_jobs(sub: Submission, out=print) -> int:
     rank returned (rank 0's summary is reported), FAILED with rank 0's message (or the failing rank's)."""
     failed = 0
     for arr in sub.submitted:
-        for j, task in zip(arr.jobs, arr.plan.tasks):
+        for j, _task in zip(arr.jobs, arr.plan.tasks):
             r, err = job_outcome(j)
             ranks = f", {r['world_size']} ranks" if r and r.get("world_size", 1) > 1 else ""
             if err is None:
+                assert r is not None          # job_outcome: a result or an error
                 out(f"task {j.job_id} ({arr.plan.model.name}): {len(r['done'])} done, {len(r['skipped'])} skipped "
                     f"(already done), {r['seconds']:.1f} s{ranks}")
             else:

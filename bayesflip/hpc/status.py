@@ -212,8 +212,8 @@ def sweep_status(manifest: Manifest, use_sacct: bool = True, results_dir: Option
     # failed SLURM tasks that still own an unfinished shard: their stderr tail (tracebacks, OOM, ...)
     unit_of = {(u.model, u.experiment): u for u in units}
     for (model, exp, shard), (job, _, stderr) in latest.items():
-        u = unit_of.get((model, exp))
-        if states.get(job) in FAILED and u is not None and u.shards.get(shard) != "done" and job not in task_errors:
+        us_ = unit_of.get((model, exp))
+        if states.get(job) in FAILED and us_ is not None and us_.shards.get(shard) != "done" and job not in task_errors:
             task_errors[job] = f"{states[job]}: {log_error(stderr)}"
     tasks = dict(states)
     pending = [f"submission {p.uid} ({p.command or p.mode}, {p.time}) is pending: its submitter stopped between "
