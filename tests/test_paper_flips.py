@@ -15,12 +15,9 @@ compares every committed ``coin_flip_icl_v2`` / ``die_roll_icl_v2`` config with 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ import pandas as pd
 import pytest
 
 from conftest import synthetic_store
+from test_paper_protocol import run_prompts
 from bayesflip.config import load_experiment, validate_params
 from bayesflip.engine import Scorer
 from bayesflip.errors import ConfigError
@@ -162,14 +160,6 @@ def test_numpy_legacy_theta_subset_draws_the_full_grid():
 
 
 # ---------------------------------------------------------------------------- shift: the published direction
-def run_prompts(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "bayesflip.cli", "prompts", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return [json.loads(ln) for ln in res.stdout.splitlines() if ln.strip()]
-
-
 def chain_reference(theta1, theta2, cutoff=50, n=100, seed=42):
     rng = random.Random(seed)
     return [rng.choices(["heads", "tails"], weights=[t, 1 - t])[0]

@@ -44,14 +44,19 @@ def _spec(name="hubtiny", repo_id="testorg/tiny-llama", revision="main"):
                      template="cpu-debug")
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
+def hub_env(tmp_path, monkeypatch) -> Path:
+    """A hand-built Hub cache under ``tmp_path``, made this process's (offline) cache; its snapshot dir."""
     snap = _hub_cache(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("BAYESFLIP_CACHE", str(tmp_path / "bf"))
     return snap
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    return hub_env(tmp_path, monkeypatch)
 
 
 def test_offline_load_from_hand_built_cache_pins_the_sha(hub):

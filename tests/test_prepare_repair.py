@@ -21,7 +21,7 @@ from bayesflip.models import prepare
 from bayesflip.models.integrity import clean_stale_tmp, safetensors_problem, snapshot_problems, tmp_name
 from bayesflip.models.prepare import (ModelNotPreparedError, is_prepared, prepare_hub, prepared_revision,
                                       require_prepared)
-from test_prepare import SHA, _hub_cache, _spec
+from test_prepare import SHA, _spec, hub_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,11 +38,7 @@ def _as_blob(snap: Path, name: str = "model.safetensors") -> tuple[Path, bytes]:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    snap = _hub_cache(tmp_path)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("BAYESFLIP_CACHE", str(tmp_path / "bf"))
+    snap = hub_env(tmp_path, monkeypatch)
     blob, data = _as_blob(snap)
     return snap, blob, data
 
