@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError
-from .paths import CONFIG_DIR
+from .paths import configs_dir
 
 TOP_KEYS = {"family", "seed", "shard_size", "params", "description"}
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded offline model
@@ -198,7 +198,10 @@ def _kind(v) -> str:
             type(None): "null"}.get(type(v), type(v).__name__)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml's parser where PyYAML was built with it
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]  # a base chosen at import
     """SafeLoader that rejects a key given twice in one mapping (YAML would silently keep the last)."""
 
 
@@ -296,20 +299,20 @@ def check_grid_size(fam, params, shard_size: int, prefix: str = "", src: str | N
     return est
 
 
-def experiment_names(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir) / "experiments").glob("*.yaml"))
+def experiment_names(config_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "experiments").glob("*.yaml"))
 
 
-def sweep_names(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir) / "sweeps").glob("*.yaml"))
+def sweep_names(config_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "sweeps").glob("*.yaml"))
 
 
-def load_experiment(name: str, overrides: dict | None = None, config_dir: Path = CONFIG_DIR,
+def load_experiment(name: str, overrides: dict | None = None, config_dir: Path | None = None,
                     prefix: str = "", override_source: str | None = None) -> ExperimentConfig:
     from .experiments import get_family, family_names
 
     check_name(name, prefix + "experiment" if prefix else "--exp")
-    path = Path(config_dir) / "experiments" / f"{name}.yaml"
+    path = Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(prefix + "experiment", f"unknown experiment {name!r}", allowed=experiment_names(config_dir))
     if overrides is not None and not isinstance(overrides, dict):
@@ -340,10 +343,10 @@ class SweepConfig:
     array_throttle: int | None = None
 
 
-def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONFIG_DIR) -> SweepConfig:
+def load_sweep(name: str, model_type: str | None = None, config_dir: Path | None = None) -> SweepConfig:
     """A sweep by name, or a single experiment name (a sweep of one, named after it)."""
     check_name(name, "--exp/--sweep")
-    path = Path(config_dir) / "sweeps" / f"{name}.yaml"
+    path = Path(config_dir or configs_dir()) / "sweeps" / f"{name}.yaml"
     if path.exists():
         raw = read_yaml_mapping(path)
         for k in raw:
@@ -367,7 +370,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path = CONF
         if throttle is not None and (isinstance(throttle, bool) or not isinstance(throttle, int) or throttle < 1):
             raise ConfigError("array_throttle", f"must be a positive integer (got {_kind(throttle)} {throttle!r})",
                               source=str(path))
-    elif (Path(config_dir) / "experiments" / f"{name}.yaml").exists():
+    elif (Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml").exists():
         exps = [load_experiment(name, None, config_dir)]
         models_raw = model_type or DEFAULT_MODEL
         throttle = None
@@ -387,7 +390,7 @@ def _models_raw(raw: dict, model_type: str | None, path: Path):
     return models_raw
 
 
-def _resolve_models(models_raw, config_dir: Path) -> list[str]:
+def _resolve_models(models_raw, config_dir: Path | None) -> list[str]:
     from .models.registry import get_model_spec, models_of_type
 
     if isinstance(models_raw, str):
@@ -399,14 +402,14 @@ def _resolve_models(models_raw, config_dir: Path) -> list[str]:
     return models
 
 
-def sweep_models(name: str, model_type: str | None = None, config_dir: Path = CONFIG_DIR) -> list[str]:
+def sweep_models(name: str, model_type: str | None = None, config_dir: Path | None = None) -> list[str]:
     """The models :func:`load_sweep` would select, without loading the experiments (cheap: commands
     check that the models are prepared before anything heavy is imported). A name that is neither
     a sweep nor an experiment is left to :func:`load_sweep`'s error (returns ``[]``)."""
     check_name(name, "--exp/--sweep")
-    path = Path(config_dir) / "sweeps" / f"{name}.yaml"
+    path = Path(config_dir or configs_dir()) / "sweeps" / f"{name}.yaml"
     if path.exists():
         return _resolve_models(_models_raw(read_yaml_mapping(path), model_type, path), config_dir)
-    if (Path(config_dir) / "experiments" / f"{name}.yaml").exists():
+    if (Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml").exists():
         return _resolve_models(model_type or DEFAULT_MODEL, config_dir)
     return []

@@ -6,7 +6,12 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(os.environ.get("BAYESFLIP_CONFIG_DIR", REPO_ROOT / "configs"))
 RESULTS_DIR = Path(os.environ.get("BAYESFLIP_RESULTS_DIR", REPO_ROOT / "results"))
 TEMPLATE_DIR = Path(os.environ.get("BAYESFLIP_TEMPLATE_DIR", REPO_ROOT / "job_templates"))
 CACHE_DIR = Path(os.environ.get("BAYESFLIP_CACHE", Path.home() / ".cache" / "bayesflip"))
+
+
+def configs_dir() -> Path:
+    """``$BAYESFLIP_CONFIG_DIR`` or the repository's ``configs/``, read at each call (a test or a
+    notebook may point it elsewhere after import)."""
+    return Path(os.environ.get("BAYESFLIP_CONFIG_DIR") or REPO_ROOT / "configs")

@@ -20,15 +20,15 @@ from typing import Annotated, Union
 import yaml
 from pydantic import BeforeValidator
 
-from .paths import CONFIG_DIR
+from .paths import configs_dir
 
 
 def _resolve_path(spec: str) -> Path:
     raw = Path(spec).expanduser()
-    for cand in ([raw] if raw.is_absolute() else [Path.cwd() / raw, Path(CONFIG_DIR) / raw]):
+    for cand in ([raw] if raw.is_absolute() else [Path.cwd() / raw, configs_dir() / raw]):
         if cand.is_file():
             return cand
-    raise ValueError(f"stimulus file {spec!r} not found (relative paths: current directory or {CONFIG_DIR})")
+    raise ValueError(f"stimulus file {spec!r} not found (relative paths: current directory or {configs_dir()})")
 
 
 def _read(path: Path) -> str:
@@ -56,9 +56,9 @@ def load_list(value: Union[str, list, tuple]) -> list[str]:
         items = list(value)
     elif isinstance(value, str) and value.startswith("set:"):
         name = value[4:]
-        path = Path(CONFIG_DIR) / "prompts" / f"{name}.txt"
+        path = configs_dir() / "prompts" / f"{name}.txt"
         if not path.is_file():
-            sets = sorted(p.stem for p in (Path(CONFIG_DIR) / "prompts").glob("*.txt"))
+            sets = sorted(p.stem for p in (configs_dir() / "prompts").glob("*.txt"))
             raise ValueError(f"unknown stimulus set {name!r} (allowed: {', '.join('set:' + s for s in sets)})")
         items = read_lines(_read(path))
     elif isinstance(value, str) and value.startswith("file:"):

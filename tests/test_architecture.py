@@ -258,13 +258,11 @@ def test_example_backend_runs_shards_with_the_hf_backends_values(example_backend
     from bayesflip.config import load_sweep
     from bayesflip.job import run_local
     from bayesflip.models.registry import load_registry
-    from bayesflip.paths import CONFIG_DIR
     from bayesflip.store import ResultStore, store_path
 
     spec = load_registry()["tiny-random"].model_copy(update={"name": "tiny-random-example", "backend": "example"})
     validate_spec(spec)                                  # what parse_entry runs for a YAML entry
-    for reg in (load_registry(), load_registry(CONFIG_DIR)):   # as if configs/models had `backend: example`
-        monkeypatch.setitem(reg, spec.name, spec)
+    monkeypatch.setitem(load_registry(), spec.name, spec)   # as if configs/models had `backend: example`
     runs = {}
     for model in ("tiny-random", spec.name):
         sweep = load_sweep("test_tp", model)

@@ -164,10 +164,12 @@ def _compare_tp(ref_model: str, tp_model: str, out: Path, tol: float) -> None:
         assert d["agree_error"] == "check shard failed on rank 1 of 2: RuntimeError: injected on rank 1"
 
 
+@pytest.mark.integration
 def test_deepspeed_tp2_on_cpu_equals_single_process(tmp_path):
     _compare_tp("tiny-random-llama", "tiny-random-llama-tp2", tmp_path, 1e-4)
 
 
+@pytest.mark.integration
 def test_deepspeed_tp2_bf16_reads_in_float32(tmp_path):
     """A bf16 model under TP: the vocabulary-parallel read head all-gathers the bf16 output-layer shards
     once and reads in float32; scores agree with the single-process bf16 model's float32 reads up to the

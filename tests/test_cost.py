@@ -211,6 +211,7 @@ def _bf(args, cfg, hub, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.integration
 def test_plan_dry_run_costs_unprepared_models_and_writes_nothing(tmp_path):
     cfg = private_configs(tmp_path, {"cost_tiny": SWEEP})
     hub = tmp_path / "hub"                                  # an empty Hub cache: llama-3.1-8b is not prepared

@@ -1,10 +1,12 @@
 """Bad inputs end with one ``bayesflip: error:`` line and exit 2, before anything is written; Ctrl-C
 ends with one line and exit 130 (issue 19, items 7-8).
 
-Each case runs the real CLI in a subprocess (a private ``configs/``, ``BAYESFLIP_CONFIG_DIR``) and
-asserts the exit code, that stderr is exactly one line naming the key, no traceback, and an empty
-results dir. The models are tiny-random (context 512) and the embedded smollm2-135m-instruct's
-tokenizer (context 8192); nothing is loaded but tokenizers and configs.
+Each case runs the real CLI entry point, ``cli.main``, in-process (a private ``configs/`` through
+``BAYESFLIP_CONFIG_DIR``) and asserts the exit code, that stderr is exactly one line naming the key,
+no traceback, and an empty results dir. ``test_one_line_from_a_real_process`` repeats two cases in a
+subprocess (integration tier), where a stray log line or warning would also reach stderr. The models
+are tiny-random (context 512) and the embedded smollm2-135m-instruct's tokenizer (context 8192);
+nothing is loaded but tokenizers and configs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,35 @@ def cfg(tmp_path_factory):
     return private_configs(tmp_path_factory.mktemp("cfg"), SWEEPS)
 
 
-def bayesflip(cfg, results, *args, env=None):
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def bayesflip(cfg, monkeypatch, capsys):
+    """``bayesflip(results, *args, env=...)``: ``cli.main`` in-process with the private configs; what a
+    subprocess would give (exit code, stdout, stderr). ``argparse`` usage errors exit through SystemExit."""
+    def run(results, *args, env=None):
+        monkeypatch.setenv("BAYESFLIP_CONFIG_DIR", str(cfg))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        try:
+            rc = cli.main([*args, *(["--results-dir", str(results)] if results is not None else [])])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
+        out = capsys.readouterr()
+        for k in env or {}:
+            monkeypatch.delenv(k)
+        return Ran(rc, out.out, out.err)
+    return run
+
+
+def subprocess_bayesflip(cfg, results, *args, env=None):
     e = {**os.environ, "BAYESFLIP_CONFIG_DIR": str(cfg), "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "bayesflip.cli", *args, "--results-dir", str(results)],
                           capture_output=True, text=True, env=e, timeout=600)
@@ -75,9 +106,9 @@ def one_error_line(r, *needles: str) -> str:
     ("f_long_tiny", ["experiments.icl_coin.params", "context of 512"]),
 ])
 @pytest.mark.parametrize("dry", [True, False])
-def test_bad_config_is_one_line_at_plan(cfg, tmp_path, sweep, needles, dry):
+def test_bad_config_is_one_line_at_plan(bayesflip, tmp_path, sweep, needles, dry):
     results = tmp_path / "results"
-    r = bayesflip(cfg, results, "plan", "--exp", sweep, *(["--dry-run"] if dry else []))
+    r = bayesflip(results, "plan", "--exp", sweep, *(["--dry-run"] if dry else []))
     one_error_line(r, *needles)
     assert not results.exists() or not any(results.iterdir())     # nothing written
 
@@ -91,9 +122,9 @@ def test_bad_config_is_one_line_at_plan(cfg, tmp_path, sweep, needles, dry):
     ("BAYESFLIP_INJECT_FAILURE", "icl_coin:0@node1", "'icl_coin:0@node1' is not"),
     ("BAYESFLIP_DIST_TIMEOUT_MIN", "soon", "BAYESFLIP_DIST_TIMEOUT_MIN='soon'"),
 ])
-def test_bad_environment_is_one_line_before_anything(cfg, tmp_path, var, value, needle):
+def test_bad_environment_is_one_line_before_anything(bayesflip, tmp_path, var, value, needle):
     results = tmp_path / "results"
-    r = bayesflip(cfg, results, "debug", "--exp", "f_ok", env={var: value})
+    r = bayesflip(results, "debug", "--exp", "f_ok", env={var: value})
     one_error_line(r, needle)
     assert not results.exists()                                   # no store was created
 
@@ -105,17 +136,27 @@ def test_environment_values_that_are_fine():
         check_environment({"BAYESFLIP_LEASE_TTL": "inf"})
 
 
-def test_where_and_template_path_are_refused(cfg, tmp_path):
+def test_where_and_template_path_are_refused(bayesflip, tmp_path):
     results = tmp_path / "results"
-    one_error_line(bayesflip(cfg, results, "plan", "--exp", "f_ok", "--dry-run", "--template",
+    one_error_line(bayesflip(results, "plan", "--exp", "f_ok", "--dry-run", "--template",
                              "../job_templates/cpu-debug"), "is a path")
-    e = {**os.environ, "BAYESFLIP_CONFIG_DIR": str(cfg), "PYTHONPATH": str(REPO)}
     for where, needle in (("thta=0.5", "unknown key 'thta'; did you mean 'theta'"),
                           ("theta=abc", "theta='abc' does not parse")):
-        r = subprocess.run([sys.executable, "-m", "bayesflip.cli", "prompts", "--exp", "f_ok", "--where", where],
-                           capture_output=True, text=True, env=e, timeout=600)
+        r = bayesflip(None, "prompts", "--exp", "f_ok", "--where", where)
         one_error_line(r, "--where", needle)
         assert r.stdout == ""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args,env,needle", [
+    (["plan", "--exp", "f_long_smol"], {}, "12054 tokens"),
+    (["debug", "--exp", "f_ok"], {"BAYESFLIP_GROUP_CELLS": "0"}, "BAYESFLIP_GROUP_CELLS='0'"),
+])
+def test_one_line_from_a_real_process(cfg, tmp_path, args, env, needle):
+    """The same contract from a real process: nothing else (a log line, a warning) reaches stderr."""
+    results = tmp_path / "results"
+    one_error_line(subprocess_bayesflip(cfg, results, *args, env=env), needle)
+    assert not results.exists() or not any(results.iterdir())
 
 
 def test_template_problem_values():

@@ -170,6 +170,7 @@ print(json.dumps({"done": r.done, "held": [h[:2] for h in r.held], "failed": r.f
 """
 
 
+@pytest.mark.integration
 def test_paused_writer_never_replaces_the_record_of_the_writer_that_took_over(tmp_path):
     import os
     import signal

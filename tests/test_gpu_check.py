@@ -32,6 +32,7 @@ def test_peak_flops_from_the_device_name():
     assert device_peak("Some Future GPU") is None
 
 
+@pytest.mark.integration
 def test_gpu_check_tiny_on_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BAYESFLIP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "gc.json"

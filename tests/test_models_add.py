@@ -77,6 +77,7 @@ def _tiny_llama_params() -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+@pytest.mark.integration
 def test_add_from_hub_cache_then_plan_dry_run_and_debug(world):
     tmp, cfg, bf = world
     r = bf("models", "add", "testorg/tiny-llama", "--name", "tinyhub", "--template", "cpu-debug")
@@ -137,6 +138,7 @@ def test_all_unprepared_models_named_in_one_line(world):
     assert "run `bayesflip models prepare ghost ghost2`" in r.stderr
 
 
+@pytest.mark.integration
 def test_dry_run_costs_an_unprepared_model_with_the_marked_proxy(world):
     tmp, _, bf = world
     r = bf("plan", "--exp", "ghostx", "--dry-run")
@@ -206,8 +208,8 @@ def test_add_keeps_comments_validates_and_refuses_bad_names(cfgdir, tmp_path):
     add_model(str(d), name="lab-b", model_set="lab", tp=4, config_dir=cfgdir)
     text = user.read_text()
     assert text.startswith("# our lab's models\n") and "# bayesflip models add" in text
-    from bayesflip.models.registry import load_registry
-    load_registry.cache_clear()
+    from bayesflip.models.registry import forget_registry, load_registry
+    forget_registry()
     reg = load_registry(cfgdir)
     assert reg["lab-b"].backend == "deepspeed" and reg["lab-b"].tp == 4 and reg["lab-b"].template == "gpu-large"
     assert reg["lab-a"].model_set == "lab"

@@ -7,6 +7,8 @@ Reference formulas, written here independently of bayesflip's rendering code:
             + ' '.join((query + choice).split())          (assistant prefill, no end-of-turn)
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bayesflip import cli
 from bayesflip.config import validate_params
 from bayesflip.engine import Scorer
 from bayesflip.errors import ConfigError
@@ -271,11 +274,12 @@ def test_icl_permutations(tiny):
 
 # ---------------------------------------------------------------------------- CLI
 def run_prompts(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "bayesflip.cli", "prompts", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return [json.loads(ln) for ln in res.stdout.splitlines() if ln.strip()]
+    """``bayesflip prompts ARGS`` through the CLI entry point, in-process; its JSON lines, parsed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["prompts", *args])
+    assert rc == 0, err.getvalue()
+    return [json.loads(ln) for ln in out.getvalue().splitlines() if ln.strip()]
 
 
 def stream_prompts(*args, keep=lambda r: True):

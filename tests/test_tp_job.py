@@ -101,6 +101,7 @@ def _torchrun(root: Path, work, env_extra: dict | None = None) -> list[dict]:
     return [json.loads((root / f"rank{i}.json").read_text()) for i in range(2)]
 
 
+@pytest.mark.integration
 def test_tp2_run_task_rank0_writes_and_a_rank1_failure_fails_the_shard_everywhere(tmp_path):
     plan_sweep(load_sweep(SWEEP, TP_MODEL), results_dir=tmp_path)
     ranks = _torchrun(tmp_path, WORK, {FAIL_ENV: "icl_coin:1@rank1"})

@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from ..engine import ChoiceRequest
 from ..errors import ConfigError
-from ..paths import CONFIG_DIR
+from ..paths import configs_dir
 from ..prompts import Prompt, encode_choices, encode_prompt, render
 from ..stimuli import StimulusList
 from . import paper, register
@@ -47,7 +47,7 @@ from .protocol import ProtocolStrategy
 
 
 def prompt_dir() -> Path:
-    return Path(CONFIG_DIR) / "prompts"
+    return configs_dir() / "prompts"
 
 
 def available_sets() -> list[str]:

@@ -42,8 +42,8 @@ from typing import Callable, Optional
 import yaml
 
 from ..errors import BayesflipError, ConfigError
-from ..paths import CONFIG_DIR
-from .registry import ModelSpec, load_registry, model_sets, parse_entry
+from ..paths import configs_dir
+from .registry import ModelSpec, forget_registry, load_registry, model_sets, parse_entry
 
 DEFAULT_SET = "user"
 RESERVED = ("all", "std", "instruct")          # MODEL_TYPE words: never a set or model name
@@ -322,7 +322,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def add_model(model: str, *, name: Optional[str] = None, kind: Optional[str] = None, tp: int = 1,
               model_set: str = DEFAULT_SET, revision: str = "main", template: Optional[str] = None,
               dtype: Optional[str] = None, params_b: Optional[float] = None, hub: bool = False,
-              config_dir: Path = CONFIG_DIR, download: Optional[Callable] = None) -> tuple[ModelSpec, Path, ModelFacts]:
+              config_dir: Path | None = None, download: Optional[Callable] = None) -> tuple[ModelSpec, Path, ModelFacts]:
     """Write the entry (see the module docstring); returns (the validated spec, the file, the facts)."""
     from ..config import check_name
 
@@ -346,7 +346,7 @@ def add_model(model: str, *, name: Optional[str] = None, kind: Optional[str] = N
                                 f"another entry for it (e.g. with another --tp or --dtype)")
     entry, facts = build_entry(model, kind=kind, tp=tp, revision=revision, template=template, dtype=dtype,
                                params_b=params_b, hub=hub, download=download)
-    path = Path(config_dir) / "models" / f"{model_set}.yaml"
+    path = Path(config_dir or configs_dir()) / "models" / f"{model_set}.yaml"
     old = path.read_text() if path.exists() else HEADER + "models:\n"
     raw = yaml.safe_load(old) or {}
     models = dict(raw.get("models") or {})
@@ -357,7 +357,7 @@ def add_model(model: str, *, name: Optional[str] = None, kind: Optional[str] = N
     # the validation registry loading does, on the file as it will be (a name in two sets was refused above)
     specs = {n: parse_entry(n, e, model_set, str(path)) for n, e in yaml.safe_load(text)["models"].items()}
     _atomic_write(path, text)
-    load_registry.cache_clear()
+    forget_registry()
     return specs[nm], path, facts
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..backends import validate_spec
 from ..errors import ConfigError, UnknownModelError
-from ..paths import CONFIG_DIR
+from ..paths import configs_dir
 
 
 class ModelSpec(BaseModel):
@@ -109,11 +109,21 @@ def parse_entry(name: str, entry: dict | None, model_set: str, source: str) -> M
     return spec
 
 
+def load_registry(config_dir: Path | None = None) -> dict[str, ModelSpec]:
+    """All models of all sets (of ``config_dir``, default :func:`configs_dir`). A name defined in
+    two sets is an error."""
+    return _load_registry(Path(config_dir or configs_dir()))
+
+
+def forget_registry() -> None:
+    """Drop the cached registries (after a models file was written)."""
+    _load_registry.cache_clear()
+
+
 @lru_cache(maxsize=4)
-def load_registry(config_dir: Path = CONFIG_DIR) -> dict[str, ModelSpec]:
-    """All models of all sets. A name defined in two sets is an error."""
+def _load_registry(config_dir: Path) -> dict[str, ModelSpec]:
     reg: dict[str, ModelSpec] = {}
-    for path in sorted((Path(config_dir) / "models").glob("*.yaml")):
+    for path in sorted((config_dir / "models").glob("*.yaml")):
         for name, spec in parse_model_file(path).items():
             if name in reg:
                 raise ConfigError(f"models.{name}", f"defined twice ({reg[name].model_set}.yaml and {path.name})")
@@ -121,18 +131,18 @@ def load_registry(config_dir: Path = CONFIG_DIR) -> dict[str, ModelSpec]:
     return reg
 
 
-def model_sets(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir) / "models").glob("*.yaml"))
+def model_sets(config_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "models").glob("*.yaml"))
 
 
-def get_model_spec(name: str, config_dir: Path = CONFIG_DIR) -> ModelSpec:
+def get_model_spec(name: str, config_dir: Path | None = None) -> ModelSpec:
     reg = load_registry(config_dir)
     if name not in reg:
         raise UnknownModelError(name, reg)
     return reg[name]
 
 
-def models_of_type(model_type: str, config_dir: Path = CONFIG_DIR) -> list[ModelSpec]:
+def models_of_type(model_type: str, config_dir: Path | None = None) -> list[ModelSpec]:
     """Models selected by ``MODEL_TYPE``: a set name (file stem), a model name, ``all``, ``std``,
     ``instruct``, or ``<set>:<std|instruct|all>`` (e.g. ``paper:std``: the base models of one set)."""
     reg = load_registry(config_dir)

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.layout_engine import TightLayoutEngine  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 MIN_GENERATIONS = 2  # per-generation figures need at least this many generations after generation 0
@@ -107,7 +108,9 @@ def save(fig, out_dir: Path, name: str, legend_rows: int = 0) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     h = fig.get_figheight()
-    fig.tight_layout(rect=(0, min(0.45, (0.18 * legend_rows + 0.05) / h), 1, 1))
+    # the tight layout, applied once: Figure.tight_layout would leave a placeholder layout engine behind,
+    # and with any engine set, every savefig draws the whole figure once more before printing it
+    TightLayoutEngine(rect=(0, min(0.45, (0.18 * legend_rows + 0.05) / h), 1, 1)).execute(fig)
     png = out_dir / f"{slug(name)}.png"
     fig.savefig(png, dpi=110)
     fig.savefig(png.with_suffix(".pdf"))
