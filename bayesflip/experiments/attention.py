@@ -150,12 +150,12 @@ def token_spans(head_len: int, choice_lens: list[int], sep_len: int, outcomes) -
 
 
 @register
-class AttentionFamily(ICLFamily):
+class AttentionFamily(ICLFamily[AttentionParams]):
     name = "attention"
     Params = AttentionParams
     requires = frozenset({"attention_mass"})
 
-    def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:  # type: ignore[override]  # called with its own Params only
+    def arrays(self, p: AttentionParams) -> dict[str, ArraySpec]:
         k, n, r, ls = len(_spec(p)["choices"]), p.n_flips, len(read_indices(p)), len(p.layer_sets)
         out = {"mass": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
                "attn_max": ArraySpec(("layer_set", "position", "group"), (ls, r, len(group_names(p)))),
@@ -168,11 +168,11 @@ class AttentionFamily(ICLFamily):
             out["attn_max_outcome"] = ArraySpec(("layer_set", "position", "flip"), (ls, r, n))
         return out
 
-    def coords(self, p: AttentionParams) -> dict[str, list]:  # type: ignore[override]  # called with its own Params only
+    def coords(self, p: AttentionParams) -> dict[str, list]:
         return {"choice": _spec(p)["choices"], "position": read_indices(p), "flip": list(range(p.n_flips)),
                 "group": group_names(p), "layer_set": list(p.layer_sets), "bound": ["first", "stop"]}
 
-    def validate(self, p: AttentionParams, tokenizer, model_kind: str) -> None:  # type: ignore[override]  # called with its own Params only
+    def validate(self, p: AttentionParams, tokenizer, model_kind: str) -> None:
         for name, (lo, hi) in p.layer_sets.items():
             if not lo < hi:
                 raise ConfigError(f"params.layer_sets.{name}", f"range [{lo}, {hi}) is empty",
@@ -187,7 +187,7 @@ class AttentionFamily(ICLFamily):
                 raise ConfigError("params.read_suffix", f"{p.read_suffix!r} does not tokenize on its own after the "
                                   f"prompt: {e}", allowed=["whitespace that forms its own tokens, e.g. '  '", "''"]) from None
 
-    def render(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:  # type: ignore[override]  # called with its own Params only
+    def render(self, p: AttentionParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         """The reads listed by the ICL family's ``read_ns`` (among the read indices); the read position
         is the text's last token. With a read suffix each n gives two items: ``read: attention`` (the
         text with the suffix, where attention is read) and ``read: logprobs`` (the text scored for the
@@ -254,7 +254,7 @@ class AttentionFamily(ICLFamily):
             out[name] = idx
         return out
 
-    def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:  # type: ignore[override]  # called with its own Params only
+    def run(self, p: AttentionParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         sets = self.resolve_layers(p, ctx.scorer.n_layers)
         ridx = read_indices(p)
         names = group_names(p)

@@ -40,7 +40,7 @@ evidence with the same head: arrays ``perm_logprobs`` (perm, position, choice) a
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, ClassVar, Literal, Mapping, Optional
+from typing import Annotated, ClassVar, Generic, Literal, Mapping, Optional, TypeVar
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -255,12 +255,15 @@ def _pad(a: np.ndarray, length: int, fill) -> np.ndarray:
     return out
 
 
+P = TypeVar("P", bound=ICLParams)   # the Params of ICL or of a family built on it (attention)
+
+
 @register
-class ICLFamily(Family):
+class ICLFamily(Family, Generic[P]):
     name = "icl"
     Params = ICLParams
 
-    def cells(self, p: ICLParams) -> list[dict]:
+    def cells(self, p: P) -> list[dict]:
         theta2s = p.theta2s if p.shift != "none" else [None]
         faces = p.faces if p.process == "die" else [None]
         out = []
@@ -273,11 +276,11 @@ class ICLFamily(Family):
             out.append(c)
         return p.strategy.cells(p, out)
 
-    def evidence(self, p: ICLParams) -> dict:
+    def evidence(self, p: P) -> dict:
         """Every cell: the flips as context, after the bias statement ``p.statement`` (clean: none)."""
         return evidence_kind(p.statement or "none", "outcomes")
 
-    def arrays(self, p: ICLParams) -> dict[str, ArraySpec]:
+    def arrays(self, p: P) -> dict[str, ArraySpec]:
         k = len(_spec(p)["choices"])
         out = {"logprobs": ArraySpec(("position", "choice"), (p.n_flips + 1, k), finite="cell"),
                "outcomes": ArraySpec(("flip",), (p.n_flips,), "int32"),
@@ -288,21 +291,21 @@ class ICLFamily(Family):
             out["perm_outcomes"] = ArraySpec(("perm", "flip"), (p.permutations, p.n_flips), "int32")
         return out
 
-    def coords(self, p: ICLParams) -> dict[str, list]:
+    def coords(self, p: P) -> dict[str, list]:
         out = {"choice": _spec(p)["choices"], "position": list(range(p.n_flips + 1)), "flip": list(range(p.n_flips))}
         if p.permutations:
             out["perm"] = list(range(p.permutations))
         return out
 
-    def cell_head(self, p: ICLParams, cell: dict, model_kind: str) -> Prompt:
+    def cell_head(self, p: P, cell: dict, model_kind: str) -> Prompt:
         """The prompt before the first outcome of this cell (clean: the same for every cell)."""
         return p.strategy.cell_head(self, p, cell, model_kind)
 
-    def read_ns(self, p: ICLParams) -> list[int]:
+    def read_ns(self, p: P) -> list[int]:
         """The N listed by ``bayesflip prompts`` (paper grid capped at n_flips)."""
         return sorted({min(n, p.n_flips) for n in p.read_ns})
 
-    def render(self, p: ICLParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
+    def render(self, p: P, cells: list[dict], tokenizer, model_kind: str, seed: int) -> list[RenderedCell]:
         choices = _spec(p)["choices"]
         out = []
         for c in cells:
@@ -317,18 +320,18 @@ class ICLFamily(Family):
                                         choices=list(choices)))
         return out
 
-    def longest_input(self, p: ICLParams, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
+    def longest_input(self, p: P, cells: list[dict], tokenizer, model_kind: str, seed: int) -> int:
         """The full curve of each cell (head + every outcome and separator), as :meth:`run` forwards it."""
         choices = _spec(p)["choices"]
         reqs = [build_curve(tokenizer, self.cell_head(p, c, model_kind), choices, self.sample_outcomes(p, c, seed),
                             p.separator) for c in cells]
         return max(len(r.ids) + max(len(c) for c in r.choices) - 1 for r in reqs)
 
-    def head(self, p: ICLParams, model_kind: str) -> Prompt:
+    def head(self, p: P, model_kind: str) -> Prompt:
         """The head every clean cell shares (paper: a ConfigError; its heads are per cell)."""
         return p.strategy.head(self, p, model_kind)
 
-    def validate(self, p: ICLParams, tokenizer, model_kind: str) -> None:
+    def validate(self, p: P, tokenizer, model_kind: str) -> None:
         if type(self).run is not ICLFamily.run:  # a subclass with its own run (attention)
             if p.permutations:
                 raise ConfigError("params.permutations", f"family {self.name!r} does not score permutations", allowed=[0])
@@ -341,16 +344,16 @@ class ICLFamily(Family):
             raise ConfigError("params.block", f"block {p.block} must satisfy 0 <= start <= end <= n_flips={p.n_flips}")
         p.strategy.validate_heads(self, p, tokenizer, model_kind)
 
-    def sample_outcomes(self, p: ICLParams, cell: dict, seed: int) -> np.ndarray:
+    def sample_outcomes(self, p: P, cell: dict, seed: int) -> np.ndarray:
         """The cell's outcome indices: ``n_flips`` of them, or ``cell["n"]`` under ``random_choices``."""
         return p.strategy.sample_outcomes(p, cell, seed, per_flip_probs(p, cell))
 
-    def permuted(self, p: ICLParams, cell: dict, outcomes: np.ndarray, seed: int) -> np.ndarray:
+    def permuted(self, p: P, cell: dict, outcomes: np.ndarray, seed: int) -> np.ndarray:
         """(P, N) seeded random permutations of a cell's evidence."""
         rng = np.random.default_rng(cell_seed(seed, "perm", sorted(cell.items())))
         return np.stack([outcomes[rng.permutation(len(outcomes))] for _ in range(p.permutations)]).astype(np.int32)
 
-    def run(self, p: ICLParams, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
+    def run(self, p: P, cells: list[dict], ctx: RunContext) -> dict[str, np.ndarray]:
         choices = _spec(p)["choices"]
         tok = ctx.tokenizer
         heads = [self.cell_head(p, c, ctx.model_kind) for c in cells]
