@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -49,7 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -58,7 +57,7 @@ import numpy as np
 import zarr
 
 from . import __version__
-from .atomic import atomic_write_text  # noqa: F401 (re-exported: hpc.manifest imports it from here)
+from .atomic import LockTimeout, atomic_write_text, file_lock
 from .errors import LeaseLost, StoreIdentityError, StoreWriteError
 from .experiments.base import ArraySpec
 from .paths import REPO_ROOT, RESULTS_DIR
@@ -286,25 +285,13 @@ class Leases:
         """The shard's lock (``flock``, released when the process dies); :class:`LeaseLost` when it is not
         free within :data:`LOCK_WAIT_S` (its holder is stopped inside a microsecond section: let it be)."""
         p = self.dir / f"shard-{shard:06d}.lock"
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o664)
-        except OSError as e:
-            raise StoreWriteError(f"cannot lock {p}: {e.strerror or e}") from None
-        try:
-            end = time.monotonic() + LOCK_WAIT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > end:
-                        raise LeaseLost(f"shard {shard}: lock {p} held for over {LOCK_WAIT_S:.0f} s by another "
-                                        f"process; nothing written") from None
-                    time.sleep(0.02)
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(file_lock(p, wait_s=LOCK_WAIT_S))
+            except LockTimeout:
+                raise LeaseLost(f"shard {shard}: lock {p} held for over {LOCK_WAIT_S:.0f} s by another "
+                                f"process; nothing written") from None
             yield
-        finally:
-            os.close(fd)
 
     def token(self, shard: int) -> Optional[str]:
         """The token of the lease this process holds on the shard (the fencing token), else None."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +75,22 @@ def test_nonfinite_rules():
 
 
 # ---------------------------------------------------------------------- b. the manifest: lock, pending before sbatch
+def test_file_lock_excludes_a_second_holder_then_times_out(tmp_path):
+    """The one lock under the manifest and the shard leases: a second holder (another open file, as in
+    another process) waits; with ``wait_s`` it gives up with LockTimeout, and gets the lock once freed."""
+    from bayesflip.atomic import LockTimeout, file_lock
+
+    lock = tmp_path / "sub" / "x.lock"
+    with file_lock(lock):
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout, match="x.lock"):
+            with file_lock(lock, wait_s=0.2):
+                pass
+        assert time.monotonic() - t0 >= 0.2
+    with file_lock(lock, wait_s=0.2):
+        assert lock.exists()
+
+
 _EDIT = """
 import sys
 from bayesflip.hpc.manifest import Manifest, Submission

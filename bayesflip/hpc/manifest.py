@@ -25,9 +25,7 @@ Store paths are never taken from the manifest: a store is always ``<results dir>
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
-import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,9 +34,9 @@ from typing import Iterator, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import check_name
-from ..errors import BayesflipError, ConfigError, StoreWriteError
+from ..errors import BayesflipError, ConfigError
 from ..paths import RESULTS_DIR
-from ..store import atomic_write_text
+from ..atomic import atomic_write_text, file_lock
 
 FILENAME = "manifest.json"
 
@@ -125,17 +123,8 @@ def new_uid() -> str:
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``<dir>/.manifest.json.lock`` for the duration (released when the process
     dies, so a killed submitter never blocks the next one)."""
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
-    except OSError as e:
-        raise StoreWriteError(f"cannot lock {path}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(path.with_name(f".{path.name}.lock")):
         yield
-    finally:
-        os.close(fd)                      # closing releases the lock
 
 
 class Manifest(_Doc):
