@@ -12,6 +12,7 @@ later and would otherwise raise a traceback half-way through a run).
 ``BAYESFLIP_GROUP_CELLS``      cells per engine call, an integer >= 1
 ``BAYESFLIP_DIST_TIMEOUT_MIN`` minutes, a finite number > 0
 ``BAYESFLIP_INJECT_FAILURE``   ``experiment:shard[@rankN]``, comma-separated (testing hook)
+``BAYESFLIP_CONFIG_DIR``       an existing directory (a copy of ``configs/``, or the parts a command reads)
 =============================  =========================================================
 
 An empty value counts as unset (the default applies).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import Mapping, Optional
 
 from .errors import BayesflipError
@@ -49,6 +51,10 @@ def check_environment(env: Optional[Mapping[str, str]] = None) -> None:
         if not (v.isdigit() and int(v) >= 1):
             raise BayesflipError(f"environment variable BAYESFLIP_GROUP_CELLS={v!r}: not an integer >= 1 "
                                  "(cells per engine call)")
+    if v := env.get("BAYESFLIP_CONFIG_DIR", "").strip():
+        if not Path(v).is_dir():
+            raise BayesflipError(f"environment variable BAYESFLIP_CONFIG_DIR={v!r}: not a directory (point it at a "
+                                 "copy of the repository's configs/, or unset it)")
     if v := env.get("BAYESFLIP_INJECT_FAILURE", "").strip():
         bad = [p for p in v.split(",") if p and not _FAIL_PART.fullmatch(p)]
         if bad:

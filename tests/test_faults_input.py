@@ -121,6 +121,7 @@ def test_bad_config_is_one_line_at_plan(bayesflip, tmp_path, sweep, needles, dry
     ("BAYESFLIP_INJECT_FAILURE", "garbage", "'garbage' is not experiment:shard"),
     ("BAYESFLIP_INJECT_FAILURE", "icl_coin:0@node1", "'icl_coin:0@node1' is not"),
     ("BAYESFLIP_DIST_TIMEOUT_MIN", "soon", "BAYESFLIP_DIST_TIMEOUT_MIN='soon'"),
+    ("BAYESFLIP_CONFIG_DIR", "/nonexistent", "BAYESFLIP_CONFIG_DIR='/nonexistent': not a directory"),
 ])
 def test_bad_environment_is_one_line_before_anything(bayesflip, tmp_path, var, value, needle):
     results = tmp_path / "results"
@@ -130,7 +131,7 @@ def test_bad_environment_is_one_line_before_anything(bayesflip, tmp_path, var, v
 
 
 def test_environment_values_that_are_fine():
-    check_environment({"BAYESFLIP_LEASE_TTL": "0.5", "BAYESFLIP_GROUP_CELLS": "16", "BAYESFLIP_DIST_TIMEOUT_MIN": "",
+    check_environment({"BAYESFLIP_CONFIG_DIR": str(REPO / "configs"), "BAYESFLIP_LEASE_TTL": "0.5", "BAYESFLIP_GROUP_CELLS": "16", "BAYESFLIP_DIST_TIMEOUT_MIN": "",
                        "BAYESFLIP_INJECT_FAILURE": "icl_coin:0,needle_coin:3@rank1"})
     with pytest.raises(BayesflipError, match="BAYESFLIP_LEASE_TTL='inf'"):
         check_environment({"BAYESFLIP_LEASE_TTL": "inf"})
