@@ -16,6 +16,8 @@ help:
 	@echo "make install            virtualenv .venv with everything pinned (idempotent)"
 	@echo "make lint               ruff (bayesflip/, tests/) and mypy (bayesflip/), configured in pyproject.toml"
 	@echo "make test               lint, then all tests: unit + integration (real SmolLM2, real SLURM, real Zarr)"
+	@echo "make test-unit          the fast tier (-m 'not integration and not slurm') on every core; ~80 s on 2 cores"
+	@echo "make test-integration   the integration and SLURM tests only (starts the local cluster)"
 	@echo "make demo               demo sweep end to end on smollm2-135m-instruct, prints the report paths (.md, .html)"
 	@echo "make bench              benchmarks vs naive baselines -> results/bench/bench.json"
 	@echo "make gpu-check          on a fresh GPU node (minutes, no downloads; exits 2 without CUDA): engine contract + job-shape throughput -> results/gpu_check/gpu_check.json, planner calibration of every GPU template -> \$$BAYESFLIP_CACHE/throughput/<template>.json [ARGS='--tiny --device cpu']"
@@ -49,8 +51,12 @@ lint: install
 test: install slurm-up lint
 	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
 
+# the fast tier on every core (pytest-xdist; a test file stays on one worker, so module fixtures are built once)
 test-unit: install
-	$(PY) -m pytest -q -m "not integration and not slurm" $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not integration and not slurm" $(ARGS)
+
+test-integration: install slurm-up
+	$(PY) -m pytest -q -m "integration or slurm" $(ARGS)
 
 demo: install
 	$(BF) demo $(ARGS)

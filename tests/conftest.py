@@ -3,6 +3,10 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test-unit` runs a worker per core (pytest-xdist): one intra-op thread each, or the workers'
+    # torch thread pools fight over the same cores (2 cores: 108 s with 2 threads per worker, 78 s with 1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
