@@ -253,7 +253,9 @@ def _write(f: Path, text: str) -> Path:
 
 def test_example_backend_runs_shards_with_the_hf_backends_values(example_backend, tmp_path, monkeypatch):
     """The real local job path (``run_local``: plan → TaskPlan → ShardRunner → store) through the example
-    backend: the same shards, the same stored values as through the hf backend (same weights, same engine)."""
+    backend: the same shards, the same stored values as through the hf backend (same weights, same engine):
+    equal, floats within 1e-5 (the two placements leave the weights at different addresses, and the CPU
+    kernels may then round a last bit differently)."""
     from bayesflip.backends import validate_spec
     from bayesflip.config import load_sweep
     from bayesflip.job import run_local
@@ -280,7 +282,10 @@ def test_example_backend_runs_shards_with_the_hf_backends_values(example_backend
         for name in names:
             x, y = a.read(name), b.read(name)
             assert x.shape == y.shape and np.isfinite(x).any(), name
-            np.testing.assert_array_equal(x, y)
+            if x.dtype.kind == "f":    # float32 CPU kernels may round the last bit differently from run to
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=name)   # run (seen: 9.5e-7 once)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 def test_backends_get_slurm_host_expansion_from_the_cluster_layer(monkeypatch):
