@@ -300,11 +300,11 @@ def check_grid_size(fam, params, shard_size: int, prefix: str = "", src: str | N
 
 
 def experiment_names(config_dir: Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "experiments").glob("*.yaml"))
+    return sorted(p.stem for p in (configs_dir(config_dir) / "experiments").glob("*.yaml"))
 
 
 def sweep_names(config_dir: Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "sweeps").glob("*.yaml"))
+    return sorted(p.stem for p in (configs_dir(config_dir) / "sweeps").glob("*.yaml"))
 
 
 def load_experiment(name: str, overrides: dict | None = None, config_dir: Path | None = None,
@@ -312,7 +312,7 @@ def load_experiment(name: str, overrides: dict | None = None, config_dir: Path |
     from .experiments import get_family, family_names
 
     check_name(name, prefix + "experiment" if prefix else "--exp")
-    path = Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml"
+    path = configs_dir(config_dir) / "experiments" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(prefix + "experiment", f"unknown experiment {name!r}", allowed=experiment_names(config_dir))
     if overrides is not None and not isinstance(overrides, dict):
@@ -346,7 +346,7 @@ class SweepConfig:
 def load_sweep(name: str, model_type: str | None = None, config_dir: Path | None = None) -> SweepConfig:
     """A sweep by name, or a single experiment name (a sweep of one, named after it)."""
     check_name(name, "--exp/--sweep")
-    path = Path(config_dir or configs_dir()) / "sweeps" / f"{name}.yaml"
+    path = configs_dir(config_dir) / "sweeps" / f"{name}.yaml"
     if path.exists():
         raw = read_yaml_mapping(path)
         for k in raw:
@@ -370,7 +370,7 @@ def load_sweep(name: str, model_type: str | None = None, config_dir: Path | None
         if throttle is not None and (isinstance(throttle, bool) or not isinstance(throttle, int) or throttle < 1):
             raise ConfigError("array_throttle", f"must be a positive integer (got {_kind(throttle)} {throttle!r})",
                               source=str(path))
-    elif (Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml").exists():
+    elif (configs_dir(config_dir) / "experiments" / f"{name}.yaml").exists():
         exps = [load_experiment(name, None, config_dir)]
         models_raw = model_type or DEFAULT_MODEL
         throttle = None
@@ -407,9 +407,9 @@ def sweep_models(name: str, model_type: str | None = None, config_dir: Path | No
     check that the models are prepared before anything heavy is imported). A name that is neither
     a sweep nor an experiment is left to :func:`load_sweep`'s error (returns ``[]``)."""
     check_name(name, "--exp/--sweep")
-    path = Path(config_dir or configs_dir()) / "sweeps" / f"{name}.yaml"
+    path = configs_dir(config_dir) / "sweeps" / f"{name}.yaml"
     if path.exists():
         return _resolve_models(_models_raw(read_yaml_mapping(path), model_type, path), config_dir)
-    if (Path(config_dir or configs_dir()) / "experiments" / f"{name}.yaml").exists():
+    if (configs_dir(config_dir) / "experiments" / f"{name}.yaml").exists():
         return _resolve_models(model_type or DEFAULT_MODEL, config_dir)
     return []

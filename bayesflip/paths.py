@@ -11,7 +11,7 @@ TEMPLATE_DIR = Path(os.environ.get("BAYESFLIP_TEMPLATE_DIR", REPO_ROOT / "job_te
 CACHE_DIR = Path(os.environ.get("BAYESFLIP_CACHE", Path.home() / ".cache" / "bayesflip"))
 
 
-def configs_dir() -> Path:
-    """``$BAYESFLIP_CONFIG_DIR`` or the repository's ``configs/``, read at each call (a test or a
-    notebook may point it elsewhere after import)."""
-    return Path(os.environ.get("BAYESFLIP_CONFIG_DIR") or REPO_ROOT / "configs")
+def configs_dir(given: "str | os.PathLike[str] | None" = None) -> Path:
+    """``given`` when a caller names a config directory, else ``$BAYESFLIP_CONFIG_DIR`` or the repository's
+    ``configs/``, read at each call (a test or a notebook may point it elsewhere after import)."""
+    return Path(given or os.environ.get("BAYESFLIP_CONFIG_DIR") or REPO_ROOT / "configs")

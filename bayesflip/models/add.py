@@ -346,7 +346,7 @@ def add_model(model: str, *, name: Optional[str] = None, kind: Optional[str] = N
                                 f"another entry for it (e.g. with another --tp or --dtype)")
     entry, facts = build_entry(model, kind=kind, tp=tp, revision=revision, template=template, dtype=dtype,
                                params_b=params_b, hub=hub, download=download)
-    path = Path(config_dir or configs_dir()) / "models" / f"{model_set}.yaml"
+    path = configs_dir(config_dir) / "models" / f"{model_set}.yaml"
     old = path.read_text() if path.exists() else HEADER + "models:\n"
     raw = yaml.safe_load(old) or {}
     models = dict(raw.get("models") or {})

@@ -112,7 +112,7 @@ def parse_entry(name: str, entry: dict | None, model_set: str, source: str) -> M
 def load_registry(config_dir: Path | None = None) -> dict[str, ModelSpec]:
     """All models of all sets (of ``config_dir``, default :func:`configs_dir`). A name defined in
     two sets is an error."""
-    return _load_registry(Path(config_dir or configs_dir()))
+    return _load_registry(configs_dir(config_dir))
 
 
 def forget_registry() -> None:
@@ -132,7 +132,7 @@ def _load_registry(config_dir: Path) -> dict[str, ModelSpec]:
 
 
 def model_sets(config_dir: Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (Path(config_dir or configs_dir()) / "models").glob("*.yaml"))
+    return sorted(p.stem for p in (configs_dir(config_dir) / "models").glob("*.yaml"))
 
 
 def get_model_spec(name: str, config_dir: Path | None = None) -> ModelSpec:
